@@ -1,0 +1,152 @@
+//! Project automation: `cargo xtask setup | run | test | bench`. Setup is idempotent code, not a
+//! README paragraph, so a fresh machine and CI get exactly the same toolchain.
+mod bench;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+    setup     install what building and testing need (idempotent)
+    run       setup, build, and start tcpwatch on this host (as root)
+    test      setup, then every test: unit, CLI and privileged (as root)
+    bench     loopback connection-churn benchmark, untraced vs traced (as root)
+    lint      rustfmt check, clippy on the host crates and on the eBPF crate";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("lint") => lint(),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn run(extra: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    status(cargo().args(["build", "--release", "-p", "tcpwatch"]))?;
+    if !is_root() {
+        bail!("tcpwatch needs root (or CAP_BPF + CAP_PERFMON): run `sudo -E cargo xtask run`");
+    }
+    let args: Vec<String> = if extra.is_empty() {
+        vec!["trace".into()]
+    } else {
+        extra.to_vec()
+    };
+    let err = exec_tcpwatch(&args);
+    Err(err)
+}
+
+fn exec_tcpwatch(args: &[String]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcpwatch");
+    let e = Command::new(&bin).args(args).exec();
+    anyhow::anyhow!("cannot start {}: {e}", bin.display())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    if !is_root() {
+        bail!("the privileged tests need root: run `sudo -E cargo xtask test` (CI runs as root)");
+    }
+    // Default members only: the eBPF crate builds for the BPF target, through tcpwatch/build.rs.
+    status(cargo().args(["test"]))?;
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "tcpwatch",
+        "--features",
+        "privileged-tests",
+        "--test",
+        "privileged",
+        "--",
+    ]);
+    cmd.args(extra);
+    status(&mut cmd)?;
+    Ok(())
+}
+
+fn lint() -> anyhow::Result<()> {
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    status(
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "tcpwatch-ebpf",
+                "--all-targets",
+            ])
+            .args([
+                "--features",
+                "tcpwatch/privileged-tests",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )?;
+    // The eBPF crate only builds for the BPF target, with nightly and build-std, as aya-build does.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tcpwatch-ebpf");
+    status(
+        Command::new("rustup")
+            .current_dir(dir)
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            )
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--", "-D", "warnings"]),
+    )
+}

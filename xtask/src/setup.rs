@@ -1,0 +1,122 @@
+//! `cargo xtask setup`: installs what this project needs on a Debian 12 machine, checking first so
+//! a second run only spends seconds: Debian packages (LLVM 22 for bpf-linker, test tools), the
+//! nightly `rust-src` component for `-Z build-std=core`, and bpf-linker itself.
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::status;
+
+/// LLVM 22 comes from bookworm-security; bpf-linker loads `libLLVM.so.22.1` at run time.
+const BUILD_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "build-essential",
+];
+/// Tools the privileged tests and the benchmark drive.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iptables",
+    "util-linux",
+    "procps",
+    "tmux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    apt(BUILD_PACKAGES
+        .iter()
+        .chain(TEST_PACKAGES)
+        .copied()
+        .collect())?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt(pkgs: Vec<&str>) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs.into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo -E cargo xtask setup`",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("running rustup")?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && listed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    if !out.status.success() {
+        eprintln!("xtask: installing the nightly toolchain");
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    eprintln!("xtask: adding rust-src to nightly");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    status(
+        crate::cargo()
+            .env("PATH", path)
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )
+}
