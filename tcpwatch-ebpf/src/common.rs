@@ -1,0 +1,413 @@
+//! Maps, globals and helpers shared by every program: owner bookkeeping, filters, emission.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated as raw,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use tcpwatch_common::{ListenKey, Owner, RawEvent, SockInfo, counter, flags};
+
+// Sizes are defaults; userspace may resize the ring and the socket map before load.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+/// Per-socket owner and timing, keyed by the socket's kernel address until it reaches CLOSE.
+#[map]
+pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(262_144, 0);
+/// Listener owners, for accepted children that are born in softirq.
+#[map]
+pub static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(16_384, 0);
+/// Current softirq vector + 1 on this CPU, 0 in task context.
+#[map]
+static SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+// Kernel struct offsets resolved from BTF by userspace (0 with HAVE_BTF_OFFSETS = 0).
+#[unsafe(no_mangle)]
+pub static HAVE_BTF_OFFSETS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_DADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_RCV_SADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_DPORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_FAMILY: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_NET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_V6_DADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SKC_V6_RCV_SADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_NET_NS_INUM: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SK_PROTOCOL: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_INET_SPORT: Global<u32> = Global::new(0);
+
+// Filters; 0 means "no filter".
+#[unsafe(no_mangle)]
+static FILTER_PORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILTER_LPORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILTER_RPORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILTER_PID: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILTER_FAMILY: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILTER_NETNS: Global<u32> = Global::new(0);
+/// Pending bytes above which a submit wakes the reader; below it the reader polls. Each wakeup
+/// is an irq_work, so waking per event costs more than the tracing itself.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(1024 * 1024);
+
+pub const IPPROTO_TCP: u16 = 6;
+
+#[inline(always)]
+pub fn rd<T: Copy + Default>(base: u64, off: u32) -> T {
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+#[inline(always)]
+pub fn bump(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn in_softirq() -> bool {
+    match SOFTIRQ.get(0) {
+        Some(v) => *v != 0,
+        None => false,
+    }
+}
+
+/// Network namespace inode of a `sock_common`-prefixed socket.
+#[inline(always)]
+pub fn netns_of(sk: u64) -> u32 {
+    if HAVE_BTF_OFFSETS.load() == 0 {
+        return 0;
+    }
+    let net: u64 = rd(sk, OFF_SKC_NET.load());
+    if net == 0 {
+        return 0;
+    }
+    rd(net, OFF_NET_NS_INUM.load())
+}
+
+/// Where a record's addresses come from: `base + offset` for each of the four address fields
+/// (a socket through BTF offsets, or a tracepoint record through its format).
+pub struct AddrSrc {
+    pub base: u64,
+    pub saddr4: u32,
+    pub daddr4: u32,
+    pub saddr6: u32,
+    pub daddr6: u32,
+}
+
+impl AddrSrc {
+    #[inline(always)]
+    pub fn sock(sk: u64) -> AddrSrc {
+        AddrSrc {
+            base: sk,
+            saddr4: OFF_SKC_RCV_SADDR.load(),
+            daddr4: OFF_SKC_DADDR.load(),
+            saddr6: OFF_SKC_V6_RCV_SADDR.load(),
+            daddr6: OFF_SKC_V6_DADDR.load(),
+        }
+    }
+}
+
+/// The small scalar part of an event, known before the record is reserved: enough to filter.
+#[derive(Clone, Copy)]
+pub struct Meta {
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub cookie: u64,
+    pub dur_ns: u64,
+    pub aux_addr: u64,
+    pub netns: u32,
+    pub ctx_pid: u32,
+    pub flags: u32,
+    pub arg0: u32,
+    pub arg1: u32,
+    pub arg2: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub kind: u8,
+    pub family: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+}
+
+impl Meta {
+    #[inline(always)]
+    pub fn new(kind: u8) -> Meta {
+        Meta {
+            ts_ns: 0,
+            skaddr: 0,
+            cookie: 0,
+            dur_ns: 0,
+            aux_addr: 0,
+            netns: 0,
+            ctx_pid: 0,
+            flags: 0,
+            arg0: 0,
+            arg1: 0,
+            arg2: 0,
+            sport: 0,
+            dport: 0,
+            kind,
+            family: 0,
+            old_state: 0,
+            new_state: 0,
+        }
+    }
+}
+
+/// Family, ports (host order) and netns of a `sock_common`-prefixed socket; `sport` from
+/// `sport_off` because `skc_num` is already 0 when a full socket reaches CLOSE.
+#[inline(always)]
+pub fn sock_meta(sk: u64, m: &mut Meta, sport_off: u32) {
+    let family: u16 = rd(sk, OFF_SKC_FAMILY.load());
+    m.family = family as u8;
+    m.sport = u16::from_be(rd(sk, sport_off));
+    m.dport = u16::from_be(rd(sk, OFF_SKC_DPORT.load()));
+    m.netns = netns_of(sk);
+    if m.netns != 0 {
+        m.flags |= flags::HAS_NETNS;
+    }
+}
+
+/// Reads a kernel value into a scalar (a BTF pointer copied this way is a plain number to the
+/// verifier, so it may be stored and compared freely).
+#[inline(always)]
+pub fn scalar_at(addr: *const c_void) -> u64 {
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn read_into(dst: *mut u8, len: u32, src: u64) {
+    unsafe {
+        if raw::bpf_probe_read_kernel(dst as *mut c_void, len, src as *const c_void) != 0 {
+            core::ptr::write_bytes(dst, 0, len as usize);
+        }
+    }
+}
+
+pub struct Current {
+    pub pid: u32,
+    pub tid: u32,
+}
+
+#[inline(always)]
+pub fn current() -> Current {
+    let pt = bpf_get_current_pid_tgid();
+    Current {
+        pid: (pt >> 32) as u32,
+        tid: pt as u32,
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Records `current` as the owner in a map value (task context only).
+#[inline(always)]
+pub fn take_current_owner(info: *mut SockInfo, cur: &Current) {
+    unsafe {
+        (*info).pid = cur.pid;
+        (*info).tid = cur.tid;
+        raw::bpf_get_current_comm((*info).comm.as_mut_ptr() as *mut c_void, 16);
+        (*info).cgroup_id = bpf_get_current_cgroup_id();
+        (*info).flags = flags::OWNER_KNOWN;
+    }
+}
+
+#[inline(always)]
+pub fn copy16(dst: *mut u8, src: *const u8) {
+    unsafe {
+        let s = src as *const u64;
+        let d = dst as *mut u64;
+        *d = core::ptr::read_unaligned(s);
+        *d.add(1) = core::ptr::read_unaligned(s.add(1));
+    }
+}
+
+#[inline(always)]
+pub fn listener_owner(netns: u32, port: u16) -> Option<*const Owner> {
+    let key = ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    };
+    LISTENERS.get_ptr(key)
+}
+
+#[inline(always)]
+pub fn set_listener_owner(netns: u32, port: u16, info: *const SockInfo) {
+    let key = ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    };
+    let owner = unsafe {
+        Owner {
+            cgroup_id: (*info).cgroup_id,
+            pid: (*info).pid,
+            tid: (*info).tid,
+            comm: [0; 16],
+        }
+    };
+    if LISTENERS.insert(key, owner, 0).is_ok()
+        && let Some(p) = LISTENERS.get_ptr_mut(key)
+    {
+        unsafe { copy16((*p).comm.as_mut_ptr(), (*info).comm.as_ptr()) };
+    }
+}
+
+#[inline(always)]
+pub fn forget_listener(netns: u32, port: u16) {
+    let key = ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    };
+    let _ = LISTENERS.remove(key);
+}
+
+/// True when the event passes the userspace-requested filters.
+#[inline(always)]
+pub fn wanted(m: &Meta, owner_pid: u32) -> bool {
+    let netns = FILTER_NETNS.load();
+    if netns != 0 && m.netns != netns {
+        return false;
+    }
+    let family = FILTER_FAMILY.load();
+    if family != 0 && m.family as u32 != family {
+        return false;
+    }
+    let port = FILTER_PORT.load();
+    if port != 0 && m.sport as u32 != port && m.dport as u32 != port {
+        return false;
+    }
+    let lport = FILTER_LPORT.load();
+    if lport != 0 && m.sport as u32 != lport {
+        return false;
+    }
+    let rport = FILTER_RPORT.load();
+    if rport != 0 && m.dport as u32 != rport {
+        return false;
+    }
+    let pid = FILTER_PID.load();
+    if pid != 0 && owner_pid != pid {
+        return false;
+    }
+    true
+}
+
+/// Applies the filters and writes the record straight into the ring buffer (no stack copy),
+/// counting what is filtered or lost. `owner` is the socket's `SockInfo` when known.
+#[inline(always)]
+pub fn emit(m: &Meta, addrs: &AddrSrc, owner: Option<*const SockInfo>) {
+    bump(counter::SEEN);
+    let owner_pid = match owner {
+        Some(o) => unsafe { (*o).pid },
+        None => 0,
+    };
+    if !wanted(m, owner_pid) {
+        bump(counter::FILTERED);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        bump(counter::RINGBUF_FULL);
+        return;
+    };
+    let p: *mut RawEvent = entry.as_mut_ptr();
+    unsafe {
+        (*p).ts_ns = m.ts_ns;
+        (*p).cookie = m.cookie;
+        (*p).skaddr = m.skaddr;
+        (*p).dur_ns = m.dur_ns;
+        (*p).aux_addr = m.aux_addr;
+        (*p).netns = m.netns;
+        (*p).ctx_pid = m.ctx_pid;
+        (*p).kind = m.kind;
+        (*p).family = m.family;
+        (*p).old_state = m.old_state;
+        (*p).new_state = m.new_state;
+        (*p).sport = m.sport;
+        (*p).dport = m.dport;
+        (*p).arg0 = m.arg0;
+        (*p).arg1 = m.arg1;
+        (*p).arg2 = m.arg2;
+        let sa = (*p).saddr.as_mut_ptr();
+        let da = (*p).daddr.as_mut_ptr();
+        if m.family == tcpwatch_common::AF_INET6 {
+            read_into(sa, 16, addrs.base + addrs.saddr6 as u64);
+            read_into(da, 16, addrs.base + addrs.daddr6 as u64);
+        } else {
+            *(sa as *mut u64) = 0;
+            *(sa as *mut u64).add(1) = 0;
+            *(da as *mut u64) = 0;
+            *(da as *mut u64).add(1) = 0;
+            read_into(sa, 4, addrs.base + addrs.saddr4 as u64);
+            read_into(da, 4, addrs.base + addrs.daddr4 as u64);
+        }
+        match owner {
+            Some(o) => {
+                (*p).pid = (*o).pid;
+                (*p).tid = (*o).tid;
+                (*p).cgroup_id = (*o).cgroup_id;
+                copy16((*p).comm.as_mut_ptr(), (*o).comm.as_ptr());
+                (*p).flags =
+                    m.flags | ((*o).flags & (flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER));
+            }
+            None => {
+                (*p).pid = 0;
+                (*p).tid = 0;
+                (*p).cgroup_id = 0;
+                let c = (*p).comm.as_mut_ptr() as *mut u64;
+                *c = 0;
+                *c.add(1) = 0;
+                (*p).flags = m.flags;
+            }
+        }
+    }
+    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
+}
+
+#[tracepoint(category = "irq", name = "softirq_entry")]
+pub fn softirq_entry(ctx: TracePointContext) -> u32 {
+    let vec: u32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    if let Some(p) = SOFTIRQ.get_ptr_mut(0) {
+        unsafe { *p = vec + 1 };
+    }
+    0
+}
+
+#[tracepoint(category = "irq", name = "softirq_exit")]
+pub fn softirq_exit(_ctx: TracePointContext) -> u32 {
+    if let Some(p) = SOFTIRQ.get_ptr_mut(0) {
+        unsafe { *p = 0 };
+    }
+    0
+}

@@ -1,0 +1,16 @@
+//! Kernel side of tcpwatch: the eBPF programs, their maps and the globals userspace fills in.
+#![no_std]
+#![no_main]
+
+mod common;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
