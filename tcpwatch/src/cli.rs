@@ -1,0 +1,89 @@
+//! Command-line interface (clap): what the user can type, nothing more.
+use clap::{Args, Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch trace                      every TCP state transition on the host, all namespaces
+    tcpwatch trace --port 443 --json    JSON lines for connections with port 443 on either side
+    tcpwatch trace --pid 1234           only sockets owned by process 1234
+    tcpwatch trace --netns myns -6      IPv6 sockets in the namespace `ip netns` calls myns
+    tcpwatch doctor                     which kernel hook serves each signal on this machine";
+
+#[derive(Parser, Debug)]
+#[command(name = "tcpwatch", version, about = "Live TCP connection-state observer (eBPF)", after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Stream TCP events (state transitions) as they happen.
+    #[command(after_help = EXAMPLES)]
+    Trace(TraceArgs),
+    /// Check privileges and which hook serves each signal, then exit.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    /// Only sockets with this port on either side.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only sockets with this local port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub lport: Option<u16>,
+    /// Only sockets with this remote port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub rport: Option<u16>,
+    /// Only sockets owned by this process id.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+    /// Only sockets whose owner's command name is exactly this.
+    #[arg(long)]
+    pub comm: Option<String>,
+    /// Only this network namespace: a name from `ip netns`, a path such as /proc/PID/ns/net, or an inode number.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProbeArgs {
+    /// Ring buffer size in MiB (power of two).
+    #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
+    pub ring_mib: u32,
+    /// Do not use this kind of hook even where the kernel has it (tp_btf); for testing fallbacks.
+    #[arg(long = "disable-hook", value_name = "KIND", hide = true)]
+    pub disable_hook: Vec<String>,
+}
+
+fn parse_ring_mib(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(1..=1024).contains(&v) || !v.is_power_of_two() {
+        return Err(format!("{v} is not a power of two between 1 and 1024"));
+    }
+    Ok(v)
+}

@@ -1,0 +1,65 @@
+//! Privilege check before touching BPF, so the user gets one line naming what is missing instead
+//! of an EPERM from deep inside the loader.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capability bits of this process, from `/proc/self/status`.
+pub fn effective() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_cap_eff(&status)
+}
+
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+/// What is missing to load and attach tracing programs, or `None` when nothing is.
+pub fn missing_for_tracing(cap_eff: u64) -> Option<String> {
+    let has = |c: u32| cap_eff & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return None;
+    }
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    Some(format!(
+        "tcpwatch needs root, or CAP_BPF and CAP_PERFMON (missing: {}); run it with sudo",
+        missing.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_bpf_perfmon_suffice() {
+        assert_eq!(missing_for_tracing(0x000001ffffffffff), None);
+        assert_eq!(
+            missing_for_tracing((1 << CAP_BPF) | (1 << CAP_PERFMON)),
+            None
+        );
+        assert_eq!(missing_for_tracing(1 << CAP_SYS_ADMIN), None);
+    }
+
+    #[test]
+    fn names_what_is_missing() {
+        let m = missing_for_tracing(1 << CAP_BPF).unwrap();
+        assert!(m.contains("missing: CAP_PERFMON"), "{m}");
+        let m = missing_for_tracing(0).unwrap();
+        assert!(m.contains("missing: CAP_BPF, CAP_PERFMON"), "{m}");
+    }
+
+    #[test]
+    fn parses_status() {
+        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(s), Some(0x000001ffffffffff));
+        assert_eq!(parse_cap_eff("Name: x"), None);
+    }
+}

@@ -1,0 +1,220 @@
+//! Userspace owner resolution for what the kernel side cannot know: sockets and listeners that
+//! existed before tcpwatch attached (seeded from the inventory) and children of such listeners.
+use std::collections::HashMap;
+
+use super::event::{Event, EventKind, Owner, OwnerSource, TcpState};
+
+#[derive(Default)]
+pub struct OwnerBook {
+    /// Pre-existing sockets by cookie; entries leave when the socket closes.
+    by_cookie: HashMap<u64, Owner>,
+    /// Listener owners by (netns, local port).
+    listeners: HashMap<(u32, u16), Owner>,
+}
+
+impl OwnerBook {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn seed_socket(&mut self, cookie: u64, owner: Owner) {
+        if cookie != 0 {
+            self.by_cookie.insert(
+                cookie,
+                Owner {
+                    source: OwnerSource::Inventory,
+                    ..owner
+                },
+            );
+        }
+    }
+
+    pub fn seed_listener(&mut self, netns: u32, port: u16, owner: Owner) {
+        self.listeners.insert(
+            (netns, port),
+            Owner {
+                source: OwnerSource::Inventory,
+                ..owner
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_cookie.len() + self.listeners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `ev.owner` when the kernel did not know it, and learns from events that carry one.
+    pub fn resolve(&mut self, ev: &mut Event) {
+        let key = (ev.netns, ev.local.port());
+        if ev.owner.is_none() {
+            ev.owner = self.lookup(ev, key);
+        }
+        if let EventKind::State { old, new, .. } = ev.kind {
+            if new == TcpState::Listen
+                && let Some(o) = ev.owner
+            {
+                self.listeners.insert(key, o);
+            }
+            if new == TcpState::Close {
+                self.by_cookie.remove(&ev.cookie);
+                if old == TcpState::Listen {
+                    self.listeners.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn lookup(&self, ev: &Event, key: (u32, u16)) -> Option<Owner> {
+        if let Some(o) = self.by_cookie.get(&ev.cookie).filter(|_| ev.cookie != 0) {
+            return Some(*o);
+        }
+        let listener_side = match ev.kind {
+            EventKind::State { old, .. } => old == TcpState::Listen,
+            EventKind::Overflow { .. } => true,
+            EventKind::Retransmit { kind, .. } => kind == super::event::RetransmitKind::SynAck,
+            _ => false,
+        };
+        if listener_side {
+            return self.listeners.get(&key).map(|o| Owner {
+                source: OwnerSource::Listener,
+                ..*o
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::{Comm, Family};
+
+    fn owner(pid: u32, comm: &str) -> Owner {
+        Owner {
+            pid,
+            tid: pid,
+            comm: Comm::new(comm),
+            cgroup_id: 0,
+            source: OwnerSource::Task,
+        }
+    }
+
+    fn state(cookie: u64, local: &str, old: TcpState, new: TcpState, o: Option<Owner>) -> Event {
+        Event {
+            ts_ns: 1,
+            cookie,
+            skaddr: cookie,
+            netns: 7,
+            family: Family::Inet,
+            local: local.parse().unwrap(),
+            remote: "10.0.0.2:50000".parse().unwrap(),
+            owner: o,
+            softirq: o.is_none(),
+            kind: EventKind::State {
+                old,
+                new,
+                prev_state_ns: None,
+            },
+        }
+    }
+
+    #[test]
+    fn kernel_owner_is_kept() {
+        let mut b = OwnerBook::new();
+        b.seed_socket(5, owner(1, "other"));
+        let mut e = state(
+            5,
+            "10.0.0.1:80",
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(owner(9, "nginx")),
+        );
+        b.resolve(&mut e);
+        assert_eq!(e.owner.unwrap().pid, 9);
+    }
+
+    #[test]
+    fn preexisting_socket_gets_its_inventory_owner_until_close() {
+        let mut b = OwnerBook::new();
+        b.seed_socket(5, owner(100, "redis"));
+        let mut e = state(
+            5,
+            "10.0.0.1:6379",
+            TcpState::Established,
+            TcpState::CloseWait,
+            None,
+        );
+        b.resolve(&mut e);
+        let o = e.owner.unwrap();
+        assert_eq!((o.pid, o.source), (100, OwnerSource::Inventory));
+        let mut e = state(5, "10.0.0.1:6379", TcpState::LastAck, TcpState::Close, None);
+        b.resolve(&mut e);
+        assert!(e.owner.is_some());
+        assert!(b.is_empty(), "closed sockets are forgotten");
+        let mut e = state(
+            5,
+            "10.0.0.1:6379",
+            TcpState::Established,
+            TcpState::CloseWait,
+            None,
+        );
+        b.resolve(&mut e);
+        assert_eq!(e.owner, None, "a recycled cookie does not inherit");
+    }
+
+    #[test]
+    fn child_of_preexisting_listener_takes_listener_owner() {
+        let mut b = OwnerBook::new();
+        b.seed_listener(7, 80, owner(300, "nginx"));
+        let mut e = state(8, "10.0.0.1:80", TcpState::Listen, TcpState::SynRecv, None);
+        b.resolve(&mut e);
+        let o = e.owner.unwrap();
+        assert_eq!((o.pid, o.source), (300, OwnerSource::Listener));
+        // A softirq event of a non-child on the same port is not guessed.
+        let mut e = state(
+            9,
+            "10.0.0.1:80",
+            TcpState::Established,
+            TcpState::CloseWait,
+            None,
+        );
+        b.resolve(&mut e);
+        assert_eq!(e.owner, None);
+        // Another netns with the same port is someone else.
+        let mut e = state(10, "10.0.0.1:80", TcpState::Listen, TcpState::SynRecv, None);
+        e.netns = 8;
+        b.resolve(&mut e);
+        assert_eq!(e.owner, None);
+    }
+
+    #[test]
+    fn listeners_learned_from_events_and_forgotten_on_close() {
+        let mut b = OwnerBook::new();
+        let mut l = state(
+            1,
+            "0.0.0.0:8080",
+            TcpState::Close,
+            TcpState::Listen,
+            Some(owner(50, "srv")),
+        );
+        b.resolve(&mut l);
+        let mut c = state(2, "0.0.0.0:8080", TcpState::Listen, TcpState::SynRecv, None);
+        b.resolve(&mut c);
+        assert_eq!(c.owner.unwrap().pid, 50);
+        let mut l = state(
+            1,
+            "0.0.0.0:8080",
+            TcpState::Listen,
+            TcpState::Close,
+            Some(owner(50, "srv")),
+        );
+        b.resolve(&mut l);
+        let mut c = state(3, "0.0.0.0:8080", TcpState::Listen, TcpState::SynRecv, None);
+        b.resolve(&mut c);
+        assert_eq!(c.owner, None);
+    }
+}

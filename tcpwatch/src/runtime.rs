@@ -1,0 +1,309 @@
+//! Wiring: privileges, probe start-up, the reader loop, output threads, signals and exit codes.
+use std::io::{self, BufWriter};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command, DoctorArgs, TraceArgs};
+use crate::decode;
+use crate::ebpf::reader::RingReader;
+use crate::ebpf::{Probe, ProbeConfig, caps};
+use crate::model::Loss;
+use crate::model::event::Event;
+use crate::model::owners::OwnerBook;
+use crate::output::Clock;
+use crate::output::trace::TraceWriter;
+use crate::settings::{self, Filters};
+
+/// Exit codes (DESIGN §4).
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_ASSERTION: i32 = 1;
+pub const EXIT_ERROR: i32 = 2;
+
+pub fn main_entry() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tcpwatch: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Trace(a) => trace(a),
+        Command::Doctor(a) => doctor(a),
+    }
+}
+
+fn require_privileges() -> anyhow::Result<()> {
+    if let Some(msg) = caps::effective().and_then(caps::missing_for_tracing) {
+        anyhow::bail!("{msg}");
+    }
+    Ok(())
+}
+
+fn doctor(a: DoctorArgs) -> anyhow::Result<i32> {
+    require_privileges()?;
+    let filters = Filters::default();
+    let probe = Probe::start(&settings::probe_config(&a.probe, &filters))?;
+    println!("kernel: {}", kernel_release());
+    for s in &probe.status {
+        println!("{}", s.line());
+    }
+    Ok(EXIT_OK)
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Events from the kernel, decoded, owner-resolved and filtered, plus the loss figures.
+pub struct EventSource {
+    probe: Probe,
+    reader: RingReader,
+    pub owners: OwnerBook,
+    filters: Filters,
+    pub loss: Loss,
+    pub events: u64,
+}
+
+impl EventSource {
+    pub fn start(cfg: &ProbeConfig, filters: Filters) -> anyhow::Result<EventSource> {
+        let mut probe = Probe::start(cfg)?;
+        let reader = RingReader::new(probe.take_ring()?);
+        Ok(EventSource {
+            probe,
+            reader,
+            owners: OwnerBook::new(),
+            filters,
+            loss: Loss::default(),
+            events: 0,
+        })
+    }
+
+    pub fn status(&self) -> &[crate::ebpf::SignalStatus] {
+        &self.probe.status
+    }
+
+    /// Waits up to `timeout` for records, then appends what arrived to `out`.
+    pub fn poll(&mut self, timeout: Duration, out: &mut Vec<Event>) {
+        if !timeout.is_zero() {
+            self.reader.wait(timeout);
+        }
+        let (owners, filters, loss, events) = (
+            &mut self.owners,
+            &self.filters,
+            &mut self.loss,
+            &mut self.events,
+        );
+        self.reader
+            .drain(1 << 16, |bytes| match decode::decode(bytes) {
+                Ok(mut ev) => {
+                    owners.resolve(&mut ev);
+                    if filters.accepts(&ev) {
+                        *events += 1;
+                        out.push(ev);
+                    }
+                }
+                Err(_) => loss.decode_errors += 1,
+            });
+    }
+
+    /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
+    pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
+        self.loss.kernel_dropped = self.probe.kernel_dropped();
+        let delta = Loss {
+            kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
+            channel_dropped: self.loss.channel_dropped - prev.channel_dropped,
+            decode_errors: self.loss.decode_errors - prev.decode_errors,
+        };
+        *prev = self.loss;
+        delta
+    }
+}
+
+/// SIGINT/SIGTERM set this; every loop checks it.
+fn install_stop_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    // SAFETY: plain sigset manipulation; the mask is set before any other thread exists so all
+    // threads inherit it and only the waiter below receives the signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let s = stop.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig = 0;
+                libc::sigwait(&set, &mut sig);
+                s.store(true, Ordering::SeqCst);
+            })
+            .expect("spawning the signal thread");
+    }
+    stop
+}
+
+pub fn clock() -> Clock {
+    let now = |id| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid clock ids and a valid out pointer.
+        unsafe { libc::clock_gettime(id, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    let offset_ns = now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC);
+    // SAFETY: localtime_r with valid pointers.
+    let utc_offset_s = unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        tm.tm_gmtoff
+    };
+    Clock {
+        offset_ns,
+        utc_offset_s,
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+enum Msg {
+    Events(Vec<Event>),
+    Loss {
+        ts_ns: u64,
+        delta: Loss,
+        total: Loss,
+    },
+}
+
+fn trace(a: TraceArgs) -> anyhow::Result<i32> {
+    let filters = Filters::from_args(&a.filters)?;
+    require_privileges()?;
+    let stop = install_stop_signals();
+    let mut src = EventSource::start(&settings::probe_config(&a.probe, &filters), filters)?;
+    for s in src.status() {
+        eprintln!("tcpwatch: {}", s.line());
+    }
+    eprintln!("tcpwatch: tracing; Ctrl-C to stop");
+
+    let (tx, rx) = sync_channel::<Msg>(256);
+    let json = a.json;
+    let wstop = stop.clone();
+    let writer = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || write_trace(rx, json, &wstop))
+        .expect("spawning the writer thread");
+
+    let mut prev = Loss::default();
+    let mut last_loss_check = Instant::now();
+    let mut batch = Vec::with_capacity(4096);
+    let poll = Duration::from_millis(20);
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        src.poll(if stopping { Duration::ZERO } else { poll }, &mut batch);
+        if !batch.is_empty()
+            && !send(
+                &tx,
+                Msg::Events(std::mem::replace(&mut batch, Vec::with_capacity(4096))),
+            )
+        {
+            break;
+        }
+        if stopping || last_loss_check.elapsed() >= Duration::from_secs(1) {
+            last_loss_check = Instant::now();
+            let delta = src.refresh_loss(&mut prev);
+            if delta.total() > 0 {
+                eprintln!(
+                    "tcpwatch: lost {} events (kernel ring full {}, undecodable {}); {} so far",
+                    delta.total(),
+                    delta.kernel_dropped,
+                    delta.decode_errors,
+                    src.loss.total()
+                );
+                if !send(
+                    &tx,
+                    Msg::Loss {
+                        ts_ns: monotonic_ns(),
+                        delta,
+                        total: src.loss,
+                    },
+                ) {
+                    break;
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    drop(tx);
+    let res = writer
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
+    eprintln!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
+    res.map_err(|e| anyhow::anyhow!("writing output: {e}"))?;
+    Ok(EXIT_OK)
+}
+
+fn send(tx: &SyncSender<Msg>, m: Msg) -> bool {
+    tx.send(m).is_ok()
+}
+
+/// Formats off the reader thread. A closed stdout is a normal way to stop (`| head`).
+fn write_trace(rx: Receiver<Msg>, json: bool, stop: &AtomicBool) -> io::Result<()> {
+    let out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let mut w = TraceWriter::new(out, json, clock(), settings::own_netns());
+    let res = (|| {
+        for m in rx {
+            match m {
+                Msg::Events(v) => {
+                    for e in &v {
+                        w.event(e)?;
+                    }
+                }
+                Msg::Loss {
+                    ts_ns,
+                    delta,
+                    total,
+                } => w.loss(ts_ns, &delta, &total)?,
+            }
+            w.flush()?;
+        }
+        w.flush()
+    })();
+    match res {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            stop.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        other => other,
+    }
+}

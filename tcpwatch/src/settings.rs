@@ -1,0 +1,125 @@
+//! Validated settings derived from the command line: names resolved, conflicts rejected.
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+
+use crate::cli::{FilterArgs, ProbeArgs};
+use crate::ebpf::{KernelFilters, ProbeConfig};
+use crate::model::event::{Comm, Event};
+
+/// Filters as applied: most in the kernel, `comm` in userspace.
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    pub kernel: KernelFilters,
+    pub comm: Option<Comm>,
+}
+
+impl Filters {
+    pub fn from_args(a: &FilterArgs) -> anyhow::Result<Filters> {
+        let netns = match &a.netns {
+            Some(s) => resolve_netns(s)?,
+            None => 0,
+        };
+        let comm = match &a.comm {
+            Some(c) if c.is_empty() || c.len() > 15 => {
+                anyhow::bail!("--comm {c:?}: a command name has 1 to 15 bytes")
+            }
+            Some(c) => Some(Comm::new(c)),
+            None => None,
+        };
+        Ok(Filters {
+            kernel: KernelFilters {
+                port: a.port.unwrap_or(0),
+                lport: a.lport.unwrap_or(0),
+                rport: a.rport.unwrap_or(0),
+                pid: a.pid.unwrap_or(0),
+                family: if a.ipv4 {
+                    tcpwatch_common::AF_INET
+                } else if a.ipv6 {
+                    tcpwatch_common::AF_INET6
+                } else {
+                    0
+                },
+                netns,
+            },
+            comm,
+        })
+    }
+
+    /// The part of the filter userspace applies (after owner resolution).
+    pub fn accepts(&self, ev: &Event) -> bool {
+        match &self.comm {
+            Some(c) => ev.owner.is_some_and(|o| o.comm == *c),
+            None => true,
+        }
+    }
+}
+
+pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {
+    ProbeConfig {
+        filters: filters.kernel,
+        ring_bytes: p.ring_mib << 20,
+        disabled: p.disable_hook.clone(),
+    }
+}
+
+/// A netns as an inode number, a path to an nsfs file, or an `ip netns` name.
+pub fn resolve_netns(s: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = s.parse::<u32>() {
+        if n == 0 {
+            anyhow::bail!("--netns 0 is not a namespace inode");
+        }
+        return Ok(n);
+    }
+    let candidates = [Path::new(s).to_path_buf(), Path::new("/run/netns").join(s)];
+    for p in candidates
+        .iter()
+        .filter(|p| s.contains('/') || p.starts_with("/run/netns"))
+    {
+        if let Ok(m) = std::fs::metadata(p) {
+            return Ok(m.ino() as u32);
+        }
+    }
+    anyhow::bail!(
+        "--netns {s}: no such namespace (expected an inode number, a path like /proc/PID/ns/net, or a name in /run/netns)"
+    )
+}
+
+/// Inode of the network namespace tcpwatch itself runs in.
+pub fn own_netns() -> u32 {
+    std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino() as u32)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_forms() {
+        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+        assert!(resolve_netns("0").is_err());
+        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own_netns());
+        let e = resolve_netns("surely-no-such-netns")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such namespace"), "{e}");
+    }
+
+    #[test]
+    fn comm_length_is_checked() {
+        let a = FilterArgs {
+            comm: Some("x".repeat(16)),
+            ..Default::default()
+        };
+        assert!(Filters::from_args(&a).is_err());
+        let a = FilterArgs {
+            comm: Some("nginx".into()),
+            ipv6: true,
+            ..Default::default()
+        };
+        let f = Filters::from_args(&a).unwrap();
+        assert_eq!(f.kernel.family, 10);
+        assert_eq!(f.comm.unwrap().as_bytes(), b"nginx");
+    }
+}
