@@ -1,0 +1,100 @@
+//! Command-line contract without root: help, usage errors and the privilege error (the latter run
+//! as an unprivileged user even when the suite runs as root).
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcpwatch");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running tcpwatch")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_exits_zero_with_examples() {
+    let o = run(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("trace") && out.contains("EXAMPLES"), "{out}");
+    let o = run(&["trace", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--json", "--port", "--lport", "--rport", "--pid", "--comm", "--netns", "--ipv4", "--ipv6",
+    ] {
+        assert!(out.contains(flag), "trace --help lacks {flag}: {out}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_two() {
+    for args in [
+        &["trace", "--bogus"][..],
+        &["trace", "--port", "0"],
+        &["trace", "--port", "70000"],
+        &["trace", "--pid", "abc"],
+        &["trace", "-4", "-6"],
+        &["trace", "--ring-mib", "3"],
+        &["nosuchcommand"],
+        &[],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).is_empty(), "{args:?} explains itself");
+        assert!(!stderr(&o).contains("panicked"), "{args:?}");
+    }
+}
+
+#[test]
+fn bad_values_get_one_line() {
+    let o = run(&["trace", "--netns", "no-such-namespace-here"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with("tcpwatch: --netns no-such-namespace-here: no such namespace"),
+        "{e}"
+    );
+    let o = run(&["trace", "--comm", "a-name-longer-than-15"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+fn unprivileged(args: &[&str]) -> Output {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(BIN)
+            .args(args)
+            .output()
+            .expect("running setpriv (util-linux)")
+    } else {
+        run(args)
+    }
+}
+
+#[test]
+fn unprivileged_user_gets_the_capability_named() {
+    for cmd in [&["trace"][..], &["doctor"]] {
+        let o = unprivileged(cmd);
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        assert!(
+            e.contains("CAP_BPF") && e.contains("CAP_PERFMON") && e.contains("root"),
+            "{e}"
+        );
+    }
+}

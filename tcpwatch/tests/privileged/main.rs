@@ -1,0 +1,62 @@
+//! Privileged integration tests (root): real sockets in throwaway network namespaces, observed by
+//! the real tcpwatch binary, asserting exact kernel behaviour. Run with
+//! `cargo test -p tcpwatch --features privileged-tests --test privileged [-- FILTER]`.
+//! A custom harness runs tests one at a time (they attach system-wide hooks) and lets the same
+//! binary act as the scripted TCP peer (`privileged peer NAME`).
+mod harness;
+mod peer;
+mod states;
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+type Test = (&'static str, fn());
+
+fn all() -> Vec<Test> {
+    let mut v = Vec::new();
+    v.extend_from_slice(states::TESTS);
+    v
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("peer") {
+        peer::main(args.get(1).map(String::as_str).unwrap_or("tw-peer"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "privileged tests must run as root (CI runs them as root): sudo -E cargo xtask test"
+        );
+        std::process::exit(1);
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let tests: Vec<Test> = all()
+        .into_iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("running {} privileged tests", tests.len());
+    let mut failed = Vec::new();
+    for (name, f) in &tests {
+        let t = Instant::now();
+        let res = std::panic::catch_unwind(AssertUnwindSafe(f));
+        let secs = t.elapsed().as_secs_f64();
+        match res {
+            Ok(()) => println!("test {name} ... ok ({secs:.1}s)"),
+            Err(_) => {
+                println!("test {name} ... FAILED ({secs:.1}s)");
+                failed.push(*name);
+            }
+        }
+    }
+    println!(
+        "\nprivileged test result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        tests.len() - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        println!("failures: {}", failed.join(", "));
+        std::process::exit(1);
+    }
+}
