@@ -65,10 +65,12 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// The per-socket owner map could not take a new entry.
     pub const SOCK_MAP_FULL: u32 = 1;
-    /// A TCP event was seen (before filters).
-    pub const SEEN: u32 = 2;
+    /// Unused (was: events seen before filters; an atomic add per event for a diagnostic).
+    pub const UNUSED_2: u32 = 2;
     /// An event was dropped by an in-kernel filter.
     pub const FILTERED: u32 = 3;
+    /// State events the `nested` program handled because `main` was interrupted and skipped.
+    pub const STATE_RESCUED: u32 = 4;
     /// Number of slots.
     pub const LEN: u32 = 8;
 }

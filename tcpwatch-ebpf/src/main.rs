@@ -1,6 +1,7 @@
 //! Kernel side of tcpwatch: the eBPF programs, their maps and the globals userspace fills in.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod common;
 mod state;

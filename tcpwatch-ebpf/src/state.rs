@@ -5,15 +5,16 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _, Global,
     helpers::generated::bpf_get_socket_cookie,
-    macros::{btf_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::PerCpuArray,
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
-    AddrSrc, IPPROTO_TCP, Meta, OFF_INET_SPORT, OFF_SK_PROTOCOL, SOCKS, bump, copy16, current,
-    emit, forget_listener, in_softirq, listener_owner, netns_of, now_ns, rd, scalar_at,
-    set_listener_owner, sock_meta, take_current_owner,
+    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, SOCKS, addr_info, bump, copy16, current, emit,
+    forget_listener, in_softirq, ld, listener_owner, netns_of, now_ns, set_listener_owner, sk_info,
+    sock_meta_btf, take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -40,12 +41,60 @@ static TPS_SADDR_V6: Global<u32> = Global::new(40);
 #[unsafe(no_mangle)]
 static TPS_DADDR_V6: Global<u32> = Global::new(56);
 
+// A raw tracepoint program that is running on a CPU is skipped (only counted) when a softirq
+// interrupts it and fires the same hook again: on loopback ~0.2% of transitions. So two
+// programs are attached, `main` first. `main` handles every event it gets and then records it
+// (socket, old, new) in a per-CPU list of its last two. `nested` runs right after `main` for
+// the same event: if the event is in that list, `main` had it; if not, `main` was skipped
+// (this event interrupted it) and `nested` handles it. Two entries, because `nested` itself can
+// be interrupted before it reads the list, by an event that `main` then records. Both are
+// skipped only if a softirq is interrupted by another TCP event, which cannot happen.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn state_btf(ctx: BtfTracePointContext) -> i32 {
+pub fn state_btf_main(ctx: BtfTracePointContext) -> i32 {
+    state_btf(&ctx);
+    let (sk, st) = ident(&ctx);
+    if let Some(p) = STATE_DONE.get_ptr_mut(0) {
+        unsafe {
+            (*p)[2] = (*p)[0];
+            (*p)[3] = (*p)[1];
+            (*p)[0] = sk;
+            (*p)[1] = st;
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn state_btf_nested(ctx: BtfTracePointContext) -> i32 {
+    let (sk, st) = ident(&ctx);
+    let done = match STATE_DONE.get_ptr(0) {
+        Some(p) => unsafe { ((*p)[0] == sk && (*p)[1] == st) || ((*p)[2] == sk && (*p)[3] == st) },
+        None => true,
+    };
+    if !done {
+        bump(counter::STATE_RESCUED);
+        state_btf(&ctx);
+    }
+    0
+}
+
+/// What identifies one transition on one CPU: the socket and its (old, new) states.
+#[inline(always)]
+fn ident(ctx: &BtfTracePointContext) -> (u64, u64) {
     let sk: *const c_void = ctx.arg(0);
-    // The same pointer as a plain number, so it can be stored in records and map keys.
-    let skaddr = scalar_at(ctx.as_ptr() as *const c_void);
-    let proto: u16 = rd(skaddr, OFF_SK_PROTOCOL.load());
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    (sk as u64, ((old as u64) << 8) | new as u64)
+}
+
+#[map]
+static STATE_DONE: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn state_btf(ctx: &BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let skaddr = sk as u64;
+    let proto: u16 = ld(sk, OFF_SK_PROTOCOL.load());
     if proto != IPPROTO_TCP {
         return 0;
     }
@@ -57,8 +106,8 @@ pub fn state_btf(ctx: BtfTracePointContext) -> i32 {
     m.skaddr = skaddr;
     m.old_state = old as u8;
     m.new_state = new as u8;
-    sock_meta(skaddr, &mut m, OFF_INET_SPORT.load());
-    transition(&mut m, &AddrSrc::sock(skaddr));
+    sock_meta_btf(sk, &mut m);
+    transition(&mut m, &AddrSrc::sock(skaddr), sk_info(sk), false);
     0
 }
 
@@ -92,13 +141,15 @@ fn try_state_tp(ctx: &TracePointContext) -> Result<(), i64> {
         saddr6: TPS_SADDR_V6.load(),
         daddr6: TPS_DADDR_V6.load(),
     };
-    transition(&mut m, &addrs);
+    let info = addr_info(m.skaddr);
+    transition(&mut m, &addrs, info, true);
     Ok(())
 }
 
-/// Owner and timing bookkeeping shared by both hooks, then emission.
+/// Owner and timing bookkeeping shared by both hooks, then emission. `keyed` entries live in
+/// the address-keyed map and must be removed when the socket closes.
 #[inline(always)]
-fn transition(m: &mut Meta, addrs: &AddrSrc) {
+fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed: bool) {
     let now = now_ns();
     m.ts_ns = now;
     let softirq = in_softirq();
@@ -106,23 +157,6 @@ fn transition(m: &mut Meta, addrs: &AddrSrc) {
     m.ctx_pid = cur.pid;
     if softirq {
         m.flags |= flags::SOFTIRQ;
-    }
-    let mut info = SOCKS.get_ptr_mut(m.skaddr);
-    if info.is_none() {
-        let fresh = SockInfo {
-            last_ts_ns: 0,
-            last_retrans_ts_ns: 0,
-            cgroup_id: 0,
-            pid: 0,
-            tid: 0,
-            comm: [0; 16],
-            retrans: 0,
-            flags: 0,
-        };
-        if SOCKS.insert(m.skaddr, fresh, 0).is_err() {
-            bump(counter::SOCK_MAP_FULL);
-        }
-        info = SOCKS.get_ptr_mut(m.skaddr);
     }
     let Some(info) = info else {
         emit(m, addrs, None);
@@ -157,6 +191,8 @@ fn transition(m: &mut Meta, addrs: &AddrSrc) {
         if m.old_state == tcp_state::LISTEN {
             forget_listener(m.netns, m.sport);
         }
-        let _ = SOCKS.remove(m.skaddr);
+        if keyed {
+            let _ = SOCKS.remove(m.skaddr);
+        }
     }
 }

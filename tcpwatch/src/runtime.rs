@@ -14,6 +14,7 @@ use crate::ebpf::{Probe, ProbeConfig, caps};
 use crate::model::Loss;
 use crate::model::event::Event;
 use crate::model::owners::OwnerBook;
+use crate::model::reorder::Reorder;
 use crate::output::Clock;
 use crate::output::trace::TraceWriter;
 use crate::settings::{self, Filters};
@@ -76,6 +77,7 @@ pub fn kernel_release() -> String {
 pub struct EventSource {
     probe: Probe,
     reader: RingReader,
+    reorder: Reorder,
     pub owners: OwnerBook,
     filters: Filters,
     pub loss: Loss,
@@ -85,10 +87,12 @@ pub struct EventSource {
 impl EventSource {
     pub fn start(cfg: &ProbeConfig, filters: Filters) -> anyhow::Result<EventSource> {
         let mut probe = Probe::start(cfg)?;
-        let reader = RingReader::new(probe.take_ring()?);
+        let reader = RingReader::new(probe.take_rings()?);
+        let reorder = Reorder::new(reader.len());
         Ok(EventSource {
             probe,
             reader,
+            reorder,
             owners: OwnerBook::new(),
             filters,
             loss: Loss::default(),
@@ -100,35 +104,66 @@ impl EventSource {
         &self.probe.status
     }
 
-    /// Waits up to `timeout` for records, then appends what arrived to `out`.
-    pub fn poll(&mut self, timeout: Duration, out: &mut Vec<Event>) {
+    /// Waits up to `timeout`, drains the rings and appends to `out`, in time order, every event
+    /// old enough to be final. `flush` releases everything (at shutdown).
+    pub fn poll(&mut self, timeout: Duration, flush: bool, out: &mut Vec<Event>) {
         if !timeout.is_zero() {
             self.reader.wait(timeout);
         }
-        let (owners, filters, loss, events) = (
-            &mut self.owners,
-            &self.filters,
-            &mut self.loss,
-            &mut self.events,
-        );
+        let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
+        let (reorder, loss) = (&mut self.reorder, &mut self.loss);
         self.reader
-            .drain(1 << 16, |bytes| match decode::decode(bytes) {
-                Ok(mut ev) => {
-                    owners.resolve(&mut ev);
-                    if filters.accepts(&ev) {
-                        *events += 1;
-                        out.push(ev);
-                    }
-                }
+            .drain(1 << 16, |ring, bytes| match decode::decode(bytes) {
+                Ok(ev) => reorder.push(ring, ev),
                 Err(_) => loss.decode_errors += 1,
             });
+        let start = out.len();
+        if flush {
+            self.reorder.release_all(out);
+        } else {
+            self.reorder.release(cut, out);
+        }
+        // Owners are resolved in time order: a listener must be learned before its children.
+        for ev in &mut out[start..] {
+            self.owners.resolve(ev);
+        }
+        if self.filters.comm.is_some() {
+            let mut i = 0;
+            out.retain(|ev| {
+                i += 1;
+                i <= start || self.filters.accepts(ev)
+            });
+        }
+        self.events += (out.len() - start) as u64;
+    }
+
+    /// Per-program kernel time per run, when `kernel.bpf_stats_enabled` collected it.
+    pub fn cost_line(&self) -> Option<String> {
+        let parts: Vec<String> = self
+            .probe
+            .program_stats()
+            .into_iter()
+            .filter(|p| p.run_ns > 0 && p.runs > 0)
+            .map(|p| {
+                format!(
+                    "{} {:.1} ns x {} (skipped {})",
+                    p.name,
+                    p.run_ns as f64 / p.runs as f64,
+                    p.runs,
+                    p.recursion_misses
+                )
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
     pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
         self.loss.kernel_dropped = self.probe.kernel_dropped();
+        self.loss.kernel_skipped = self.probe.recursion_misses();
         let delta = Loss {
             kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
+            kernel_skipped: self.loss.kernel_skipped.saturating_sub(prev.kernel_skipped),
             channel_dropped: self.loss.channel_dropped - prev.channel_dropped,
             decode_errors: self.loss.decode_errors - prev.decode_errors,
         };
@@ -228,7 +263,11 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     let poll = Duration::from_millis(20);
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        src.poll(if stopping { Duration::ZERO } else { poll }, &mut batch);
+        src.poll(
+            if stopping { Duration::ZERO } else { poll },
+            stopping,
+            &mut batch,
+        );
         if !batch.is_empty()
             && !send(
                 &tx,
@@ -242,9 +281,10 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             let delta = src.refresh_loss(&mut prev);
             if delta.total() > 0 {
                 eprintln!(
-                    "tcpwatch: lost {} events (kernel ring full {}, undecodable {}); {} so far",
+                    "tcpwatch: lost {} events (kernel ring full {}, skipped by the kernel {}, undecodable {}); {} so far",
                     delta.total(),
                     delta.kernel_dropped,
+                    delta.kernel_skipped,
                     delta.decode_errors,
                     src.loss.total()
                 );
@@ -269,6 +309,9 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
     eprintln!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
+    if let Some(line) = src.cost_line() {
+        eprintln!("tcpwatch: kernel cost: {line}");
+    }
     res.map_err(|e| anyhow::anyhow!("writing output: {e}"))?;
     Ok(EXIT_OK)
 }

@@ -1,3 +1,319 @@
-pub fn run(_a: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `cargo xtask bench`: loopback connection churn inside a fresh network namespace, untraced and
+//! traced, as interleaved pairs so machine noise hits both sides alike. Prints connections/s,
+//! the median traced/untraced ratio, tracer CPU and events lost.
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::status;
+
+struct Opts {
+    pairs: usize,
+    secs: f64,
+    clients: usize,
+    tracer: Vec<String>,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        pairs: 5,
+        secs: 3.0,
+        clients: 2,
+        tracer: vec!["trace".into(), "--json".into()],
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--pairs" => o.pairs = val()?.parse()?,
+            "--secs" => o.secs = val()?.parse()?,
+            "--clients" => o.clients = val()?.parse()?,
+            "--tracer" => o.tracer = val()?.split_whitespace().map(String::from).collect(),
+            other => bail!(
+                "unknown bench option {other} (--pairs N --secs S --clients N --tracer 'ARGS')"
+            ),
+        }
+    }
+    Ok(o)
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> anyhow::Result<Netns> {
+        let name = format!("twbench-{}-{tag}", std::process::id());
+        status(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns(name);
+        status(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]))?;
+        // TIME_WAIT stays on for the whole run (the default 131072 buckets would overflow halfway
+        // and make the second half of a run cheaper than the first).
+        for kv in [
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_max_tw_buckets=2000000",
+        ] {
+            status(Command::new("ip").args(["netns", "exec", &ns.0, "sysctl", "-qw", kv]))?;
+        }
+        Ok(ns)
+    }
+
+    fn enter(&self) -> anyhow::Result<()> {
+        let f = File::open(format!("/run/netns/{}", self.0))?;
+        // SAFETY: setns on this thread with a valid nsfs fd.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs the churn for `secs`; returns completed connections.
+fn churn(ns: &Netns, secs: f64, clients: usize) -> anyhow::Result<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let port = 7000u16;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // The server reads to EOF before closing, so the client always closes first and TIME_WAIT
+    // stays on the client side (spread over 250 destinations).
+    let listener = {
+        let nsname = Netns(ns.0.clone());
+        std::thread::spawn(move || -> anyhow::Result<TcpListener> {
+            let r = nsname.enter();
+            std::mem::forget(nsname);
+            r?;
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            // A deep accept queue: bursts must not turn into SYN drops and 1 s retransmits.
+            // SAFETY: listen(2) again on our own bound socket only raises its backlog.
+            if unsafe { libc::listen(l.as_raw_fd(), 4096) } != 0 {
+                bail!("listen: {}", std::io::Error::last_os_error());
+            }
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("bind thread panicked"))??
+    };
+    let listener = Arc::new(listener);
+    let mut servers = Vec::new();
+    for _ in 0..clients {
+        let (stop, l) = (stop.clone(), listener.clone());
+        servers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((mut s, _)) = l.accept() {
+                    while matches!(std::io::Read::read(&mut s, &mut buf), Ok(n) if n > 0) {}
+                }
+            }
+            Ok(())
+        }));
+    }
+    ready_tx.send(()).ok();
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("server did not start")?;
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let (stop, done) = (stop.clone(), done.clone());
+        let nsname = Netns(ns.0.clone());
+        handles.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let r = nsname.enter();
+            std::mem::forget(nsname);
+            r?;
+            let mut i = c as u32;
+            while !stop.load(Ordering::Relaxed) {
+                // Spread over 127.0.0.0/8 so TIME_WAIT never exhausts one destination's ports.
+                let dst = Ipv4Addr::from(0x7f00_0001 + (i % 250));
+                i = i.wrapping_add(clients as u32);
+                // Rare resets (a SYN landing on a recycled tuple) are retried, not counted.
+                if let Ok(s) = TcpStream::connect(SocketAddr::from((dst, port))) {
+                    drop(s);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }));
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::SeqCst);
+    let n = done.load(Ordering::SeqCst);
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    // Wake the acceptors.
+    let _ = std::thread::spawn({
+        let nsname = Netns(ns.0.clone());
+        move || {
+            let _ = nsname.enter();
+            std::mem::forget(nsname);
+            for _ in 0..clients {
+                let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+            }
+        }
+    })
+    .join();
+    for s in servers {
+        s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    }
+    Ok(n)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, i.e. 12 and 13 after the comm.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+struct Traced {
+    conns: u64,
+    cpu_pct: f64,
+    events: u64,
+    lost: u64,
+}
+
+fn start_tracer(
+    bin: &str,
+    args: &[String],
+    ns: &Netns,
+) -> anyhow::Result<(Child, BufReader<std::process::ChildStderr>)> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["--netns", &ns.0])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    let mut err = BufReader::new(child.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            bail!("tracer exited before attaching");
+        }
+        if line.contains("tracing;") || line.contains("watching;") {
+            return Ok((child, err));
+        }
+    }
+}
+
+fn run_traced(bin: &str, o: &Opts, tag: &str) -> anyhow::Result<Traced> {
+    let ns = Netns::new(tag)?;
+    let (mut child, mut err) = start_tracer(bin, &o.tracer, &ns)?;
+    let t0 = cpu_ticks(child.id());
+    let start = Instant::now();
+    let conns = churn(&ns, o.secs, o.clients)?;
+    let wall = start.elapsed().as_secs_f64();
+    let t1 = cpu_ticks(child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    let mut line = String::new();
+    while err.read_line(&mut line)? > 0 {
+        rest.push_str(&line);
+        line.clear();
+    }
+    child.wait()?;
+    let (mut events, mut lost) = (0, 0);
+    for l in rest.lines() {
+        // "tcpwatch: N events, M lost"
+        if let Some(s) = l.strip_prefix("tcpwatch: ") {
+            let w: Vec<&str> = s.split_whitespace().collect();
+            if w.len() == 4 && w[1] == "events," && w[3] == "lost" {
+                events = w[0].parse().unwrap_or(0);
+                lost = w[2].parse().unwrap_or(0);
+            }
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(Traced {
+        conns,
+        cpu_pct: (t1 - t0) as f64 / hz / wall * 100.0,
+        events,
+        lost,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if let [flag, ns, secs] = args
+        && flag == "--churn-in"
+    {
+        {
+            // Debug aid: churn inside an existing namespace and print conn/s.
+            let ns = Netns(ns.clone());
+            let n = churn(&ns, secs.parse()?, 2);
+            std::mem::forget(ns);
+            let secs: f64 = secs.parse()?;
+            return n.map(|n| println!("{:.0} conn/s", n as f64 / secs));
+        }
+    }
+    let o = parse(args)?;
+    if !crate::is_root() {
+        bail!("the benchmark attaches eBPF programs and makes namespaces: run it as root");
+    }
+    status(crate::cargo().args(["build", "--release", "-p", "tcpwatch"]))?;
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcpwatch");
+    let bin = bin.to_str().context("path")?.to_string();
+    println!(
+        "churn: {} client threads, {:.1} s per run, {} interleaved pairs; tracer: tcpwatch {}",
+        o.clients,
+        o.secs,
+        o.pairs,
+        o.tracer.join(" ")
+    );
+    let mut ratios = Vec::new();
+    let (mut lost_total, mut cpu) = (0u64, Vec::new());
+    for i in 0..o.pairs {
+        let traced_first = i % 2 == 1;
+        let mut base = 0.0;
+        let mut tr = None;
+        for step in 0..2 {
+            if (step == 0) == traced_first {
+                tr = Some(run_traced(&bin, &o, &format!("t{i}"))?);
+            } else {
+                let ns = Netns::new(&format!("u{i}"))?;
+                base = churn(&ns, o.secs, o.clients)? as f64 / o.secs;
+            }
+        }
+        let t = tr.expect("traced run");
+        let traced = t.conns as f64 / o.secs;
+        let ratio = traced / base;
+        ratios.push(ratio);
+        lost_total += t.lost;
+        cpu.push(t.cpu_pct);
+        println!(
+            "pair {i}: untraced {base:>8.0} conn/s  traced {traced:>8.0} conn/s  ratio {ratio:.3}  tracer CPU {:>5.1}%  events {} lost {}",
+            t.cpu_pct, t.events, t.lost
+        );
+    }
+    println!(
+        "median ratio traced/untraced: {:.3}; median tracer CPU {:.1}%; events lost in all runs: {lost_total}",
+        median(ratios),
+        median(cpu)
+    );
+    Ok(())
 }

@@ -18,6 +18,25 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Ring buffers in the object; CPU c writes to ring c % ring_count().
+const RINGS: [&str; 4] = ["EVENTS_0", "EVENTS_1", "EVENTS_2", "EVENTS_3"];
+
+/// One ring per CPU up to the four the object has.
+pub fn ring_count() -> u32 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1) as u32;
+    cpus.clamp(1, RINGS.len() as u32)
+}
+
+/// Bytes per ring: the total split evenly, a power of two, at least 64 KiB.
+pub fn ring_size(total: u32, rings: u32) -> u32 {
+    let each = (total / rings.max(1)).max(64 << 10);
+    if each.is_power_of_two() {
+        each
+    } else {
+        each.next_power_of_two() >> 1
+    }
+}
+
 /// Filters applied in the kernel (0 = off).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelFilters {
@@ -69,6 +88,37 @@ impl SignalStatus {
                 n.as_deref().unwrap_or("no hook")
             ),
         }
+    }
+}
+
+/// Run statistics of one attached program (run time needs `kernel.bpf_stats_enabled=1`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    pub name: String,
+    pub run_ns: u64,
+    pub runs: u64,
+    /// Times the kernel skipped the program because it was already running on that CPU (a
+    /// softirq interrupting it): events lost before any of our code ran.
+    pub recursion_misses: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`; aya 0.14's `ProgramInfo` does not expose `recursion_misses`.
+fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: zeroed C structs are valid; the kernel fills at most info_len bytes of `info`.
+    unsafe {
+        let mut info: aya_obj::generated::bpf_prog_info = std::mem::zeroed();
+        let mut attr: aya_obj::generated::bpf_attr = std::mem::zeroed();
+        attr.info.bpf_fd = fd.as_raw_fd() as u32;
+        attr.info.info_len = std::mem::size_of_val(&info) as u32;
+        attr.info.info = &mut info as *mut _ as u64;
+        let rc = libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut _,
+            std::mem::size_of_val(&attr),
+        );
+        (rc == 0).then_some(info)
     }
 }
 
@@ -186,7 +236,12 @@ impl Probe {
         ];
         let mut loader = EbpfLoader::new();
         loader.btf(aya_btf.as_ref());
-        loader.map_max_entries("EVENTS", cfg.ring_bytes);
+        let nrings = ring_count();
+        let per_ring = ring_size(cfg.ring_bytes, nrings);
+        for (i, name) in RINGS.iter().enumerate() {
+            loader.map_max_entries(name, if (i as u32) < nrings { per_ring } else { 4096 });
+        }
+        loader.override_global("NRINGS", &nrings, true);
         loader.override_global("HAVE_BTF_OFFSETS", &have_offsets, true);
         for (name, v) in &offsets {
             loader.override_global(name, v, true);
@@ -201,79 +256,56 @@ impl Probe {
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object: {}", short(&e)))?;
 
+        let btf_ok =
+            aya_btf.is_some() && have_offsets == 1 && !cfg.disabled.iter().any(|d| d == "tp_btf");
+        let ctx = Attach {
+            btf: aya_btf.as_ref().filter(|_| btf_ok),
+        };
+
         // Execution context first: every other program reads the per-CPU softirq flag.
-        let ctx_ok = ["softirq_entry", "softirq_exit"]
-            .into_iter()
-            .map(|p| attach_tracepoint(&mut ebpf, p, "irq", p))
-            .collect::<Result<Vec<_>, _>>();
-        status.push(match ctx_ok {
-            Ok(_) => SignalStatus {
-                signal: "owner context",
-                hook: Some("tracepoint irq/softirq_entry+exit".into()),
-                note: None,
-            },
-            Err(e) => SignalStatus {
-                signal: "owner context",
-                hook: None,
-                note: Some(format!(
-                    "{e}; softirq events may name the interrupted task as owner"
-                )),
-            },
-        });
+        let ctx_status = ctx.first(
+            &mut ebpf,
+            "owner context",
+            &[
+                Strategy::Btf(&[
+                    ("softirq_entry_btf", "softirq_entry"),
+                    ("softirq_exit_btf", "softirq_exit"),
+                ]),
+                Strategy::Tp(&[
+                    ("softirq_entry", "irq", "softirq_entry"),
+                    ("softirq_exit", "irq", "softirq_exit"),
+                ]),
+            ],
+            "softirq events may name the interrupted task as owner",
+        );
+        status.push(ctx_status);
 
         // State transitions: tp_btf gives the cookie; the classic tracepoint is the fallback.
-        let mut why_not_btf = None;
-        let btf_allowed = !cfg.disabled.iter().any(|d| d == "tp_btf");
-        let state_hook = if let (true, Some(b), 1) = (btf_allowed, aya_btf.as_ref(), have_offsets) {
-            match attach_btf(&mut ebpf, "state_btf", "inet_sock_set_state", b) {
-                Ok(()) => Some("tp_btf/inet_sock_set_state".to_string()),
-                Err(e) => {
-                    why_not_btf = Some(format!("tp_btf refused: {e}"));
-                    None
-                }
-            }
-        } else {
-            why_not_btf = Some(if btf_allowed {
-                "no kernel BTF".into()
-            } else {
-                "tp_btf disabled".into()
-            });
-            None
-        };
-        let state_hook = match state_hook {
-            Some(h) => SignalStatus {
-                signal: "state",
-                hook: Some(h),
-                note: None,
-            },
-            None if tps.is_none() => SignalStatus {
-                signal: "state",
-                hook: None,
-                note: Some(format!(
-                    "{}; sock/inet_sock_set_state has no readable format",
-                    why_not_btf.unwrap_or_default()
-                )),
-            },
-            None => match attach_tracepoint(&mut ebpf, "state_tp", "sock", "inet_sock_set_state") {
-                Ok(()) => SignalStatus {
-                    signal: "state",
-                    hook: Some("tracepoint/sock/inet_sock_set_state".into()),
-                    note: Some(format!(
-                        "{}; no socket cookies",
-                        why_not_btf.unwrap_or_default()
-                    )),
-                },
-                Err(e) => SignalStatus {
-                    signal: "state",
-                    hook: None,
-                    note: Some(e.to_string()),
-                },
-            },
-        };
-        if state_hook.hook.is_none() {
-            anyhow::bail!("cannot trace TCP state transitions: {}", state_hook.line());
+        let state = ctx.first(
+            &mut ebpf,
+            "state",
+            &[
+                // Order matters: `main` must run before `nested` (see the eBPF side).
+                Strategy::Btf(&[
+                    ("state_btf_main", "inet_sock_set_state"),
+                    ("state_btf_nested", "inet_sock_set_state"),
+                ]),
+                Strategy::Tp(&[("state_tp", "sock", "inet_sock_set_state")]),
+            ],
+            "no TCP state transitions",
+        );
+        if state.hook.is_none() {
+            anyhow::bail!("cannot trace TCP state transitions: {}", state.line());
         }
-        status.push(state_hook);
+        if tps.is_none()
+            && state
+                .hook
+                .as_deref()
+                .is_some_and(|h| h.starts_with("tracepoint"))
+        {
+            anyhow::bail!("sock/inet_sock_set_state has no readable format in tracefs");
+        }
+        status.push(state);
 
         let counters = PerCpuArray::try_from(
             ebpf.take_map("COUNTERS")
@@ -287,13 +319,19 @@ impl Probe {
         })
     }
 
-    /// The event ring buffer (can be taken once).
-    pub fn take_ring(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .context("map EVENTS missing or already taken")?;
-        RingBuf::try_from(map).map_err(|e| anyhow!("opening ring buffer EVENTS: {e}"))
+    /// The event ring buffers in use (can be taken once).
+    pub fn take_rings(&mut self) -> anyhow::Result<Vec<RingBuf<MapData>>> {
+        let n = ring_count() as usize;
+        RINGS[..n]
+            .iter()
+            .map(|name| {
+                let map = self
+                    .ebpf
+                    .take_map(name)
+                    .with_context(|| format!("map {name} missing or already taken"))?;
+                RingBuf::try_from(map).map_err(|e| anyhow!("opening ring buffer {name}: {e}"))
+            })
+            .collect()
     }
 
     /// Sum over CPUs of one kernel-side counter.
@@ -306,6 +344,135 @@ impl Probe {
 
     pub fn kernel_dropped(&self) -> u64 {
         self.counter(counter::RINGBUF_FULL)
+    }
+
+    /// Statistics of every loaded program.
+    pub fn program_stats(&self) -> Vec<ProgStats> {
+        use std::os::fd::AsFd as _;
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            let Ok(fd) = prog.fd() else { continue };
+            if let Some(i) = prog_info(fd.as_fd()) {
+                out.push(ProgStats {
+                    name: name.to_string(),
+                    run_ns: i.run_time_ns,
+                    runs: i.run_cnt,
+                    recursion_misses: i.recursion_misses,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Events the kernel never handed to our programs (see [`ProgStats::recursion_misses`]).
+    /// `state_btf_nested` skips by design and rescues `state_btf_main`'s skips.
+    pub fn recursion_misses(&self) -> u64 {
+        let rescued = self.counter(counter::STATE_RESCUED);
+        self.program_stats()
+            .iter()
+            .map(|p| match p.name.as_str() {
+                "state_btf_nested" => 0,
+                "state_btf_main" => p.recursion_misses.saturating_sub(rescued),
+                _ => p.recursion_misses,
+            })
+            .sum()
+    }
+}
+
+/// One way to serve a signal: a set of programs that must all attach.
+enum Strategy {
+    /// (program, raw tracepoint) pairs.
+    Btf(&'static [(&'static str, &'static str)]),
+    /// (program, category, tracepoint) triples.
+    Tp(&'static [(&'static str, &'static str, &'static str)]),
+}
+
+impl Strategy {
+    fn label(&self) -> String {
+        match self {
+            Strategy::Btf(p) => {
+                let mut names: Vec<&str> = p.iter().map(|(_, t)| *t).collect();
+                names.dedup();
+                format!("tp_btf/{}", names.join("+"))
+            }
+            Strategy::Tp(p) => {
+                let mut names: Vec<String> = p.iter().map(|(_, c, n)| format!("{c}/{n}")).collect();
+                names.dedup();
+                format!("tracepoint/{}", names.join("+"))
+            }
+        }
+    }
+
+    fn programs(&self) -> Vec<&'static str> {
+        match self {
+            Strategy::Btf(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::Tp(p) => p.iter().map(|(n, _, _)| *n).collect(),
+        }
+    }
+}
+
+struct Attach<'a> {
+    /// Kernel BTF when tp_btf programs may be used.
+    btf: Option<&'a Btf>,
+}
+
+impl Attach<'_> {
+    /// Attaches the first strategy that works; the status names it and why earlier ones failed.
+    fn first(
+        &self,
+        ebpf: &mut Ebpf,
+        signal: &'static str,
+        strategies: &[Strategy],
+        degrade: &str,
+    ) -> SignalStatus {
+        let mut why = Vec::new();
+        for s in strategies {
+            let res = match s {
+                Strategy::Btf(progs) => match self.btf {
+                    None => Err(anyhow!("no kernel BTF or tp_btf disabled")),
+                    Some(b) => progs
+                        .iter()
+                        .try_for_each(|(p, tp)| attach_btf(ebpf, p, tp, b)),
+                },
+                Strategy::Tp(progs) => progs
+                    .iter()
+                    .try_for_each(|(p, c, n)| attach_tracepoint(ebpf, p, c, n)),
+            };
+            match res {
+                Ok(()) => {
+                    let note = (!why.is_empty()).then(|| why.join("; "));
+                    return SignalStatus {
+                        signal,
+                        hook: Some(s.label()),
+                        note,
+                    };
+                }
+                Err(e) => {
+                    detach(ebpf, s);
+                    why.push(format!("{}: {e}", s.label()));
+                }
+            }
+        }
+        why.push(degrade.to_string());
+        SignalStatus {
+            signal,
+            hook: None,
+            note: Some(why.join("; ")),
+        }
+    }
+}
+
+/// Unloads whatever part of a strategy did attach, so a fallback does not double-count.
+fn detach(ebpf: &mut Ebpf, s: &Strategy) {
+    for n in s.programs() {
+        if let Some(prog) = ebpf.program_mut(n) {
+            let _ = match prog {
+                aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                aya::programs::Program::TracePoint(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
     }
 }
 
@@ -343,6 +510,15 @@ fn attach_btf(ebpf: &mut Ebpf, prog: &str, tp: &str, btf: &Btf) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::one_line;
+
+    #[test]
+    fn ring_sizes_are_powers_of_two() {
+        use super::ring_size;
+        assert_eq!(ring_size(16 << 20, 2), 8 << 20);
+        assert_eq!(ring_size(16 << 20, 3), 4 << 20);
+        assert_eq!(ring_size(1 << 20, 4), 256 << 10);
+        assert_eq!(ring_size(64 << 10, 4), 64 << 10);
+    }
 
     #[test]
     fn verifier_logs_shrink_to_the_verdict() {

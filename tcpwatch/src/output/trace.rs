@@ -1,14 +1,16 @@
 //! `tcpwatch trace`: one line per event, as text for people or JSON lines for programs.
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use super::json::write_str;
 use super::{Clock, human_ns};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind, Owner};
+use crate::model::event::{Event, EventKind};
 
 pub struct TraceWriter<W: Write> {
     out: W,
+    /// Lines formatted since the last flush: one write per batch, not per event.
+    pending: Vec<u8>,
     json: bool,
     clock: Clock,
     /// The observer's own netns: text output only names other namespaces.
@@ -18,6 +20,7 @@ pub struct TraceWriter<W: Write> {
 impl<W: Write> TraceWriter<W> {
     pub fn new(out: W, json: bool, clock: Clock, home_netns: u32) -> Self {
         TraceWriter {
+            pending: Vec::with_capacity(1 << 16),
             out,
             json,
             clock,
@@ -25,11 +28,16 @@ impl<W: Write> TraceWriter<W> {
         }
     }
 
-    pub fn into_inner(self) -> W {
+    pub fn into_inner(mut self) -> W {
+        let _ = self.flush();
         self.out
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.out.write_all(&self.pending)?;
+            self.pending.clear();
+        }
         self.out.flush()
     }
 
@@ -45,22 +53,25 @@ impl<W: Write> TraceWriter<W> {
     pub fn loss(&mut self, ts_ns: u64, delta: &Loss, total: &Loss) -> io::Result<()> {
         if self.json {
             writeln!(
-                self.out,
-                "{{\"type\":\"loss\",\"ts_ns\":{ts_ns},\"kernel_dropped\":{},\"channel_dropped\":{},\"decode_errors\":{},\"total\":{{\"kernel_dropped\":{},\"channel_dropped\":{},\"decode_errors\":{}}}}}",
+                self.pending,
+                "{{\"type\":\"loss\",\"ts_ns\":{ts_ns},\"kernel_dropped\":{},\"kernel_skipped\":{},\"channel_dropped\":{},\"decode_errors\":{},\"total\":{{\"kernel_dropped\":{},\"kernel_skipped\":{},\"channel_dropped\":{},\"decode_errors\":{}}}}}",
                 delta.kernel_dropped,
+                delta.kernel_skipped,
                 delta.channel_dropped,
                 delta.decode_errors,
                 total.kernel_dropped,
+                total.kernel_skipped,
                 total.channel_dropped,
                 total.decode_errors
             )
         } else {
             writeln!(
-                self.out,
-                "{} LOST {} events (kernel ring full {}, channel {}, undecodable {}); {} lost so far",
+                self.pending,
+                "{} LOST {} events (kernel ring full {}, skipped by the kernel {}, channel {}, undecodable {}); {} lost so far",
                 self.clock.hms(ts_ns),
                 delta.total(),
                 delta.kernel_dropped,
+                delta.kernel_skipped,
                 delta.channel_dropped,
                 delta.decode_errors,
                 total.total()
@@ -79,7 +90,7 @@ impl<W: Write> TraceWriter<W> {
             String::new()
         };
         write!(
-            self.out,
+            self.pending,
             "{} {:<22} {:<10} {} -> {}{}  ",
             self.clock.hms(ev.ts_ns),
             owner,
@@ -94,9 +105,9 @@ impl<W: Write> TraceWriter<W> {
                 new,
                 prev_state_ns,
             } => {
-                write!(self.out, "{} -> {}", old.name(), new.name())?;
+                write!(self.pending, "{} -> {}", old.name(), new.name())?;
                 if let Some(d) = prev_state_ns {
-                    write!(self.out, " ({} in {})", human_ns(d), old.name())?;
+                    write!(self.pending, " ({} in {})", human_ns(d), old.name())?;
                 }
             }
             EventKind::Retransmit {
@@ -106,15 +117,15 @@ impl<W: Write> TraceWriter<W> {
                 interval_ns,
                 err,
             } => {
-                write!(self.out, "{} #{}", kind.name(), nth)?;
+                write!(self.pending, "{} #{}", kind.name(), nth)?;
                 if let Some(s) = state {
-                    write!(self.out, " in {}", s.name())?;
+                    write!(self.pending, " in {}", s.name())?;
                 }
                 if let Some(i) = interval_ns {
-                    write!(self.out, " (+{} since previous)", human_ns(i))?;
+                    write!(self.pending, " (+{} since previous)", human_ns(i))?;
                 }
                 if err != 0 {
-                    write!(self.out, " err={err}")?;
+                    write!(self.pending, " err={err}")?;
                 }
             }
             EventKind::Reset {
@@ -122,17 +133,21 @@ impl<W: Write> TraceWriter<W> {
                 state,
                 reason,
             } => {
-                write!(self.out, "RST {}", if sent { "sent" } else { "received" })?;
+                write!(
+                    self.pending,
+                    "RST {}",
+                    if sent { "sent" } else { "received" }
+                )?;
                 if let Some(s) = state {
-                    write!(self.out, " in {}", s.name())?;
+                    write!(self.pending, " in {}", s.name())?;
                 }
                 if let Some(r) = reason {
-                    write!(self.out, " reason={r}")?;
+                    write!(self.pending, " reason={r}")?;
                 }
             }
             EventKind::SockError { errno } => {
                 write!(
-                    self.out,
+                    self.pending,
                     "{} ({})",
                     errno_name(errno),
                     std::io::Error::from_raw_os_error(errno)
@@ -144,21 +159,21 @@ impl<W: Write> TraceWriter<W> {
                 reason,
                 duration_ns,
             } => {
-                write!(self.out, "{}", if enter { "enter" } else { "exit" })?;
+                write!(self.pending, "{}", if enter { "enter" } else { "exit" })?;
                 if let Some(s) = substate {
-                    write!(self.out, " {}", s.name())?;
+                    write!(self.pending, " {}", s.name())?;
                 }
                 if let Some(r) = reason {
-                    write!(self.out, " {}", r.name())?;
+                    write!(self.pending, " {}", r.name())?;
                 }
                 if let Some(d) = duration_ns {
-                    write!(self.out, " after {}", human_ns(d))?;
+                    write!(self.pending, " after {}", human_ns(d))?;
                 }
             }
             EventKind::TimeWaitRearm { substate } => {
-                write!(self.out, "rearm")?;
+                write!(self.pending, "rearm")?;
                 if let Some(s) = substate {
-                    write!(self.out, " {}", s.name())?;
+                    write!(self.pending, " {}", s.name())?;
                 }
             }
             EventKind::Overflow {
@@ -167,51 +182,59 @@ impl<W: Write> TraceWriter<W> {
                 max,
                 count,
             } => {
-                write!(self.out, "{} queue of listener {}", queue.name(), ev.local)?;
+                write!(
+                    self.pending,
+                    "{} queue of listener {}",
+                    queue.name(),
+                    ev.local
+                )?;
                 if let (Some(l), Some(m)) = (len, max) {
-                    write!(self.out, " ({l}/{m})")?;
+                    write!(self.pending, " ({l}/{m})")?;
                 }
                 if count != 1 {
-                    write!(self.out, " x{count}")?;
+                    write!(self.pending, " x{count}")?;
                 }
             }
         }
-        writeln!(self.out)
+        writeln!(self.pending)
     }
 
     fn json_event(&mut self, ev: &Event) -> io::Result<()> {
-        let w = &mut self.out;
-        write!(
-            w,
-            "{{\"type\":\"{}\",\"ts_ns\":{},\"cookie\":{},\"sk\":\"{:x}\",",
-            ev.kind.type_name(),
-            ev.ts_ns,
-            ev.cookie,
-            ev.skaddr
-        )?;
-        write!(
-            w,
-            "\"family\":\"{}\",\"netns\":{},",
-            ev.family.name(),
-            ev.netns
-        )?;
-        write_endpoint(w, "s", &ev.local)?;
-        write_endpoint(w, "d", &ev.remote)?;
-        write_owner(w, ev.owner.as_ref())?;
-        write!(w, ",\"softirq\":{}", ev.softirq)?;
+        let mut j = JsonLine::new(&mut self.pending);
+        j.str_static("type", ev.kind.type_name());
+        j.u64("ts_ns", ev.ts_ns);
+        j.u64("cookie", ev.cookie);
+        j.hex("sk", ev.skaddr);
+        j.str_static("family", ev.family.name());
+        j.u64("netns", ev.netns as u64);
+        j.ip("saddr", ev.local.ip());
+        j.u64("sport", ev.local.port() as u64);
+        j.ip("daddr", ev.remote.ip());
+        j.u64("dport", ev.remote.port() as u64);
+        match &ev.owner {
+            Some(o) => {
+                j.u64("pid", o.pid as u64);
+                j.u64("tid", o.tid as u64);
+                j.escaped("comm", o.comm.as_bytes());
+                j.u64("cgroup_id", o.cgroup_id);
+                j.str_static("owner_source", o.source.name());
+            }
+            None => {
+                for k in ["pid", "tid", "comm", "cgroup_id", "owner_source"] {
+                    j.null(k);
+                }
+            }
+        }
+        j.bool("softirq", ev.softirq);
         match ev.kind {
             EventKind::State {
                 old,
                 new,
                 prev_state_ns,
             } => {
-                write!(
-                    w,
-                    ",\"old\":\"{}\",\"new\":\"{}\",\"prev_state_ns\":",
-                    old.name(),
-                    new.name()
-                )?;
-                write_opt(w, prev_state_ns)?;
+                j.str_static("old", old.name());
+                j.str_static("new", new.name());
+                j.opt_u64("prev_state_ns", prev_state_ns);
             }
             EventKind::Retransmit {
                 kind,
@@ -220,33 +243,24 @@ impl<W: Write> TraceWriter<W> {
                 interval_ns,
                 err,
             } => {
-                write!(
-                    w,
-                    ",\"kind\":\"{}\",\"nth\":{},\"state\":",
-                    kind.name(),
-                    nth
-                )?;
-                write_opt_str(w, state.map(|s| s.name()))?;
-                write!(w, ",\"interval_ns\":")?;
-                write_opt(w, interval_ns)?;
-                write!(w, ",\"err\":{err}")?;
+                j.str_static("kind", kind.name());
+                j.u64("nth", nth as u64);
+                j.opt_str("state", state.map(|s| s.name()));
+                j.opt_u64("interval_ns", interval_ns);
+                j.i64("err", err as i64);
             }
             EventKind::Reset {
                 sent,
                 state,
                 reason,
             } => {
-                write!(
-                    w,
-                    ",\"direction\":\"{}\",\"state\":",
-                    if sent { "sent" } else { "received" }
-                )?;
-                write_opt_str(w, state.map(|s| s.name()))?;
-                write!(w, ",\"reason\":")?;
-                write_opt(w, reason)?;
+                j.str_static("direction", if sent { "sent" } else { "received" });
+                j.opt_str("state", state.map(|s| s.name()));
+                j.opt_u64("reason", reason.map(u64::from));
             }
             EventKind::SockError { errno } => {
-                write!(w, ",\"errno\":{errno},\"error\":\"{}\"", errno_name(errno))?;
+                j.i64("errno", errno as i64);
+                j.str_static("error", errno_name(errno));
             }
             EventKind::TimeWait {
                 enter,
@@ -254,21 +268,15 @@ impl<W: Write> TraceWriter<W> {
                 reason,
                 duration_ns,
             } => {
-                write!(
-                    w,
-                    ",\"event\":\"{}\",\"substate\":",
-                    if enter { "enter" } else { "exit" }
-                )?;
-                write_opt_str(w, substate.map(|s| s.name()))?;
-                write!(w, ",\"reason\":")?;
-                write_opt_str(w, reason.map(|r| r.name()))?;
-                write!(w, ",\"duration_ns\":")?;
-                write_opt(w, duration_ns)?;
+                j.str_static("event", if enter { "enter" } else { "exit" });
+                j.opt_str("substate", substate.map(|s| s.name()));
+                j.opt_str("reason", reason.map(|r| r.name()));
+                j.opt_u64("duration_ns", duration_ns);
             }
             EventKind::TimeWaitRearm { substate } => {
-                write!(w, ",\"event\":\"rearm\",\"substate\":")?;
-                write_opt_str(w, substate.map(|s| s.name()))?;
-                write!(w, ",\"reason\":null")?;
+                j.str_static("event", "rearm");
+                j.opt_str("substate", substate.map(|s| s.name()));
+                j.null("reason");
             }
             EventKind::Overflow {
                 queue,
@@ -276,62 +284,159 @@ impl<W: Write> TraceWriter<W> {
                 max,
                 count,
             } => {
-                write!(
-                    w,
-                    ",\"queue\":\"{}\",\"listener\":{{\"addr\":\"{}\",\"port\":{}}},\"len\":",
-                    queue.name(),
-                    ev.local.ip(),
-                    ev.local.port()
-                )?;
-                write_opt(w, len)?;
-                write!(w, ",\"max\":")?;
-                write_opt(w, max)?;
-                write!(w, ",\"count\":{count}")?;
+                j.str_static("queue", queue.name());
+                j.raw_key("listener");
+                j.buf.extend_from_slice(b"{\"addr\":\"");
+                push_ip(j.buf, ev.local.ip());
+                j.buf.extend_from_slice(b"\",\"port\":");
+                push_u64(j.buf, ev.local.port() as u64);
+                j.buf.push(b'}');
+                j.opt_u64("len", len.map(u64::from));
+                j.opt_u64("max", max.map(u64::from));
+                j.u64("count", count);
             }
         }
-        w.write_all(b"}\n")
+        j.finish();
+        Ok(())
     }
 }
 
-fn write_endpoint<W: Write>(w: &mut W, side: &str, a: &SocketAddr) -> io::Result<()> {
-    write!(
-        w,
-        "\"{side}addr\":\"{}\",\"{side}port\":{},",
-        a.ip(),
-        a.port()
-    )
+/// Builds one JSON object into a reused buffer: no format machinery, no allocation per event.
+struct JsonLine<'a> {
+    buf: &'a mut Vec<u8>,
+    first: bool,
 }
 
-fn write_owner<W: Write>(w: &mut W, o: Option<&Owner>) -> io::Result<()> {
-    match o {
-        Some(o) => {
-            write!(w, "\"pid\":{},\"tid\":{},\"comm\":", o.pid, o.tid)?;
-            write_str(w, o.comm.as_bytes())?;
-            write!(
-                w,
-                ",\"cgroup_id\":{},\"owner_source\":\"{}\"",
-                o.cgroup_id,
-                o.source.name()
-            )
+impl<'a> JsonLine<'a> {
+    fn new(buf: &'a mut Vec<u8>) -> Self {
+        buf.reserve(512);
+        buf.push(b'{');
+        JsonLine { buf, first: true }
+    }
+
+    #[inline(always)]
+    fn raw_key(&mut self, k: &str) {
+        if !self.first {
+            self.buf.push(b',');
         }
-        None => write!(
-            w,
-            "\"pid\":null,\"tid\":null,\"comm\":null,\"cgroup_id\":null,\"owner_source\":null"
-        ),
+        self.first = false;
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(k.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    /// A string known to need no escaping (names from this crate).
+    #[inline(always)]
+    fn str_static(&mut self, k: &str, v: &str) {
+        self.raw_key(k);
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(v.as_bytes());
+        self.buf.push(b'"');
+    }
+
+    #[inline(always)]
+    fn escaped(&mut self, k: &str, v: &[u8]) {
+        self.raw_key(k);
+        // Writing into a Vec cannot fail.
+        let _ = write_str(self.buf, v);
+    }
+
+    #[inline(always)]
+    fn opt_str(&mut self, k: &str, v: Option<&str>) {
+        match v {
+            Some(v) => self.str_static(k, v),
+            None => self.null(k),
+        }
+    }
+
+    #[inline(always)]
+    fn u64(&mut self, k: &str, v: u64) {
+        self.raw_key(k);
+        push_u64(self.buf, v);
+    }
+
+    #[inline(always)]
+    fn i64(&mut self, k: &str, v: i64) {
+        self.raw_key(k);
+        if v < 0 {
+            self.buf.push(b'-');
+        }
+        push_u64(self.buf, v.unsigned_abs());
+    }
+
+    #[inline(always)]
+    fn opt_u64(&mut self, k: &str, v: Option<u64>) {
+        match v {
+            Some(v) => self.u64(k, v),
+            None => self.null(k),
+        }
+    }
+
+    #[inline(always)]
+    fn hex(&mut self, k: &str, v: u64) {
+        self.raw_key(k);
+        self.buf.push(b'"');
+        let mut tmp = [0u8; 16];
+        let mut n = 0;
+        let mut x = v;
+        loop {
+            tmp[n] = b"0123456789abcdef"[(x & 15) as usize];
+            n += 1;
+            x >>= 4;
+            if x == 0 {
+                break;
+            }
+        }
+        self.buf.extend(tmp[..n].iter().rev());
+        self.buf.push(b'"');
+    }
+
+    #[inline(always)]
+    fn ip(&mut self, k: &str, ip: IpAddr) {
+        self.raw_key(k);
+        self.buf.push(b'"');
+        push_ip(self.buf, ip);
+        self.buf.push(b'"');
+    }
+
+    #[inline(always)]
+    fn bool(&mut self, k: &str, v: bool) {
+        self.raw_key(k);
+        self.buf
+            .extend_from_slice(if v { b"true" } else { b"false" });
+    }
+
+    #[inline(always)]
+    fn null(&mut self, k: &str) {
+        self.raw_key(k);
+        self.buf.extend_from_slice(b"null");
+    }
+
+    fn finish(self) {
+        self.buf.extend_from_slice(b"}\n");
     }
 }
 
-fn write_opt<W: Write, T: std::fmt::Display>(w: &mut W, v: Option<T>) -> io::Result<()> {
-    match v {
-        Some(v) => write!(w, "{v}"),
-        None => w.write_all(b"null"),
-    }
+#[inline]
+fn push_u64(buf: &mut Vec<u8>, v: u64) {
+    let mut b = itoa::Buffer::new();
+    buf.extend_from_slice(b.format(v).as_bytes());
 }
 
-fn write_opt_str<W: Write>(w: &mut W, v: Option<&str>) -> io::Result<()> {
-    match v {
-        Some(v) => write!(w, "\"{v}\""),
-        None => w.write_all(b"null"),
+fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                push_u64(buf, *o as u64);
+            }
+        }
+        // Rare enough, and compression rules are subtle: use the standard formatter.
+        IpAddr::V6(v6) => {
+            let _ = write!(buf, "{v6}");
+        }
     }
 }
 
@@ -354,7 +459,7 @@ pub fn errno_name(e: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::event::{Comm, Family, OwnerSource, RetransmitKind, TcpState};
+    use crate::model::event::{Comm, Family, Owner, OwnerSource, RetransmitKind, TcpState};
 
     fn clock() -> Clock {
         Clock {
@@ -454,11 +559,13 @@ mod tests {
         let mut w = TraceWriter::new(Vec::new(), true, clock(), 0);
         let d = Loss {
             kernel_dropped: 5,
+            kernel_skipped: 0,
             channel_dropped: 0,
             decode_errors: 1,
         };
         let t = Loss {
             kernel_dropped: 9,
+            kernel_skipped: 2,
             channel_dropped: 0,
             decode_errors: 1,
         };
@@ -467,12 +574,13 @@ mod tests {
         assert_eq!(v["type"], "loss");
         assert_eq!(v["kernel_dropped"], 5);
         assert_eq!(v["total"]["kernel_dropped"], 9);
+        assert_eq!(v["total"]["kernel_skipped"], 2);
         let mut w = TraceWriter::new(Vec::new(), false, clock(), 0);
         w.loss(0, &d, &t).unwrap();
         let s = String::from_utf8(w.into_inner()).unwrap();
         assert!(
             s.contains(
-                "LOST 6 events (kernel ring full 5, channel 0, undecodable 1); 10 lost so far"
+                "LOST 6 events (kernel ring full 5, skipped by the kernel 0, channel 0, undecodable 1); 12 lost so far"
             ),
             "{s}"
         );
