@@ -183,7 +183,12 @@ impl Tracer {
     }
 
     pub fn start_args(args: &[&str]) -> Tracer {
-        let mut child = Command::new(TCPWATCH)
+        Tracer::start_cmd(TCPWATCH, args)
+    }
+
+    /// Any command line that ends up running tcpwatch (e.g. under `ip netns exec`).
+    pub fn start_cmd(program: &str, args: &[&str]) -> Tracer {
+        let mut child = Command::new(program)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -18,6 +18,7 @@ pub const TESTS: &[crate::Test] = &[
     ("filters_port_pid_family_in_kernel", filters),
     ("loss_is_counted_and_reported", loss_reported),
     ("closed_stdout_and_sigterm_exit_zero", exits),
+    ("runs_under_ip_netns_exec", under_ip_netns_exec),
 ];
 
 const W: Duration = Duration::from_secs(10);
@@ -615,4 +616,18 @@ fn exits() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM");
+}
+
+/// `ip netns exec` remounts /sys without tracefs: tcpwatch mounts it and still sees events.
+fn under_ip_netns_exec() {
+    let ns = Netns::new();
+    let args = ["netns", "exec", &ns.name, TCPWATCH, "trace", "--json", "--netns", &ns.name];
+    let tracer = Tracer::start_cmd("ip", &args);
+    let mut client = ns.peer("tw-client");
+    assert_eq!(client.cmd("connect 127.0.0.1:9"), "err ECONNREFUSED");
+    tracer.wait_for("SYN_SENT -> CLOSE", W, |evs| evs.iter().any(|e| is(e, "SYN_SENT", "CLOSE")));
+    let evs = tracer.stop();
+    let tl = timeline(&evs, |e| is(e, "CLOSE", "SYN_SENT"));
+    assert_eq!(transitions(&tl), seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")]));
+    assert_owner(&tl, &client);
 }
