@@ -6,42 +6,39 @@
 pub mod kind {
     /// `inet_sock_set_state`: `old_state`/`new_state` set, `dur_ns` = time spent in `old_state`.
     pub const STATE: u8 = 1;
-    /// `tcp_retransmit_skb`: `new_state` = socket state, `arg0` = TCP flags of the skb (0 if
-    /// unknown), `arg1` = 1-based retransmit count of this socket, `arg2` = the kernel's `err`
-    /// (as u32, 0 when the field is absent), `dur_ns` = time since the previous retransmit of this
-    /// socket (0 for the first one).
+    /// `tcp_retransmit_skb`: `new_state` = socket state, `arg0` = TCP flags of the skb with
+    /// 0x100 set when they could be read, `arg1` = 1-based retransmit count of this socket,
+    /// `arg2` = the kernel's `err` (as u32, 0 when the kernel has no such argument), `dur_ns` =
+    /// time since the previous retransmit of this socket (0 for the first one).
     pub const RETRANSMIT: u8 = 2;
-    /// `tcp_retransmit_synack`: the listener is the socket (`skaddr`, `sport`), the 4-tuple is the
-    /// request's, `arg0` = the request's `num_retrans` before this one, `aux_addr` = request socket.
+    /// `tcp_retransmit_synack`: `skaddr`/`cookie` are the listener's, the 4-tuple is the
+    /// request's (local = the listener's address), `arg0` = the request's `num_retrans` before
+    /// this one, `arg1` = accept queue length, `arg2` = SYN queue length, `aux_addr` = request,
+    /// `dur_ns` = time since this request's previous SYN-ACK retransmit.
     pub const SYNACK_RETRANSMIT: u8 = 3;
     /// `tcp_send_reset`: `new_state` = state of the sending socket (or 0 when there is none),
     /// `arg0` = reset reason when the kernel gives one (`u32::MAX` when not).
     pub const RESET_SENT: u8 = 4;
-    /// `tcp_receive_reset`: `new_state` = state of the socket that received it.
+    /// `tcp_receive_reset`: `new_state` = state of the socket that received it. For resets
+    /// sent, the 4-tuple comes from the packet answered (local = its destination).
     pub const RESET_RECEIVED: u8 = 5;
     /// `inet_sk_error_report`: `arg0` = errno the socket reports (ECONNREFUSED, ETIMEDOUT, …).
     pub const SOCK_ERROR: u8 = 6;
-    /// A timewait socket was scheduled: `new_state` = its substate (FIN_WAIT2 or TIME_WAIT),
-    /// `skaddr` = the timewait socket, `arg0` = timer expiry in jiffies from now (0 unknown).
-    pub const TW_ENTER: u8 = 7;
-    /// A timewait socket left: `arg0` = [`tw_exit`] reason, `dur_ns` = time since its enter.
-    pub const TW_EXIT: u8 = 8;
-    /// A timewait timer was re-armed: `new_state` = the substate after the re-arm.
-    pub const TW_REARM: u8 = 9;
-    /// `kfree_skb` with reason `TCP_LISTEN_OVERFLOW` (accept queue full at the final ACK):
-    /// the socket is the listener, `arg0` = accept queue length, `arg1` = its max,
-    /// `arg2` = SYN queue length.
+    /// A timewait socket's timer was armed (`timer_start` with `tw_timer_handler`): a new
+    /// timewait socket, or a re-arm if a cancel of the same socket just preceded it on this
+    /// CPU. `skaddr` = the timewait socket, `new_state` = its substate (FIN_WAIT2/TIME_WAIT).
+    pub const TW_START: u8 = 7;
+    /// A timewait timer was detached (`timer_cancel`): followed on the same CPU by its expiry
+    /// or a re-arm, or else the socket was descheduled (reuse, RST, netns teardown).
+    /// `arg1` = 1 when `current` is a kworker.
+    pub const TW_CANCEL: u8 = 8;
+    /// A timewait timer fired (`timer_expire_entry`): the normal end of the socket.
+    pub const TW_EXPIRE: u8 = 9;
+    /// `kfree_skb` with reason `TCP_LISTEN_OVERFLOW` (accept queue full at the final ACK), or
+    /// `NO_SOCKET` for a syncookie ACK while the accept queue is full: the socket is the
+    /// listener, the remote side the dropped packet's source, `arg0` = accept queue length,
+    /// `arg1` = its max, `arg2` = SYN queue length.
     pub const LISTEN_OVERFLOW: u8 = 10;
-}
-
-/// Reasons carried by [`kind::TW_EXIT`] in `arg0`.
-pub mod tw_exit {
-    /// The timer fired: the normal end of TIME_WAIT.
-    pub const EXPIRED: u32 = 1;
-    /// Descheduled from task context, typically `connect()` reusing the 4-tuple (`tcp_tw_reuse`).
-    pub const REUSED: u32 = 2;
-    /// Descheduled from softirq: a RST, a new SYN taking over the tuple, or a netns purge.
-    pub const KILLED: u32 = 3;
 }
 
 /// Bits of [`RawEvent::flags`].
@@ -173,6 +170,45 @@ pub struct Owner {
     pub comm: [u8; 16],
 }
 
+/// One socket of the `iter/tcp` inventory (full, timewait or request socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IterRec {
+    pub skaddr: u64,
+    pub cookie: u64,
+    /// Request sockets: their listener's address (the SYN queue they sit in).
+    pub listener: u64,
+    /// Socket inode (full sockets that have a file), to find the owner in /proc/*/fd.
+    pub ino: u64,
+    pub netns: u32,
+    /// Listener: packets it dropped (`sk_drops`), counting every listen drop.
+    pub drops: u32,
+    pub ack_backlog: u32,
+    pub max_ack_backlog: u32,
+    /// Listener: request sockets in its SYN queue (`icsk_accept_queue.qlen`) and how many
+    /// of them have not had a SYN-ACK retransmitted (`young`).
+    pub syn_qlen: u32,
+    pub syn_young: u32,
+    pub uid: u32,
+    /// Full sockets: `icsk_retransmits` and `icsk_probes_out` of the current episode.
+    pub retransmits: u16,
+    pub probes: u16,
+    pub family: u8,
+    /// Kernel state; timewait sockets report `TIME_WAIT` here and their substate below.
+    pub state: u8,
+    pub substate: u8,
+    pub _pad: u8,
+    /// Local port (host order) and remote port (host order).
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Size of [`IterRec`] as written by `bpf_seq_write`.
+pub const ITER_REC_SIZE: usize = 104;
+const _: () = assert!(core::mem::size_of::<IterRec>() == ITER_REC_SIZE);
+
 /// Size of [`RawEvent`] on the wire.
 pub const RAW_EVENT_SIZE: usize = 136;
 
@@ -195,4 +231,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockInfo {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::IterRec {}
 }

@@ -117,6 +117,19 @@ pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
     }
 }
 
+/// The socket's `SockInfo` if it has one (no creation: for events that only read the owner).
+#[inline(always)]
+pub fn sk_info_get(sk: *const c_void) -> *const SockInfo {
+    unsafe {
+        raw::bpf_sk_storage_get(
+            core::ptr::addr_of!(SK_INFO) as *mut c_void,
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        ) as *const SockInfo
+    }
+}
+
 /// The socket's `SockInfo` in the address-keyed map, inserted zeroed on first use.
 #[inline(always)]
 pub fn addr_info(skaddr: u64) -> Option<*mut SockInfo> {
@@ -172,25 +185,68 @@ pub fn netns_of(sk: u64) -> u32 {
     rd(net, OFF_NET_NS_INUM.load())
 }
 
-/// Where a record's addresses come from: `base + offset` for each of the four address fields
-/// (a socket through BTF offsets, or a tracepoint record through its format).
-pub struct AddrSrc {
+/// Where one side's address lives: `base + off4` (IPv4, 4 bytes) or `base + off6` (16 bytes):
+/// a socket through BTF offsets, a tracepoint record through its format, or packet headers.
+#[derive(Clone, Copy)]
+pub struct Side {
     pub base: u64,
-    pub saddr4: u32,
-    pub daddr4: u32,
-    pub saddr6: u32,
-    pub daddr6: u32,
+    pub off4: u32,
+    pub off6: u32,
+}
+
+/// Where a record's local and remote addresses come from.
+#[derive(Clone, Copy)]
+pub struct AddrSrc {
+    pub local: Side,
+    pub remote: Side,
+}
+
+impl Side {
+    #[inline(always)]
+    pub fn sock_local(sk: u64) -> Side {
+        Side {
+            base: sk,
+            off4: OFF_SKC_RCV_SADDR.load(),
+            off6: OFF_SKC_V6_RCV_SADDR.load(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn sock_remote(sk: u64) -> Side {
+        Side {
+            base: sk,
+            off4: OFF_SKC_DADDR.load(),
+            off6: OFF_SKC_V6_DADDR.load(),
+        }
+    }
+
+    /// Source address of a packet whose network header is at `nh`.
+    #[inline(always)]
+    pub fn pkt_src(nh: u64) -> Side {
+        Side {
+            base: nh,
+            off4: 12,
+            off6: 8,
+        }
+    }
+
+    /// Destination address of a packet whose network header is at `nh`.
+    #[inline(always)]
+    pub fn pkt_dst(nh: u64) -> Side {
+        Side {
+            base: nh,
+            off4: 16,
+            off6: 24,
+        }
+    }
 }
 
 impl AddrSrc {
     #[inline(always)]
     pub fn sock(sk: u64) -> AddrSrc {
         AddrSrc {
-            base: sk,
-            saddr4: OFF_SKC_RCV_SADDR.load(),
-            daddr4: OFF_SKC_DADDR.load(),
-            saddr6: OFF_SKC_V6_RCV_SADDR.load(),
-            daddr6: OFF_SKC_V6_DADDR.load(),
+            local: Side::sock_local(sk),
+            remote: Side::sock_remote(sk),
         }
     }
 }
@@ -349,7 +405,8 @@ pub fn forget_listener(netns: u32, port: u16) {
     let _ = LISTENERS.remove(key);
 }
 
-/// True when the event passes the userspace-requested filters.
+/// True when the event passes the userspace-requested filters. An owner the kernel does not
+/// know passes the pid filter here: userspace may know it (inventory, timewait) and filters again.
 #[inline(always)]
 pub fn wanted(m: &Meta, owner_pid: u32) -> bool {
     let netns = FILTER_NETNS.load();
@@ -373,19 +430,22 @@ pub fn wanted(m: &Meta, owner_pid: u32) -> bool {
         return false;
     }
     let pid = FILTER_PID.load();
-    if pid != 0 && owner_pid != pid {
+    if pid != 0 && owner_pid != 0 && owner_pid != pid {
         return false;
     }
     true
 }
 
 /// Applies the filters and writes the record straight into the ring buffer (no stack copy),
-/// counting what is filtered or lost. `owner` is the socket's `SockInfo` when known.
+/// counting what is filtered or lost. `owner` is the socket's `SockInfo`, or null. (A raw
+/// pointer, not an Option: LLVM spilled the uninitialised payload of a `None`, which the
+/// verifier refuses.)
 #[inline(always)]
-pub fn emit(m: &Meta, addrs: &AddrSrc, owner: Option<*const SockInfo>) {
-    let owner_pid = match owner {
-        Some(o) => unsafe { (*o).pid },
-        None => 0,
+pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
+    let owner_pid = if owner.is_null() {
+        0
+    } else {
+        unsafe { (*owner).pid }
     };
     if !wanted(m, owner_pid) {
         bump(counter::FILTERED);
@@ -426,17 +486,17 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: Option<*const SockInfo>) {
         let sa = (*p).saddr.as_mut_ptr();
         let da = (*p).daddr.as_mut_ptr();
         if m.family == tcpwatch_common::AF_INET6 {
-            read_into(sa, 16, addrs.base + addrs.saddr6 as u64);
-            read_into(da, 16, addrs.base + addrs.daddr6 as u64);
+            read_into(sa, 16, addrs.local.base + addrs.local.off6 as u64);
+            read_into(da, 16, addrs.remote.base + addrs.remote.off6 as u64);
         } else {
             *(sa as *mut u64) = 0;
             *(sa as *mut u64).add(1) = 0;
             *(da as *mut u64) = 0;
             *(da as *mut u64).add(1) = 0;
-            read_into(sa, 4, addrs.base + addrs.saddr4 as u64);
-            read_into(da, 4, addrs.base + addrs.daddr4 as u64);
+            read_into(sa, 4, addrs.local.base + addrs.local.off4 as u64);
+            read_into(da, 4, addrs.remote.base + addrs.remote.off4 as u64);
         }
-        match owner {
+        match owner.as_ref() {
             Some(o) => {
                 (*p).pid = (*o).pid;
                 (*p).tid = (*o).tid;

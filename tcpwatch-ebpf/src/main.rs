@@ -4,7 +4,10 @@
 #![feature(asm_experimental_arch)]
 
 mod common;
+mod iter;
+mod signals;
 mod state;
+mod timewait;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -12,9 +12,9 @@ use aya_ebpf::{
 use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
-    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, SOCKS, addr_info, bump, copy16, current, emit,
-    forget_listener, in_softirq, ld, listener_owner, netns_of, now_ns, set_listener_owner, sk_info,
-    sock_meta_btf, take_current_owner,
+    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, SOCKS, Side, addr_info, bump, copy16, current,
+    emit, forget_listener, in_softirq, ld, listener_owner, netns_of, now_ns, set_listener_owner,
+    sk_info, sock_meta_btf, take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -134,12 +134,18 @@ fn try_state_tp(ctx: &TracePointContext) -> Result<(), i64> {
     if m.netns != 0 {
         m.flags |= flags::HAS_NETNS;
     }
+    let rec = ctx.as_ptr() as u64;
     let addrs = AddrSrc {
-        base: ctx.as_ptr() as u64,
-        saddr4: TPS_SADDR.load(),
-        daddr4: TPS_DADDR.load(),
-        saddr6: TPS_SADDR_V6.load(),
-        daddr6: TPS_DADDR_V6.load(),
+        local: Side {
+            base: rec,
+            off4: TPS_SADDR.load(),
+            off6: TPS_SADDR_V6.load(),
+        },
+        remote: Side {
+            base: rec,
+            off4: TPS_DADDR.load(),
+            off6: TPS_DADDR_V6.load(),
+        },
     };
     let info = addr_info(m.skaddr);
     transition(&mut m, &addrs, info, true);
@@ -159,7 +165,7 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
         m.flags |= flags::SOFTIRQ;
     }
     let Some(info) = info else {
-        emit(m, addrs, None);
+        emit(m, addrs, core::ptr::null());
         return;
     };
     unsafe {
@@ -177,6 +183,11 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
                 (*info).flags = flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER;
             }
         }
+        if m.new_state == tcp_state::SYN_SENT || m.old_state == tcp_state::LISTEN {
+            // A new connection on this socket: its retransmits count from one again.
+            (*info).retrans = 0;
+            (*info).last_retrans_ts_ns = 0;
+        }
         let last = (*info).last_ts_ns;
         if last != 0 && m.old_state != tcp_state::LISTEN {
             m.dur_ns = now - last;
@@ -186,7 +197,7 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
             set_listener_owner(m.netns, m.sport, info);
         }
     }
-    emit(m, addrs, Some(info));
+    emit(m, addrs, info);
     if m.new_state == tcp_state::CLOSE {
         if m.old_state == tcp_state::LISTEN {
             forget_listener(m.netns, m.sport);

@@ -1,12 +1,10 @@
 //! Wire records (`tcpwatch_common::RawEvent`) to model events: bounds-checked, allocation-free,
 //! never panics on garbage.
-use tcpwatch_common::{
-    AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, flags, kind, tcp_state, tw_exit,
-};
+use tcpwatch_common::{AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, flags, kind, tcp_state};
 
 use crate::model::event::{
-    Comm, Event, EventKind, Family, Owner, OwnerSource, Queue, RetransmitKind, TcpState,
-    TwExitReason, socket_addr,
+    Comm, Event, EventKind, Family, Owner, OwnerSource, Queue, RetransmitKind, TcpState, TwOp,
+    socket_addr,
 };
 
 /// TCP header flag bits as the kernel keeps them in `tcp_skb_cb.tcp_flags`.
@@ -101,25 +99,14 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
         kind::SOCK_ERROR => EventKind::SockError {
             errno: r.arg0 as i32,
         },
-        kind::TW_ENTER => EventKind::TimeWait {
-            enter: true,
-            substate: TcpState::from_kernel(r.new_state),
-            reason: None,
-            duration_ns: None,
-        },
-        kind::TW_EXIT => EventKind::TimeWait {
-            enter: false,
-            substate: TcpState::from_kernel(r.new_state),
-            reason: match r.arg0 {
-                tw_exit::EXPIRED => Some(TwExitReason::Expired),
-                tw_exit::REUSED => Some(TwExitReason::Reused),
-                tw_exit::KILLED => Some(TwExitReason::Killed),
-                _ => None,
+        kind::TW_START | kind::TW_CANCEL | kind::TW_EXPIRE => EventKind::TwTimer {
+            op: match r.kind {
+                kind::TW_START => TwOp::Start,
+                kind::TW_CANCEL => TwOp::Cancel,
+                _ => TwOp::Expire,
             },
-            duration_ns: nonzero(r.dur_ns),
-        },
-        kind::TW_REARM => EventKind::TimeWaitRearm {
             substate: TcpState::from_kernel(r.new_state),
+            kworker: r.arg1 != 0,
         },
         kind::LISTEN_OVERFLOW => EventKind::Overflow {
             queue: Queue::Accept,

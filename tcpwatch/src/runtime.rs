@@ -15,6 +15,7 @@ use crate::model::Loss;
 use crate::model::event::Event;
 use crate::model::owners::OwnerBook;
 use crate::model::reorder::Reorder;
+use crate::model::timewait::TwMachine;
 use crate::output::Clock;
 use crate::output::trace::TraceWriter;
 use crate::settings::{self, Filters};
@@ -78,7 +79,9 @@ pub struct EventSource {
     probe: Probe,
     reader: RingReader,
     reorder: Reorder,
+    released: Vec<Event>,
     pub owners: OwnerBook,
+    pub timewait: TwMachine,
     filters: Filters,
     pub loss: Loss,
     pub events: u64,
@@ -93,7 +96,9 @@ impl EventSource {
             probe,
             reader,
             reorder,
+            released: Vec::with_capacity(4096),
             owners: OwnerBook::new(),
+            timewait: TwMachine::new(),
             filters,
             loss: Loss::default(),
             events: 0,
@@ -117,17 +122,25 @@ impl EventSource {
                 Ok(ev) => reorder.push(ring, ev),
                 Err(_) => loss.decode_errors += 1,
             });
-        let start = out.len();
+        self.released.clear();
         if flush {
-            self.reorder.release_all(out);
+            self.reorder.release_all(&mut self.released);
         } else {
-            self.reorder.release(cut, out);
+            self.reorder.release(cut, &mut self.released);
         }
-        // Owners are resolved in time order: a listener must be learned before its children.
-        for ev in &mut out[start..] {
+        let start = out.len();
+        // In time order: a listener is learned before its children, a closing socket's owner
+        // before its timewait socket, a cancel before its follow-up.
+        for ev in self.released.iter_mut() {
             self.owners.resolve(ev);
+            self.timewait.apply(*ev, out);
         }
-        if self.filters.comm.is_some() {
+        if flush {
+            self.timewait.flush(out);
+        } else {
+            self.timewait.resolve_due(cut, out);
+        }
+        if self.filters.userspace() {
             let mut i = 0;
             out.retain(|ev| {
                 i += 1;

@@ -45,8 +45,17 @@ impl Filters {
         })
     }
 
-    /// The part of the filter userspace applies (after owner resolution).
+    /// Whether some filtering is left for userspace (owners the kernel did not know).
+    pub fn userspace(&self) -> bool {
+        self.comm.is_some() || self.kernel.pid != 0
+    }
+
+    /// The part of the filter userspace applies, after owner resolution: `--comm`, and `--pid`
+    /// for events whose owner only userspace knows (the kernel lets those through).
     pub fn accepts(&self, ev: &Event) -> bool {
+        if self.kernel.pid != 0 && ev.owner.is_none_or(|o| o.pid != self.kernel.pid) {
+            return false;
+        }
         match &self.comm {
             Some(c) => ev.owner.is_some_and(|o| o.comm == *c),
             None => true,

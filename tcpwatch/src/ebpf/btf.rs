@@ -139,27 +139,118 @@ impl KernelBtf {
     }
 }
 
-/// The struct fields the eBPF programs read, by the global each one fills.
-pub const SOCK_FIELDS: &[(&str, &str, &str)] = &[
-    ("OFF_SKC_DADDR", "sock_common", "skc_daddr"),
-    ("OFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
-    ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
-    ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
-    ("OFF_SKC_NET", "sock_common", "skc_net"),
-    ("OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
-    ("OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
-    ("OFF_NET_NS_INUM", "net", "ns.inum"),
-    ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
-    ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
-];
+/// Struct fields one signal's programs read, by the global each one fills.
+pub struct FieldGroup {
+    pub name: &'static str,
+    pub fields: &'static [(&'static str, &'static str, &'static str)],
+}
 
-/// Resolves every field of `fields`; the first missing one is an error.
-pub fn resolve(
-    btf: &KernelBtf,
-    fields: &[(&'static str, &str, &str)],
-) -> Result<Vec<(&'static str, u32)>, BtfError> {
-    fields
+/// Fields of sockets every program reads: without them there is no BTF strategy at all.
+pub const CORE: FieldGroup = FieldGroup {
+    name: "socket",
+    fields: &[
+        ("OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+        ("OFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
+        ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
+        ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
+        ("OFF_SKC_NET", "sock_common", "skc_net"),
+        ("OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+        ("OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+        ("OFF_NET_NS_INUM", "net", "ns.inum"),
+        ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
+        ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
+        ("OFF_SKC_STATE", "sock_common", "skc_state"),
+        ("OFF_SKC_NUM", "sock_common", "skc_num"),
+    ],
+};
+
+pub const LISTENER: FieldGroup = FieldGroup {
+    name: "listener queues",
+    fields: &[
+        ("OFF_SK_ACK_BACKLOG", "sock", "sk_ack_backlog"),
+        ("OFF_SK_MAX_ACK_BACKLOG", "sock", "sk_max_ack_backlog"),
+        (
+            "OFF_ICSK_QLEN",
+            "inet_connection_sock",
+            "icsk_accept_queue.qlen",
+        ),
+        (
+            "OFF_ICSK_YOUNG",
+            "inet_connection_sock",
+            "icsk_accept_queue.young",
+        ),
+        ("OFF_SK_DROPS", "sock", "sk_drops"),
+    ],
+};
+
+pub const PACKET: FieldGroup = FieldGroup {
+    name: "packet headers",
+    fields: &[
+        ("OFF_SKB_HEAD", "sk_buff", "head"),
+        ("OFF_SKB_NETWORK_HEADER", "sk_buff", "network_header"),
+        ("OFF_SKB_TRANSPORT_HEADER", "sk_buff", "transport_header"),
+        ("OFF_SKB_DEV", "sk_buff", "dev"),
+        ("OFF_NETDEV_NET", "net_device", "nd_net"),
+        ("OFF_SKB_CB", "sk_buff", "cb"),
+        ("OFF_TCB_TCP_FLAGS", "tcp_skb_cb", "tcp_flags"),
+    ],
+};
+
+pub const MISC: FieldGroup = FieldGroup {
+    name: "errors and requests",
+    fields: &[
+        ("OFF_SK_ERR", "sock", "sk_err"),
+        ("OFF_REQ_NUM_RETRANS", "request_sock", "num_retrans"),
+        ("OFF_REQ_LISTENER", "request_sock", "sk"),
+    ],
+};
+
+pub const TIMEWAIT: FieldGroup = FieldGroup {
+    name: "timewait",
+    fields: &[
+        ("OFF_TIMER_FUNCTION", "timer_list", "function"),
+        ("OFF_TW_TIMER", "inet_timewait_sock", "tw_timer"),
+        ("OFF_TW_SUBSTATE", "inet_timewait_sock", "tw_substate"),
+        ("OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
+    ],
+};
+
+pub const INVENTORY: FieldGroup = FieldGroup {
+    name: "inventory",
+    fields: &[
+        ("OFF_SK_SOCKET", "sock", "sk_socket"),
+        ("OFF_SOCKET_INODE", "socket_alloc", "vfs_inode"),
+        ("OFF_INODE_INO", "inode", "i_ino"),
+        (
+            "OFF_ICSK_RETRANSMITS",
+            "inet_connection_sock",
+            "icsk_retransmits",
+        ),
+        (
+            "OFF_ICSK_PROBES_OUT",
+            "inet_connection_sock",
+            "icsk_probes_out",
+        ),
+    ],
+};
+
+pub const GROUPS: &[&FieldGroup] = &[&CORE, &LISTENER, &PACKET, &MISC, &TIMEWAIT, &INVENTORY];
+
+/// Resolves every field of a group; the first missing one is an error.
+pub fn resolve(btf: &KernelBtf, group: &FieldGroup) -> Result<Vec<(&'static str, u32)>, BtfError> {
+    group
+        .fields
         .iter()
         .map(|(global, ty, path)| Ok((*global, btf.offset_of(ty, path)?)))
         .collect()
+}
+
+/// A value of `enum skb_drop_reason` by its short name (`TCP_LISTEN_OVERFLOW`).
+pub fn drop_reason(btf: &KernelBtf, name: &str) -> Option<u32> {
+    let full = format!("SKB_DROP_REASON_{name}");
+    btf.enum_values("skb_drop_reason")
+        .ok()?
+        .into_iter()
+        .find(|(n, _)| *n == full)
+        .map(|(_, v)| v as u32)
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, Iter, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tcpwatch_common::counter;
 
@@ -138,6 +138,10 @@ fn short(e: &dyn std::error::Error) -> String {
         s.push_str(&inner.to_string());
         src = inner.source();
     }
+    // TCPWATCH_VERIFIER_LOG=1 keeps the whole verifier log, for debugging a refused program.
+    if std::env::var_os("TCPWATCH_VERIFIER_LOG").is_some() {
+        return s;
+    }
     one_line(&s)
 }
 
@@ -165,6 +169,83 @@ pub fn one_line(s: &str) -> String {
     format!("{head} verifier: {verdict}")
 }
 
+/// Address of a text symbol in /proc/kallsyms content (0 when absent or hidden).
+pub fn kallsyms_addr(text: &str, name: &str) -> u64 {
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(addr), Some(_ty), Some(sym)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if sym == name && it.next().is_none() {
+            return u64::from_str_radix(addr, 16).unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// One signal: the field groups its programs read and its strategies in order of preference.
+struct SignalSpec {
+    name: &'static str,
+    groups: &'static [&'static btf::FieldGroup],
+    strategies: &'static [Strategy],
+    degrade: &'static str,
+}
+
+const SIGNALS: &[SignalSpec] = &[
+    SignalSpec {
+        name: "retransmits",
+        groups: &[&btf::PACKET],
+        strategies: &[
+            Strategy::Btf(&[("retrans_btf", "tcp_retransmit_skb")]),
+            Strategy::Btf(&[("retrans_btf_noerr", "tcp_retransmit_skb")]),
+        ],
+        degrade: "no SYN, data or FIN retransmit events",
+    },
+    SignalSpec {
+        name: "SYN-ACK retransmits",
+        groups: &[&btf::LISTENER, &btf::MISC],
+        strategies: &[Strategy::Btf(&[("synack_btf", "tcp_retransmit_synack")])],
+        degrade: "no SYN-ACK retransmit events (listeners' SYN queues still sampled)",
+    },
+    SignalSpec {
+        name: "resets sent",
+        groups: &[&btf::PACKET],
+        strategies: &[
+            Strategy::Btf(&[("rst_send_btf", "tcp_send_reset")]),
+            Strategy::Btf(&[("rst_send_btf_noreason", "tcp_send_reset")]),
+        ],
+        degrade: "no events for resets sent",
+    },
+    SignalSpec {
+        name: "resets received",
+        groups: &[],
+        strategies: &[Strategy::Btf(&[("rst_recv_btf", "tcp_receive_reset")])],
+        degrade: "no events for resets received",
+    },
+    SignalSpec {
+        name: "socket errors",
+        groups: &[&btf::MISC],
+        strategies: &[Strategy::Btf(&[("sk_error_btf", "inet_sk_error_report")])],
+        degrade: "no socket error events (ECONNREFUSED, ETIMEDOUT, ...)",
+    },
+    SignalSpec {
+        name: "accept overflow at final ACK",
+        groups: &[&btf::LISTENER, &btf::PACKET],
+        strategies: &[Strategy::Btf(&[("kfree_skb_btf", "kfree_skb")])],
+        degrade: "overflows only inferred from listener drop counters",
+    },
+    SignalSpec {
+        name: "TIME_WAIT",
+        groups: &[&btf::TIMEWAIT],
+        strategies: &[Strategy::Btf(&[
+            ("tw_start_btf", "timer_start"),
+            ("tw_cancel_btf", "timer_cancel"),
+            ("tw_expire_btf", "timer_expire_entry"),
+        ])],
+        degrade: "TIME_WAIT only counted from /proc/net/sockstat, without enter/exit events",
+    },
+];
+
 impl Probe {
     pub fn start(cfg: &ProbeConfig) -> anyhow::Result<Probe> {
         let tracefs = tracefs::ensure_mounted()?;
@@ -182,26 +263,41 @@ impl Probe {
                 None
             }
         };
-        let offsets = match &kbtf {
-            Some(b) => match btf::resolve(b, btf::SOCK_FIELDS) {
-                Ok(o) => o,
-                Err(e) => {
-                    status.push(SignalStatus {
-                        signal: "kernel BTF",
-                        hook: None,
-                        note: Some(e.to_string()),
-                    });
-                    Vec::new()
+        // Offsets per field group; a group that does not resolve disables its signals only.
+        let mut offsets: Vec<(&'static str, u32)> = Vec::new();
+        let mut group_err: Vec<(&'static str, String)> = Vec::new();
+        if let Some(b) = &kbtf {
+            for g in btf::GROUPS {
+                match btf::resolve(b, g) {
+                    Ok(o) => offsets.extend(o),
+                    Err(e) => group_err.push((g.name, e.to_string())),
                 }
-            },
-            None => Vec::new(),
-        };
-        let have_offsets: u32 = u32::from(!offsets.is_empty());
+            }
+        }
+        let core_ok = kbtf.is_some() && !group_err.iter().any(|(g, _)| *g == btf::CORE.name);
+        let have_offsets: u32 = u32::from(core_ok);
         let aya_btf = if kbtf.is_some() {
             Btf::from_sys_fs().ok()
         } else {
             None
         };
+        let reasons: Vec<(&'static str, u32)> = [
+            ("REASON_LISTEN_OVERFLOW", "TCP_LISTEN_OVERFLOW"),
+            ("REASON_NO_SOCKET", "NO_SOCKET"),
+        ]
+        .into_iter()
+        .map(|(g, n)| {
+            (
+                g,
+                kbtf.as_ref()
+                    .and_then(|b| btf::drop_reason(b, n))
+                    .unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+        let tw_handler: u64 = std::fs::read_to_string("/proc/kallsyms")
+            .map(|t| kallsyms_addr(&t, "tw_timer_handler"))
+            .unwrap_or(0);
 
         let tps = tracefs::read_format(&tracefs, "sock", "inet_sock_set_state").ok();
         let mut tps_globals: Vec<(&'static str, u32)> = Vec::new();
@@ -243,10 +339,8 @@ impl Probe {
         }
         loader.override_global("NRINGS", &nrings, true);
         loader.override_global("HAVE_BTF_OFFSETS", &have_offsets, true);
-        for (name, v) in &offsets {
-            loader.override_global(name, v, true);
-        }
-        for (name, v) in &tps_globals {
+        loader.override_global("TW_HANDLER", &tw_handler, true);
+        for (name, v) in offsets.iter().chain(&tps_globals).chain(&reasons) {
             loader.override_global(name, v, true);
         }
         for (name, v) in &filter_globals {
@@ -256,8 +350,7 @@ impl Probe {
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object: {}", short(&e)))?;
 
-        let btf_ok =
-            aya_btf.is_some() && have_offsets == 1 && !cfg.disabled.iter().any(|d| d == "tp_btf");
+        let btf_ok = aya_btf.is_some() && core_ok && !cfg.disabled.iter().any(|d| d == "tp_btf");
         let ctx = Attach {
             btf: aya_btf.as_ref().filter(|_| btf_ok),
         };
@@ -306,6 +399,58 @@ impl Probe {
             anyhow::bail!("sock/inet_sock_set_state has no readable format in tracefs");
         }
         status.push(state);
+
+        for spec in SIGNALS {
+            let missing: Vec<String> = spec
+                .groups
+                .iter()
+                .filter_map(|g| {
+                    group_err
+                        .iter()
+                        .find(|(n, _)| *n == g.name)
+                        .map(|(_, e)| e.clone())
+                })
+                .collect();
+            let extra = match spec.name {
+                "TIME_WAIT" if tw_handler == 0 => {
+                    Some("tw_timer_handler not in /proc/kallsyms".to_string())
+                }
+                "accept overflow at final ACK" if reasons[0].1 == u32::MAX => {
+                    Some("no TCP_LISTEN_OVERFLOW drop reason in this kernel".to_string())
+                }
+                _ => None,
+            };
+            let st = if let Some(why) = missing.into_iter().next().or(extra) {
+                SignalStatus {
+                    signal: spec.name,
+                    hook: None,
+                    note: Some(format!("{why}; {}", spec.degrade)),
+                }
+            } else {
+                ctx.first(&mut ebpf, spec.name, spec.strategies, spec.degrade)
+            };
+            status.push(st);
+        }
+
+        // The inventory iterator is loaded now and attached per read (see `inventory_file`).
+        let iter_ok = match (aya_btf.as_ref(), core_ok) {
+            (Some(b), true) => load_iter(&mut ebpf, b),
+            _ => Err(anyhow!("no kernel BTF")),
+        };
+        status.push(match &iter_ok {
+            Ok(()) => SignalStatus {
+                signal: "inventory",
+                hook: Some("iter/tcp".into()),
+                note: None,
+            },
+            Err(e) => SignalStatus {
+                signal: "inventory",
+                hook: None,
+                note: Some(format!(
+                    "{e}; sockets that existed before start are not seen"
+                )),
+            },
+        });
 
         let counters = PerCpuArray::try_from(
             ebpf.take_map("COUNTERS")
@@ -492,6 +637,16 @@ fn attach_tracepoint(
     p.attach(category, name)
         .map_err(|e| anyhow!("attaching tracepoint {category}/{name}: {}", short(&e)))?;
     Ok(())
+}
+
+fn load_iter(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {
+    let p: &mut Iter = ebpf
+        .program_mut("dump_tcp")
+        .context("program dump_tcp missing from the eBPF object")?
+        .try_into()
+        .map_err(|e| anyhow!("program dump_tcp: {e}"))?;
+    p.load("tcp", btf)
+        .map_err(|e| anyhow!("loading iter/tcp: {}", short(&e)))
 }
 
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, tp: &str, btf: &Btf) -> anyhow::Result<()> {

@@ -184,6 +184,15 @@ impl TwExitReason {
     }
 }
 
+/// A raw timewait-timer observation, before [`crate::model::timewait::TwMachine`] turns it
+/// into enter / re-arm / exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TwOp {
+    Start,
+    Cancel,
+    Expire,
+}
+
 /// Which listener queue overflowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Queue {
@@ -240,6 +249,13 @@ pub enum EventKind {
     TimeWaitRearm {
         substate: Option<TcpState>,
     },
+    /// Raw timer record of a timewait socket; consumed by the timewait machine.
+    TwTimer {
+        op: TwOp,
+        substate: Option<TcpState>,
+        /// The cancel ran in a kworker (netns teardown), not in the task that reused the tuple.
+        kworker: bool,
+    },
     Overflow {
         queue: Queue,
         /// Queue length and limit at the moment of the drop, where known.
@@ -259,6 +275,7 @@ impl EventKind {
             EventKind::Reset { .. } => "reset",
             EventKind::SockError { .. } => "error",
             EventKind::TimeWait { .. } | EventKind::TimeWaitRearm { .. } => "timewait",
+            EventKind::TwTimer { .. } => "twtimer",
             EventKind::Overflow { .. } => "overflow",
         }
     }

@@ -2,6 +2,7 @@
 pub mod event;
 pub mod owners;
 pub mod reorder;
+pub mod timewait;
 
 /// Events the pipeline lost, reported in every output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

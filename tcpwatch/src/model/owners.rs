@@ -1,8 +1,8 @@
 //! Userspace owner resolution for what the kernel side cannot know: sockets and listeners that
 //! existed before tcpwatch attached (seeded from the inventory) and children of such listeners.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
-use super::event::{Event, EventKind, Owner, OwnerSource, TcpState};
+use super::event::{Event, EventKind, Owner, OwnerSource, TcpState, TwOp};
 
 #[derive(Default)]
 pub struct OwnerBook {
@@ -10,7 +10,17 @@ pub struct OwnerBook {
     by_cookie: HashMap<u64, Owner>,
     /// Listener owners by (netns, local port).
     listeners: HashMap<(u32, u16), Owner>,
+    /// Owners of sockets on their way to TIME_WAIT (FIN_WAIT1/2, CLOSING), for the timewait
+    /// socket that takes over: it carries the same cookie but no owner, and its timer is armed
+    /// just *before* the full socket's last transition to CLOSE.
+    closing: HashMap<u64, Owner>,
+    /// Cookies of sockets that reached CLOSE, with the time: dropped from `closing` after a
+    /// grace period.
+    closed_order: VecDeque<(u64, u64)>,
 }
+
+/// How long a closed socket's owner is kept for a timewait socket that appears late.
+const CLOSING_KEEP_NS: u64 = 2_000_000_000;
 
 impl OwnerBook {
     pub fn new() -> Self {
@@ -40,7 +50,7 @@ impl OwnerBook {
     }
 
     pub fn len(&self) -> usize {
-        self.by_cookie.len() + self.listeners.len()
+        self.by_cookie.len() + self.listeners.len() + self.closing.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -50,21 +60,53 @@ impl OwnerBook {
     /// Fills `ev.owner` when the kernel did not know it, and learns from events that carry one.
     pub fn resolve(&mut self, ev: &mut Event) {
         let key = (ev.netns, ev.local.port());
+        self.expire_closed(ev.ts_ns);
         if ev.owner.is_none() {
             ev.owner = self.lookup(ev, key);
         }
+        if let EventKind::TwTimer {
+            op: TwOp::Start, ..
+        } = ev.kind
+        {
+            if ev.cookie != 0 {
+                if let Some(o) = self.closing.remove(&ev.cookie) {
+                    ev.owner.get_or_insert(o);
+                }
+            }
+        }
         if let EventKind::State { old, new, .. } = ev.kind {
+            if matches!(
+                new,
+                TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing
+            ) && ev.cookie != 0
+                && let Some(o) = ev.owner
+            {
+                self.closing.insert(ev.cookie, o);
+            }
             if new == TcpState::Listen
                 && let Some(o) = ev.owner
             {
                 self.listeners.insert(key, o);
             }
             if new == TcpState::Close {
+                if self.closing.contains_key(&ev.cookie) {
+                    self.closed_order.push_back((ev.ts_ns, ev.cookie));
+                }
                 self.by_cookie.remove(&ev.cookie);
                 if old == TcpState::Listen {
                     self.listeners.remove(&key);
                 }
             }
+        }
+    }
+
+    fn expire_closed(&mut self, now: u64) {
+        while let Some(&(ts, cookie)) = self.closed_order.front() {
+            if ts.saturating_add(CLOSING_KEEP_NS) >= now {
+                break;
+            }
+            self.closed_order.pop_front();
+            self.closing.remove(&cookie);
         }
     }
 
@@ -189,6 +231,60 @@ mod tests {
         e.netns = 8;
         b.resolve(&mut e);
         assert_eq!(e.owner, None);
+    }
+
+    #[test]
+    fn timewait_socket_takes_the_closing_sockets_owner() {
+        let mut b = OwnerBook::new();
+        let mut c = state(
+            5,
+            "10.0.0.1:40000",
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(owner(42, "curl")),
+        );
+        b.resolve(&mut c);
+        let mut c = state(
+            5,
+            "10.0.0.1:40000",
+            TcpState::FinWait1,
+            TcpState::FinWait2,
+            None,
+        );
+        b.resolve(&mut c);
+        // The timewait timer is armed before the full socket's FIN_WAIT2 -> CLOSE.
+        let mut t = state(5, "10.0.0.1:40000", TcpState::Close, TcpState::Close, None);
+        t.kind = EventKind::TwTimer {
+            op: TwOp::Start,
+            substate: Some(TcpState::TimeWait),
+            kworker: false,
+        };
+        t.ts_ns = 2;
+        b.resolve(&mut t);
+        assert_eq!(t.owner.unwrap().pid, 42);
+        assert_eq!(b.len(), 0, "used once");
+        // A close without a timewait socket: the owner is dropped after the grace period.
+        let mut c = state(
+            6,
+            "10.0.0.1:40001",
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(owner(42, "curl")),
+        );
+        b.resolve(&mut c);
+        let mut c = state(
+            6,
+            "10.0.0.1:40001",
+            TcpState::FinWait1,
+            TcpState::Close,
+            Some(owner(42, "curl")),
+        );
+        b.resolve(&mut c);
+        assert_eq!(b.len(), 1);
+        let mut later = state(7, "10.0.0.1:1", TcpState::Close, TcpState::SynSent, None);
+        later.ts_ns = 5_000_000_000;
+        b.resolve(&mut later);
+        assert_eq!(b.len(), 0);
     }
 
     #[test]

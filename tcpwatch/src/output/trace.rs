@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use super::json::write_str;
 use super::{Clock, human_ns};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind};
+use crate::model::event::{Event, EventKind, TwOp};
 
 pub struct TraceWriter<W: Write> {
     out: W,
@@ -176,6 +176,9 @@ impl<W: Write> TraceWriter<W> {
                     write!(self.pending, " {}", s.name())?;
                 }
             }
+            EventKind::TwTimer { op, .. } => {
+                write!(self.pending, "timer {op:?}")?;
+            }
             EventKind::Overflow {
                 queue,
                 len,
@@ -277,6 +280,17 @@ impl<W: Write> TraceWriter<W> {
                 j.str_static("event", "rearm");
                 j.opt_str("substate", substate.map(|s| s.name()));
                 j.null("reason");
+            }
+            EventKind::TwTimer { op, substate, .. } => {
+                j.str_static(
+                    "event",
+                    match op {
+                        TwOp::Start => "timer_start",
+                        TwOp::Cancel => "timer_cancel",
+                        TwOp::Expire => "timer_expire",
+                    },
+                );
+                j.opt_str("substate", substate.map(|s| s.name()));
             }
             EventKind::Overflow {
                 queue,

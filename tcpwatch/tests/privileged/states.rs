@@ -621,13 +621,20 @@ fn exits() {
 /// `ip netns exec` remounts /sys without tracefs: tcpwatch mounts it and still sees events.
 fn under_ip_netns_exec() {
     let ns = Netns::new();
-    let args = ["netns", "exec", &ns.name, TCPWATCH, "trace", "--json", "--netns", &ns.name];
+    let args = [
+        "netns", "exec", &ns.name, TCPWATCH, "trace", "--json", "--netns", &ns.name,
+    ];
     let tracer = Tracer::start_cmd("ip", &args);
     let mut client = ns.peer("tw-client");
     assert_eq!(client.cmd("connect 127.0.0.1:9"), "err ECONNREFUSED");
-    tracer.wait_for("SYN_SENT -> CLOSE", W, |evs| evs.iter().any(|e| is(e, "SYN_SENT", "CLOSE")));
+    tracer.wait_for("SYN_SENT -> CLOSE", W, |evs| {
+        evs.iter().any(|e| is(e, "SYN_SENT", "CLOSE"))
+    });
     let evs = tracer.stop();
     let tl = timeline(&evs, |e| is(e, "CLOSE", "SYN_SENT"));
-    assert_eq!(transitions(&tl), seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")]));
+    assert_eq!(
+        transitions(&tl),
+        seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")])
+    );
     assert_owner(&tl, &client);
 }

@@ -1,0 +1,127 @@
+//! `iter/tcp`: the inventory of every TCP socket of the reader's network namespace (full,
+//! timewait and request sockets), one fixed-size record each. aya-ebpf has no `#[iter]` macro;
+//! the section name is all aya's loader needs.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global,
+    helpers::generated::{bpf_get_socket_cookie, bpf_seq_write},
+    macros::map,
+    maps::Array,
+};
+use tcpwatch_common::{AF_INET6, IterRec, tcp_state};
+
+use crate::common::{
+    OFF_INET_SPORT, OFF_NET_NS_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
+    OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, rd,
+};
+use crate::signals::{
+    OFF_ICSK_QLEN, OFF_SK_ACK_BACKLOG, OFF_SK_MAX_ACK_BACKLOG, OFF_SKC_NUM, OFF_SKC_STATE,
+};
+use crate::timewait::OFF_TW_SUBSTATE;
+
+#[unsafe(no_mangle)]
+static OFF_SK_DROPS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SK_SOCKET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SOCKET_INODE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_INODE_INO: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_ICSK_YOUNG: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_ICSK_RETRANSMITS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_ICSK_PROBES_OUT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_REQ_LISTENER: Global<u32> = Global::new(0);
+
+/// Bit 0 set: only listeners (the fast path of the 4 Hz queue sampler).
+#[map]
+static ITER_MODE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct BpfIterMeta {
+    seq: *mut c_void,
+}
+
+#[repr(C)]
+pub struct BpfIterTcp {
+    meta: *const BpfIterMeta,
+    sk_common: *const c_void,
+    uid: u32,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
+    let (seq, skc, uid) = unsafe { ((*(*ctx).meta).seq, (*ctx).sk_common, (*ctx).uid) };
+    if skc.is_null() {
+        return 0;
+    }
+    let s = skc as u64;
+    let state: u8 = rd(s, OFF_SKC_STATE.load());
+    let listeners_only = ITER_MODE.get(0).is_some_and(|m| *m & 1 != 0);
+    if listeners_only && state != tcp_state::LISTEN {
+        return 0;
+    }
+    let mut r = IterRec {
+        skaddr: s,
+        uid,
+        state,
+        ..IterRec::default()
+    };
+    r.cookie = unsafe { bpf_get_socket_cookie(skc as *mut c_void) };
+    let family: u16 = rd(s, OFF_SKC_FAMILY.load());
+    r.family = family as u8;
+    r.dport = u16::from_be(rd(s, OFF_SKC_DPORT.load()));
+    let net: u64 = rd(s, OFF_SKC_NET.load());
+    if net != 0 {
+        r.netns = rd(net, OFF_NET_NS_INUM.load());
+    }
+    if r.family == AF_INET6 {
+        r.saddr = rd(s, OFF_SKC_V6_RCV_SADDR.load());
+        r.daddr = rd(s, OFF_SKC_V6_DADDR.load());
+    } else {
+        let a: [u8; 4] = rd(s, OFF_SKC_RCV_SADDR.load());
+        let b: [u8; 4] = rd(s, OFF_SKC_DADDR.load());
+        r.saddr[..4].copy_from_slice(&a);
+        r.daddr[..4].copy_from_slice(&b);
+    }
+    match state {
+        // Timewait and request sockets share only sock_common with full sockets.
+        tcp_state::TIME_WAIT => {
+            r.sport = rd(s, OFF_SKC_NUM.load());
+            r.substate = rd(s, OFF_TW_SUBSTATE.load());
+        }
+        tcp_state::NEW_SYN_RECV => {
+            r.sport = rd(s, OFF_SKC_NUM.load());
+            r.listener = rd(s, OFF_REQ_LISTENER.load());
+        }
+        _ => {
+            r.sport = u16::from_be(rd(s, OFF_INET_SPORT.load()));
+            let sock: u64 = rd(s, OFF_SK_SOCKET.load());
+            if sock != 0 {
+                r.ino = rd(sock + OFF_SOCKET_INODE.load() as u64, OFF_INODE_INO.load());
+            }
+            r.retransmits = rd::<u8>(s, OFF_ICSK_RETRANSMITS.load()) as u16;
+            r.probes = rd::<u8>(s, OFF_ICSK_PROBES_OUT.load()) as u16;
+            if state == tcp_state::LISTEN {
+                r.ack_backlog = rd(s, OFF_SK_ACK_BACKLOG.load());
+                r.max_ack_backlog = rd(s, OFF_SK_MAX_ACK_BACKLOG.load());
+                r.syn_qlen = rd(s, OFF_ICSK_QLEN.load());
+                r.syn_young = rd(s, OFF_ICSK_YOUNG.load());
+                r.drops = rd(s, OFF_SK_DROPS.load());
+            }
+        }
+    }
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            &r as *const IterRec as *const c_void,
+            core::mem::size_of::<IterRec>() as u32,
+        )
+    };
+    0
+}

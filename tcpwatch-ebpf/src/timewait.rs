@@ -1,0 +1,106 @@
+//! TIME_WAIT from the timer tracepoints: every timewait socket arms `tw_timer` and leaves only
+//! by that timer firing or being shut down. These hooks see every kernel timer, so a non-tw
+//! timer costs one load and one compare. Expiry, re-arm and deschedule are told apart in
+//! userspace from the order of start/cancel/expire records on one CPU.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global, helpers::generated::bpf_get_current_comm, macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tcpwatch_common::{flags, kind};
+
+use crate::common::{
+    AddrSrc, Meta, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, current, emit,
+    in_softirq, ld, now_ns, rd,
+};
+use crate::signals::OFF_SKC_NUM;
+
+/// Address of `tw_timer_handler` (from /proc/kallsyms); 0 disables these programs.
+#[unsafe(no_mangle)]
+static TW_HANDLER: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_TIMER_FUNCTION: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_TW_TIMER: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_TW_SUBSTATE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SKC_COOKIE: Global<u32> = Global::new(0);
+
+/// The timewait socket behind a timer, if the timer is a `tw_timer`.
+#[inline(always)]
+fn tw_of(ctx: &BtfTracePointContext) -> Option<u64> {
+    let timer: *const c_void = ctx.arg(0);
+    let f: u64 = ld(timer, OFF_TIMER_FUNCTION.load());
+    let h = TW_HANDLER.load();
+    if f != h || h == 0 {
+        return None;
+    }
+    Some(timer as u64 - OFF_TW_TIMER.load() as u64)
+}
+
+#[inline(always)]
+fn tw_event(k: u8, tw: u64) {
+    let mut m = Meta::new(k);
+    m.ts_ns = now_ns();
+    m.skaddr = tw;
+    // The timewait socket carries the full socket's cookie when that one had been given one
+    // (tcpwatch's state hook does), which links it to the closing socket's timeline.
+    m.cookie = rd(tw, OFF_SKC_COOKIE.load());
+    if m.cookie != 0 {
+        m.flags |= flags::HAS_COOKIE;
+    }
+    m.ctx_pid = current().pid;
+    let softirq = in_softirq();
+    if softirq {
+        m.flags |= flags::SOFTIRQ;
+    }
+    let family: u16 = rd(tw, OFF_SKC_FAMILY.load());
+    m.family = family as u8;
+    m.sport = rd(tw, OFF_SKC_NUM.load());
+    m.dport = u16::from_be(rd(tw, OFF_SKC_DPORT.load()));
+    let net: u64 = rd(tw, OFF_SKC_NET.load());
+    m.netns = if net != 0 {
+        rd(net, OFF_NET_NS_INUM.load())
+    } else {
+        0
+    };
+    if m.netns != 0 {
+        m.flags |= flags::HAS_NETNS;
+    }
+    m.new_state = rd(tw, OFF_TW_SUBSTATE.load());
+    if k == kind::TW_CANCEL && !softirq {
+        // netns teardown runs in a kworker; tcp_tw_reuse in the connecting task.
+        let mut comm = [0u64; 2];
+        unsafe { bpf_get_current_comm(comm.as_mut_ptr() as *mut c_void, 16) };
+        if comm[0] & 0x00ff_ffff_ffff_ffff == u64::from_le_bytes(*b"kworker\0") {
+            m.arg1 = 1;
+        }
+    }
+    emit(&m, &AddrSrc::sock(tw), core::ptr::null());
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn tw_start_btf(ctx: BtfTracePointContext) -> i32 {
+    if let Some(tw) = tw_of(&ctx) {
+        tw_event(kind::TW_START, tw);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn tw_cancel_btf(ctx: BtfTracePointContext) -> i32 {
+    if let Some(tw) = tw_of(&ctx) {
+        tw_event(kind::TW_CANCEL, tw);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tw_expire_btf(ctx: BtfTracePointContext) -> i32 {
+    if let Some(tw) = tw_of(&ctx) {
+        tw_event(kind::TW_EXPIRE, tw);
+    }
+    0
+}

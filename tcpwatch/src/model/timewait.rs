@@ -1,0 +1,331 @@
+//! Timewait lifecycle from raw timer records. On one CPU the kernel emits, for a timewait
+//! socket's timer: `start` (armed), `cancel` (detached) and `expire` (fired). A cancel directly
+//! followed by an expire is the normal end; by a start, a re-arm (the peer's FIN turned a
+//! FIN_WAIT2 substate into TIME_WAIT, or a retransmitted FIN); by nothing, a deschedule
+//! (`connect()` reusing the tuple, a RST, or netns teardown).
+use std::collections::HashMap;
+
+use super::event::{Event, EventKind, Owner, TcpState, TwExitReason, TwOp};
+
+/// A cancel's follow-up comes within microseconds under the timer lock; after this long
+/// without one the socket was descheduled.
+pub const FOLLOW_UP_NS: u64 = 1_000_000;
+
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    /// `None` for sockets that existed before tcpwatch started.
+    enter_ts: Option<u64>,
+    owner: Option<Owner>,
+}
+
+#[derive(Default)]
+pub struct TwMachine {
+    live: HashMap<u64, Live>,
+    /// Cancels waiting for their follow-up, by timewait socket.
+    pending: HashMap<u64, Event>,
+    /// Exits of sockets that were neither seen entering nor seeded.
+    pub untracked_exits: u64,
+}
+
+impl TwMachine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A timewait socket from the inventory (already in TIME_WAIT when tcpwatch started).
+    pub fn seed(&mut self, tw: u64, owner: Option<Owner>) {
+        self.live.entry(tw).or_insert(Live {
+            enter_ts: None,
+            owner,
+        });
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Feeds one event in time order; appends what it means to `out` (non-timewait events pass
+    /// through unchanged).
+    pub fn apply(&mut self, ev: Event, out: &mut Vec<Event>) {
+        self.resolve_due(ev.ts_ns, out);
+        let EventKind::TwTimer { op, substate, .. } = ev.kind else {
+            out.push(ev);
+            return;
+        };
+        let tw = ev.skaddr;
+        match op {
+            TwOp::Cancel => {
+                if let Some(old) = self.pending.insert(tw, ev) {
+                    self.deschedule(old, out);
+                }
+            }
+            TwOp::Start => {
+                if self.pending.remove(&tw).is_some() {
+                    let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
+                    out.push(Event {
+                        owner,
+                        kind: EventKind::TimeWaitRearm { substate },
+                        ..ev
+                    });
+                } else {
+                    self.live.insert(
+                        tw,
+                        Live {
+                            enter_ts: Some(ev.ts_ns),
+                            owner: ev.owner,
+                        },
+                    );
+                    out.push(Event {
+                        kind: EventKind::TimeWait {
+                            enter: true,
+                            substate,
+                            reason: None,
+                            duration_ns: None,
+                        },
+                        ..ev
+                    });
+                }
+            }
+            TwOp::Expire => {
+                self.pending.remove(&tw);
+                self.exit(ev, TwExitReason::Expired, out);
+            }
+        }
+    }
+
+    /// Resolves cancels that had no follow-up by `now_ns` (call on every poll).
+    pub fn resolve_due(&mut self, now_ns: u64, out: &mut Vec<Event>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, e)| e.ts_ns.saturating_add(FOLLOW_UP_NS) < now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut evs: Vec<Event> = due
+            .into_iter()
+            .filter_map(|k| self.pending.remove(&k))
+            .collect();
+        evs.sort_by_key(|e| e.ts_ns);
+        for e in evs {
+            self.deschedule(e, out);
+        }
+    }
+
+    /// Every pending cancel, at shutdown.
+    pub fn flush(&mut self, out: &mut Vec<Event>) {
+        self.resolve_due(u64::MAX, out);
+    }
+
+    fn deschedule(&mut self, cancel: Event, out: &mut Vec<Event>) {
+        let kworker = matches!(cancel.kind, EventKind::TwTimer { kworker: true, .. });
+        let reason = if cancel.softirq || kworker {
+            TwExitReason::Killed
+        } else {
+            TwExitReason::Reused
+        };
+        self.exit(cancel, reason, out);
+    }
+
+    fn exit(&mut self, ev: Event, reason: TwExitReason, out: &mut Vec<Event>) {
+        let substate = match ev.kind {
+            EventKind::TwTimer { substate, .. } => substate,
+            _ => None,
+        };
+        let (duration_ns, owner) = match self.live.remove(&ev.skaddr) {
+            Some(l) => (
+                l.enter_ts.map(|t| ev.ts_ns.saturating_sub(t)),
+                l.owner.or(ev.owner),
+            ),
+            None => {
+                self.untracked_exits += 1;
+                (None, ev.owner)
+            }
+        };
+        out.push(Event {
+            owner,
+            kind: EventKind::TimeWait {
+                enter: false,
+                substate,
+                reason: Some(reason),
+                duration_ns,
+            },
+            ..ev
+        });
+    }
+}
+
+/// Whether `state` is a substate a timewait socket can be in.
+pub fn is_tw_substate(s: TcpState) -> bool {
+    matches!(s, TcpState::TimeWait | TcpState::FinWait2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::{Comm, Family, OwnerSource};
+
+    fn tw(ts: u64, tw: u64, op: TwOp, sub: TcpState) -> Event {
+        Event {
+            ts_ns: ts,
+            cookie: 9,
+            skaddr: tw,
+            netns: 1,
+            family: Family::Inet,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+            owner: None,
+            softirq: true,
+            kind: EventKind::TwTimer {
+                op,
+                substate: Some(sub),
+                kworker: false,
+            },
+        }
+    }
+
+    fn kinds(out: &[Event]) -> Vec<String> {
+        out.iter()
+            .map(|e| match e.kind {
+                EventKind::TimeWait { enter: true, .. } => "enter".to_string(),
+                EventKind::TimeWait {
+                    enter: false,
+                    reason,
+                    ..
+                } => format!("exit:{}", reason.unwrap().name()),
+                EventKind::TimeWaitRearm { substate } => {
+                    format!("rearm:{}", substate.unwrap().name())
+                }
+                _ => "other".to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn enter_then_expiry() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        assert_eq!(m.live(), 1);
+        m.apply(
+            tw(60_000_000_100, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
+        m.apply(
+            tw(60_000_000_200, 1, TwOp::Expire, TcpState::TimeWait),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), vec!["enter", "exit:expired"]);
+        assert_eq!(m.live(), 0);
+        match out[1].kind {
+            EventKind::TimeWait { duration_ns, .. } => {
+                assert_eq!(duration_ns, Some(60_000_000_100))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn fin_wait2_substate_rearmed_by_the_peers_fin() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::FinWait2), &mut out);
+        m.apply(
+            tw(2_000_000_000, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
+        m.apply(
+            tw(2_000_000_050, 1, TwOp::Start, TcpState::TimeWait),
+            &mut out,
+        );
+        m.resolve_due(3_000_000_000, &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "rearm:TIME_WAIT"]);
+        assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn deschedule_in_task_context_is_a_reuse_in_softirq_a_kill() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        m.apply(tw(200, 2, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        c.softirq = false;
+        m.apply(c, &mut out);
+        m.apply(tw(5_000, 2, TwOp::Cancel, TcpState::TimeWait), &mut out);
+        // No follow-up arrives: the next poll resolves both.
+        m.resolve_due(10_000_000, &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec!["enter", "enter", "exit:reused", "exit:killed"]
+        );
+        assert_eq!(out[2].ts_ns, 1_000, "the exit keeps the cancel's time");
+        assert_eq!(m.live(), 0);
+    }
+
+    #[test]
+    fn kworker_cancel_is_a_kill() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        c.softirq = false;
+        c.kind = EventKind::TwTimer {
+            op: TwOp::Cancel,
+            substate: Some(TcpState::TimeWait),
+            kworker: true,
+        };
+        m.apply(c, &mut out);
+        m.flush(&mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:killed"]);
+    }
+
+    #[test]
+    fn a_new_socket_at_a_recycled_address_is_a_new_enter() {
+        // The slab reuses a freed timewait socket's address within milliseconds.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        m.apply(tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait), &mut out);
+        m.apply(tw(5_000_000, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:killed", "enter"]);
+        assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn seeded_sockets_have_owner_and_unknown_age_untracked_are_counted() {
+        let mut m = TwMachine::new();
+        let owner = Owner {
+            pid: 7,
+            tid: 7,
+            comm: Comm::new("nginx"),
+            cgroup_id: 0,
+            source: OwnerSource::Inventory,
+        };
+        m.seed(1, Some(owner));
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Cancel, TcpState::TimeWait), &mut out);
+        m.apply(tw(150, 1, TwOp::Expire, TcpState::TimeWait), &mut out);
+        m.apply(tw(200, 3, TwOp::Cancel, TcpState::TimeWait), &mut out);
+        m.apply(tw(250, 3, TwOp::Expire, TcpState::TimeWait), &mut out);
+        assert_eq!(kinds(&out), vec!["exit:expired", "exit:expired"]);
+        assert_eq!(out[0].owner.unwrap().pid, 7);
+        match out[0].kind {
+            EventKind::TimeWait { duration_ns, .. } => assert_eq!(duration_ns, None),
+            _ => unreachable!(),
+        }
+        assert_eq!(m.untracked_exits, 1);
+    }
+
+    #[test]
+    fn other_events_pass_through() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        let mut e = tw(1, 1, TwOp::Start, TcpState::TimeWait);
+        e.kind = EventKind::SockError { errno: 111 };
+        m.apply(e, &mut out);
+        assert_eq!(out, vec![e]);
+    }
+}
