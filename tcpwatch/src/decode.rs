@@ -3,8 +3,8 @@
 use tcpwatch_common::{AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, flags, kind, tcp_state};
 
 use crate::model::event::{
-    Comm, Event, EventKind, Family, Owner, OwnerSource, Queue, RetransmitKind, TcpState, TwOp,
-    socket_addr,
+    Comm, Event, EventKind, Family, OverflowAction, OverflowSource, Owner, OwnerSource, Queue,
+    RetransmitKind, TcpState, TwOp, socket_addr,
 };
 
 /// TCP header flag bits as the kernel keeps them in `tcp_skb_cb.tcp_flags`.
@@ -113,6 +113,8 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             len: Some(r.arg0),
             max: Some(r.arg1),
             count: 1,
+            source: OverflowSource::Packet,
+            action: OverflowAction::Dropped,
         },
         other => return Err(DecodeError::UnknownKind(other)),
     };

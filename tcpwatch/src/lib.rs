@@ -2,11 +2,13 @@
 //! [`runtime::main_entry`]; modules follow the data flow: cli → settings → ebpf → decode → model
 //! → output.
 pub mod cli;
+pub mod collect;
 pub mod decode;
 pub mod ebpf;
 pub mod model;
 pub mod output;
 pub mod runtime;
 pub mod settings;
+pub mod source;
 
 pub use runtime::main_entry;

@@ -8,14 +8,10 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 
 use crate::cli::{Cli, Command, DoctorArgs, TraceArgs};
-use crate::decode;
-use crate::ebpf::reader::RingReader;
-use crate::ebpf::{Probe, ProbeConfig, caps};
+use crate::collect::EventSource;
+use crate::ebpf::{Probe, caps};
 use crate::model::Loss;
 use crate::model::event::Event;
-use crate::model::owners::OwnerBook;
-use crate::model::reorder::Reorder;
-use crate::model::timewait::TwMachine;
 use crate::output::Clock;
 use crate::output::trace::TraceWriter;
 use crate::settings::{self, Filters};
@@ -72,117 +68,6 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-/// Events from the kernel, decoded, owner-resolved and filtered, plus the loss figures.
-pub struct EventSource {
-    probe: Probe,
-    reader: RingReader,
-    reorder: Reorder,
-    released: Vec<Event>,
-    pub owners: OwnerBook,
-    pub timewait: TwMachine,
-    filters: Filters,
-    pub loss: Loss,
-    pub events: u64,
-}
-
-impl EventSource {
-    pub fn start(cfg: &ProbeConfig, filters: Filters) -> anyhow::Result<EventSource> {
-        let mut probe = Probe::start(cfg)?;
-        let reader = RingReader::new(probe.take_rings()?);
-        let reorder = Reorder::new(reader.len());
-        Ok(EventSource {
-            probe,
-            reader,
-            reorder,
-            released: Vec::with_capacity(4096),
-            owners: OwnerBook::new(),
-            timewait: TwMachine::new(),
-            filters,
-            loss: Loss::default(),
-            events: 0,
-        })
-    }
-
-    pub fn status(&self) -> &[crate::ebpf::SignalStatus] {
-        &self.probe.status
-    }
-
-    /// Waits up to `timeout`, drains the rings and appends to `out`, in time order, every event
-    /// old enough to be final. `flush` releases everything (at shutdown).
-    pub fn poll(&mut self, timeout: Duration, flush: bool, out: &mut Vec<Event>) {
-        if !timeout.is_zero() {
-            self.reader.wait(timeout);
-        }
-        let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
-        let (reorder, loss) = (&mut self.reorder, &mut self.loss);
-        self.reader
-            .drain(1 << 16, |ring, bytes| match decode::decode(bytes) {
-                Ok(ev) => reorder.push(ring, ev),
-                Err(_) => loss.decode_errors += 1,
-            });
-        self.released.clear();
-        if flush {
-            self.reorder.release_all(&mut self.released);
-        } else {
-            self.reorder.release(cut, &mut self.released);
-        }
-        let start = out.len();
-        // In time order: a listener is learned before its children, a closing socket's owner
-        // before its timewait socket, a cancel before its follow-up.
-        for ev in self.released.iter_mut() {
-            self.owners.resolve(ev);
-            self.timewait.apply(*ev, out);
-        }
-        if flush {
-            self.timewait.flush(out);
-        } else {
-            self.timewait.resolve_due(cut, out);
-        }
-        if self.filters.userspace() {
-            let mut i = 0;
-            out.retain(|ev| {
-                i += 1;
-                i <= start || self.filters.accepts(ev)
-            });
-        }
-        self.events += (out.len() - start) as u64;
-    }
-
-    /// Per-program kernel time per run, when `kernel.bpf_stats_enabled` collected it.
-    pub fn cost_line(&self) -> Option<String> {
-        let parts: Vec<String> = self
-            .probe
-            .program_stats()
-            .into_iter()
-            .filter(|p| p.run_ns > 0 && p.runs > 0)
-            .map(|p| {
-                format!(
-                    "{} {:.1} ns x {} (skipped {})",
-                    p.name,
-                    p.run_ns as f64 / p.runs as f64,
-                    p.runs,
-                    p.recursion_misses
-                )
-            })
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
-    }
-
-    /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
-    pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
-        self.loss.kernel_dropped = self.probe.kernel_dropped();
-        self.loss.kernel_skipped = self.probe.recursion_misses();
-        let delta = Loss {
-            kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
-            kernel_skipped: self.loss.kernel_skipped.saturating_sub(prev.kernel_skipped),
-            channel_dropped: self.loss.channel_dropped - prev.channel_dropped,
-            decode_errors: self.loss.decode_errors - prev.decode_errors,
-        };
-        *prev = self.loss;
-        delta
-    }
 }
 
 /// SIGINT/SIGTERM set this; every loop checks it.
@@ -260,6 +145,7 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     for s in src.status() {
         eprintln!("tcpwatch: {}", s.line());
     }
+    src.take_inventory();
     eprintln!("tcpwatch: tracing; Ctrl-C to stop");
 
     let (tx, rx) = sync_channel::<Msg>(256);
@@ -281,6 +167,7 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             stopping,
             &mut batch,
         );
+        src.sample(&mut batch);
         if !batch.is_empty()
             && !send(
                 &tx,

@@ -45,6 +45,19 @@ impl Filters {
         })
     }
 
+    /// The kernel's filters, for events made in userspace (counter-based overflows).
+    pub fn kernel_accepts(&self, ev: &Event) -> bool {
+        let k = &self.kernel;
+        let (sp, dp) = (ev.local.port(), ev.remote.port());
+        (k.netns == 0 || k.netns == ev.netns)
+            && (k.family == 0
+                || (k.family == tcpwatch_common::AF_INET)
+                    == (ev.family == crate::model::event::Family::Inet))
+            && (k.port == 0 || k.port == sp || k.port == dp)
+            && (k.lport == 0 || k.lport == sp)
+            && (k.rport == 0 || k.rport == dp)
+    }
+
     /// Whether some filtering is left for userspace (owners the kernel did not know).
     pub fn userspace(&self) -> bool {
         self.comm.is_some() || self.kernel.pid != 0

@@ -11,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, Iter, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use tcpwatch_common::counter;
+use tcpwatch_common::{ListenKey, Owner, counter};
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwatch"));
@@ -477,6 +477,73 @@ impl Probe {
                 RingBuf::try_from(map).map_err(|e| anyhow!("opening ring buffer {name}: {e}"))
             })
             .collect()
+    }
+
+    /// Runs the inventory iterator in the calling thread's network namespace (the kernel binds
+    /// the iterator to the namespace of the task that creates it). `listeners_only` skips
+    /// everything but LISTEN sockets in the kernel.
+    pub fn iterate(&mut self, listeners_only: bool) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read as _;
+        {
+            let mode = self
+                .ebpf
+                .map_mut("ITER_MODE")
+                .context("map ITER_MODE missing")?;
+            let mut mode: aya::maps::Array<&mut MapData, u32> =
+                aya::maps::Array::try_from(mode).map_err(|e| anyhow!("map ITER_MODE: {e}"))?;
+            mode.set(0, u32::from(listeners_only), 0)
+                .map_err(|e| anyhow!("setting ITER_MODE: {e}"))?;
+        }
+        let p: &mut Iter = self
+            .ebpf
+            .program_mut("dump_tcp")
+            .context("program dump_tcp missing")?
+            .try_into()
+            .map_err(|e| anyhow!("program dump_tcp: {e}"))?;
+        let id = p
+            .attach()
+            .map_err(|e| anyhow!("attaching iter/tcp: {}", short(&e)))?;
+        let link = p.take_link(id).map_err(|e| anyhow!("iter/tcp link: {e}"))?;
+        let mut file = link
+            .into_file()
+            .map_err(|e| anyhow!("creating the tcp iterator: {e}"))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf)
+            .map_err(|e| anyhow!("reading the tcp iterator: {e}"))?;
+        Ok(buf)
+    }
+
+    /// Whether the inventory iterator loaded.
+    pub fn has_inventory(&self) -> bool {
+        self.status
+            .iter()
+            .any(|s| s.signal == "inventory" && s.hook.is_some())
+    }
+
+    /// Tells the kernel who owns a listener that existed before start, so its accepted
+    /// children are attributed in the kernel too.
+    pub fn seed_listener(&mut self, netns: u32, port: u16, owner: &crate::model::event::Owner) {
+        let Some(map) = self.ebpf.map_mut("LISTENERS") else {
+            return;
+        };
+        let Ok(mut m) = aya::maps::HashMap::<&mut MapData, ListenKey, Owner>::try_from(map) else {
+            return;
+        };
+        let v = Owner {
+            cgroup_id: owner.cgroup_id,
+            pid: owner.pid,
+            tid: owner.tid,
+            comm: owner.comm.0,
+        };
+        let _ = m.insert(
+            ListenKey {
+                netns,
+                port,
+                _pad: 0,
+            },
+            v,
+            0,
+        );
     }
 
     /// Sum over CPUs of one kernel-side counter.

@@ -193,6 +193,42 @@ pub enum TwOp {
     Expire,
 }
 
+/// How an overflow was observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OverflowSource {
+    /// `kfree_skb` with `TCP_LISTEN_OVERFLOW`: one final ACK dropped, as it happened.
+    Packet,
+    /// The listener's drop counter and the netns counters between two samples: every listen
+    /// drop, including SYN-time ones no event exists for.
+    Counters,
+}
+
+impl OverflowSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            OverflowSource::Packet => "kfree_skb",
+            OverflowSource::Counters => "counters",
+        }
+    }
+}
+
+/// What the kernel did with the packets that did not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OverflowAction {
+    Dropped,
+    /// SYN queue full with `tcp_syncookies`: answered with cookies instead of dropped.
+    Cookies,
+}
+
+impl OverflowAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            OverflowAction::Dropped => "dropped",
+            OverflowAction::Cookies => "cookies",
+        }
+    }
+}
+
 /// Which listener queue overflowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Queue {
@@ -258,12 +294,14 @@ pub enum EventKind {
     },
     Overflow {
         queue: Queue,
-        /// Queue length and limit at the moment of the drop, where known.
+        /// Queue length and limit at the moment of the drop (or of the sample), where known.
         len: Option<u32>,
         max: Option<u32>,
-        /// Drops counted since the previous sample (SYN-time overflows are inferred from
-        /// counters; a kernel event is 1).
+        /// Drops (or cookies) this event stands for: 1 for a kernel event, the per-listener
+        /// count since the previous sample for counter-based ones.
         count: u64,
+        source: OverflowSource,
+        action: OverflowAction,
     },
 }
 

@@ -1,5 +1,6 @@
 //! The pure side of tcpwatch: decoded events, owner resolution, and (later) aggregation.
 pub mod event;
+pub mod overflow;
 pub mod owners;
 pub mod reorder;
 pub mod timewait;

@@ -184,7 +184,10 @@ impl<W: Write> TraceWriter<W> {
                 len,
                 max,
                 count,
+                source,
+                action,
             } => {
+                write!(self.pending, "{} {} ", action.name(), source.name())?;
                 write!(
                     self.pending,
                     "{} queue of listener {}",
@@ -297,6 +300,8 @@ impl<W: Write> TraceWriter<W> {
                 len,
                 max,
                 count,
+                source,
+                action,
             } => {
                 j.str_static("queue", queue.name());
                 j.raw_key("listener");
@@ -308,6 +313,8 @@ impl<W: Write> TraceWriter<W> {
                 j.opt_u64("len", len.map(u64::from));
                 j.opt_u64("max", max.map(u64::from));
                 j.u64("count", count);
+                j.str_static("source", source.name());
+                j.str_static("action", action.name());
             }
         }
         j.finish();

@@ -1,0 +1,217 @@
+//! Listen-queue overflows no event reports: SYN-time drops and syncookies. Between two samples
+//! of a namespace, each listener's own drop counter says how many packets it dropped (every
+//! listen drop counts there), and the namespace's MIB deltas say why: `ListenOverflows` (accept
+//! queue full), `TCPReqQFullDrop` (SYN queue full), `SyncookiesSent` (SYN queue full, cookies
+//! sent instead of dropping).
+use super::event::{OverflowAction, Queue};
+
+/// A listener as two consecutive samples saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerDelta {
+    pub skaddr: u64,
+    /// Increase of the listener's drop counter.
+    pub drops: u64,
+    pub syn_queue: u32,
+    pub accept_max: u32,
+}
+
+/// One inferred overflow: `count` packets of `listener`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inferred {
+    pub listener: u64,
+    pub queue: Queue,
+    pub action: OverflowAction,
+    pub count: u64,
+}
+
+/// The namespace counters that explain listener drops, as deltas over the sample window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Causes {
+    pub listen_overflows: u64,
+    pub reqq_full_drop: u64,
+    pub syncookies_sent: u64,
+}
+
+/// Splits each listener's drops into accept- and SYN-queue overflows (accept first, as the
+/// kernel checks the accept queue first), and gives syncookies to the listeners whose SYN queue
+/// is full (the only ones that send them), or to the fullest one.
+pub fn infer(listeners: &[ListenerDelta], causes: Causes) -> Vec<Inferred> {
+    let mut out = Vec::new();
+    let (mut acc_left, mut syn_left) = (causes.listen_overflows, causes.reqq_full_drop);
+    for l in listeners.iter().filter(|l| l.drops > 0) {
+        let acc = l.drops.min(acc_left);
+        acc_left -= acc;
+        let mut rest = l.drops - acc;
+        let syn = rest.min(syn_left);
+        syn_left -= syn;
+        rest -= syn;
+        // Drops the counters do not explain (out of memory, a counter read in between): still
+        // listen drops; report them with the queue that overflowed most often.
+        let (acc, syn) = if acc >= syn {
+            (acc + rest, syn)
+        } else {
+            (acc, syn + rest)
+        };
+        if acc > 0 {
+            out.push(Inferred {
+                listener: l.skaddr,
+                queue: Queue::Accept,
+                action: OverflowAction::Dropped,
+                count: acc,
+            });
+        }
+        if syn > 0 {
+            out.push(Inferred {
+                listener: l.skaddr,
+                queue: Queue::Syn,
+                action: OverflowAction::Dropped,
+                count: syn,
+            });
+        }
+    }
+    if causes.syncookies_sent > 0 {
+        let full: Vec<&ListenerDelta> = listeners
+            .iter()
+            .filter(|l| l.accept_max > 0 && l.syn_queue >= l.accept_max)
+            .collect();
+        let target = if full.len() == 1 {
+            Some(full[0])
+        } else {
+            listeners
+                .iter()
+                .max_by_key(|l| (l.syn_queue as u64 * 1000) / l.accept_max.max(1) as u64)
+        };
+        if let Some(t) = target {
+            out.push(Inferred {
+                listener: t.skaddr,
+                queue: Queue::Syn,
+                action: OverflowAction::Cookies,
+                count: causes.syncookies_sent,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(skaddr: u64, drops: u64, syn_queue: u32, max: u32) -> ListenerDelta {
+        ListenerDelta {
+            skaddr,
+            drops,
+            syn_queue,
+            accept_max: max,
+        }
+    }
+
+    #[test]
+    fn accept_queue_overflow_at_syn_time() {
+        let got = infer(
+            &[l(1, 0, 0, 4), l(2, 24, 0, 1)],
+            Causes {
+                listen_overflows: 24,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            got,
+            vec![Inferred {
+                listener: 2,
+                queue: Queue::Accept,
+                action: OverflowAction::Dropped,
+                count: 24
+            }]
+        );
+    }
+
+    #[test]
+    fn syn_queue_full_without_cookies() {
+        let got = infer(
+            &[l(1, 14, 5, 4)],
+            Causes {
+                reqq_full_drop: 14,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            got,
+            vec![Inferred {
+                listener: 1,
+                queue: Queue::Syn,
+                action: OverflowAction::Dropped,
+                count: 14
+            }]
+        );
+    }
+
+    #[test]
+    fn mixed_causes_and_two_listeners() {
+        let got = infer(
+            &[l(1, 3, 0, 8), l(2, 5, 9, 8)],
+            Causes {
+                listen_overflows: 4,
+                reqq_full_drop: 4,
+                syncookies_sent: 0,
+            },
+        );
+        assert_eq!(
+            got,
+            vec![
+                Inferred {
+                    listener: 1,
+                    queue: Queue::Accept,
+                    action: OverflowAction::Dropped,
+                    count: 3
+                },
+                Inferred {
+                    listener: 2,
+                    queue: Queue::Accept,
+                    action: OverflowAction::Dropped,
+                    count: 1
+                },
+                Inferred {
+                    listener: 2,
+                    queue: Queue::Syn,
+                    action: OverflowAction::Dropped,
+                    count: 4
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn cookies_go_to_the_listener_with_a_full_syn_queue() {
+        let got = infer(
+            &[l(1, 0, 0, 128), l(2, 0, 5, 4)],
+            Causes {
+                syncookies_sent: 7,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            got,
+            vec![Inferred {
+                listener: 2,
+                queue: Queue::Syn,
+                action: OverflowAction::Cookies,
+                count: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn unexplained_drops_are_kept() {
+        let got = infer(&[l(1, 2, 0, 4)], Causes::default());
+        assert_eq!(
+            got,
+            vec![Inferred {
+                listener: 1,
+                queue: Queue::Accept,
+                action: OverflowAction::Dropped,
+                count: 2
+            }]
+        );
+    }
+}

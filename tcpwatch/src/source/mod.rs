@@ -1,0 +1,7 @@
+//! Everything read from the running system besides the eBPF events: network namespaces,
+//! /proc/net counters, sysctls, socket owners from /proc/*/fd, the iter/tcp inventory.
+pub mod inventory;
+pub mod netns;
+pub mod procfd;
+pub mod procnet;
+pub mod sysctl;

@@ -1,0 +1,81 @@
+//! Network namespaces: finding them, and running code inside one. A thread may switch its own
+//! netns (setns), so per-netns reads (/proc/thread-self/net, /proc/sys/net, iter/tcp) happen on
+//! the calling thread and switch back afterwards.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+
+/// A namespace and a path that keeps it reachable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsRef {
+    pub inode: u32,
+    pub path: PathBuf,
+}
+
+/// Every network namespace in use: named ones (/run/netns) and those of running processes.
+pub fn list() -> Vec<NetnsRef> {
+    let mut found: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    let own = PathBuf::from("/proc/thread-self/ns/net");
+    if let Ok(m) = std::fs::metadata(&own) {
+        // The caller's own netns, by a path that stays valid.
+        found.insert(
+            m.ino() as u32,
+            PathBuf::from(format!("/proc/{}/ns/net", std::process::id())),
+        );
+    }
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                found.entry(m.ino() as u32).or_insert_with(|| e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let p = e.path().join("ns/net");
+            if let Ok(m) = std::fs::metadata(&p) {
+                found.entry(m.ino() as u32).or_insert(p);
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(inode, path)| NetnsRef { inode, path })
+        .collect()
+}
+
+/// Runs `f` with this thread inside `ns`, then returns the thread to its own namespace.
+pub fn run_in<T>(ns: &NetnsRef, f: impl FnOnce() -> T) -> std::io::Result<T> {
+    let home = File::open("/proc/thread-self/ns/net")?;
+    let target = File::open(&ns.path)?;
+    let same = home.metadata()?.ino() == target.metadata()?.ino();
+    if !same {
+        setns(&target)?;
+    }
+    struct Back(File, bool);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            if self.1 {
+                // Returning to our own namespace cannot fail for a thread that left it.
+                let _ = setns(&self.0);
+            }
+        }
+    }
+    let _back = Back(home, !same);
+    Ok(f())
+}
+
+fn setns(f: &File) -> std::io::Result<()> {
+    // SAFETY: setns(2) on a valid nsfs descriptor, affecting this thread only.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
