@@ -30,6 +30,9 @@ pub static EVENTS_3: RingBuf = RingBuf::with_byte_size(4096, 0);
 static NRINGS: Global<u32> = Global::new(1);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+/// Records lost to a full ring, by record kind, so every output can say which signal lost data.
+#[map]
+pub static DROPS_BY_KIND: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
 /// Per-socket owner and timing for hooks with a typed `struct sock *` (tp_btf, iter): socket
 /// local storage lives and dies with the socket, and costs no hash lookup.
 #[btf_map]
@@ -463,6 +466,11 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
     };
     let Some(mut entry) = reserved else {
         bump(counter::RINGBUF_FULL);
+        if let Some(p) = DROPS_BY_KIND.get_ptr_mut((m.kind & 15) as u32) {
+            unsafe {
+                core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) 1u64)
+            };
+        }
         return;
     };
     let p: *mut RawEvent = entry.as_mut_ptr();
@@ -498,12 +506,12 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
         }
         match owner.as_ref() {
             Some(o) => {
-                (*p).pid = (*o).pid;
-                (*p).tid = (*o).tid;
-                (*p).cgroup_id = (*o).cgroup_id;
-                copy16((*p).comm.as_mut_ptr(), (*o).comm.as_ptr());
+                (*p).pid = o.pid;
+                (*p).tid = o.tid;
+                (*p).cgroup_id = o.cgroup_id;
+                copy16((*p).comm.as_mut_ptr(), o.comm.as_ptr());
                 (*p).flags =
-                    m.flags | ((*o).flags & (flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER));
+                    m.flags | (o.flags & (flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER));
             }
             None => {
                 (*p).pid = 0;

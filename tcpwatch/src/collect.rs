@@ -325,9 +325,15 @@ impl EventSource {
     /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
     pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
         self.loss.kernel_dropped = self.probe.kernel_dropped();
+        self.loss.kernel_dropped_by_type =
+            crate::model::ByType::from_wire(&self.probe.kernel_dropped_by_kind());
         self.loss.kernel_skipped = self.probe.recursion_misses();
         let delta = Loss {
             kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
+            kernel_dropped_by_type: self
+                .loss
+                .kernel_dropped_by_type
+                .minus(&prev.kernel_dropped_by_type),
             kernel_skipped: self.loss.kernel_skipped.saturating_sub(prev.kernel_skipped),
             channel_dropped: self.loss.channel_dropped - prev.channel_dropped,
             decode_errors: self.loss.decode_errors - prev.decode_errors,

@@ -83,6 +83,8 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             nth: r.arg1,
             interval_ns: nonzero(r.dur_ns),
             err: r.arg2 as i32,
+            accept_queue: None,
+            syn_queue: None,
         },
         kind::SYNACK_RETRANSMIT => EventKind::Retransmit {
             kind: RetransmitKind::SynAck,
@@ -90,6 +92,8 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             nth: r.arg0.saturating_add(1),
             interval_ns: nonzero(r.dur_ns),
             err: 0,
+            accept_queue: Some(r.arg1),
+            syn_queue: Some(r.arg2),
         },
         kind::RESET_SENT | kind::RESET_RECEIVED => EventKind::Reset {
             sent: r.kind == kind::RESET_SENT,

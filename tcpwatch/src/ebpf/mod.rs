@@ -295,6 +295,15 @@ impl Probe {
             )
         })
         .collect();
+        if let Some(b) = &kbtf
+            && let Ok(vals) = b.enum_values("sk_rst_reason")
+        {
+            crate::output::set_rst_reasons(
+                vals.into_iter()
+                    .map(|(n, v)| (v as u32, n.trim_start_matches("SK_RST_REASON_").to_string()))
+                    .collect(),
+            );
+        }
         let tw_handler: u64 = std::fs::read_to_string("/proc/kallsyms")
             .map(|t| kallsyms_addr(&t, "tw_timer_handler"))
             .unwrap_or(0);
@@ -556,6 +565,23 @@ impl Probe {
 
     pub fn kernel_dropped(&self) -> u64 {
         self.counter(counter::RINGBUF_FULL)
+    }
+
+    /// Records lost to a full ring, by wire kind (see `tcpwatch_common::kind`).
+    pub fn kernel_dropped_by_kind(&self) -> [u64; 16] {
+        let mut out = [0u64; 16];
+        let Some(map) = self.ebpf.map("DROPS_BY_KIND") else {
+            return out;
+        };
+        let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return out;
+        };
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = arr.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
     }
 
     /// Statistics of every loaded program.

@@ -264,6 +264,9 @@ pub enum EventKind {
         interval_ns: Option<u64>,
         /// The kernel's error for this transmission attempt (0 = sent).
         err: i32,
+        /// SYN-ACKs: the listener's accept and SYN queue lengths at that moment.
+        accept_queue: Option<u32>,
+        syn_queue: Option<u32>,
     },
     Reset {
         sent: bool,

@@ -10,12 +10,64 @@ pub mod timewait;
 pub struct Loss {
     /// Records the kernel could not put into the ring buffer.
     pub kernel_dropped: u64,
+    /// The same by output type (`state`, `retransmit`, ...).
+    pub kernel_dropped_by_type: ByType,
     /// Events the kernel did not run our programs for (recursion on the same CPU).
     pub kernel_skipped: u64,
     /// Batches of records userspace dropped between threads.
     pub channel_dropped: u64,
     /// Records that did not decode.
     pub decode_errors: u64,
+}
+
+/// Counts per output event type, in a fixed order (no allocation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByType(pub [u64; ByType::NAMES.len()]);
+
+impl ByType {
+    pub const NAMES: [&'static str; 6] = [
+        "state",
+        "retransmit",
+        "reset",
+        "error",
+        "timewait",
+        "overflow",
+    ];
+
+    /// Folds per-wire-kind counts (`tcpwatch_common::kind`) into output types.
+    pub fn from_wire(by_kind: &[u64; 16]) -> ByType {
+        use tcpwatch_common::kind as k;
+        let mut t = [0u64; 6];
+        for (kind, n) in by_kind.iter().enumerate() {
+            let i = match kind as u8 {
+                k::STATE => 0,
+                k::RETRANSMIT | k::SYNACK_RETRANSMIT => 1,
+                k::RESET_SENT | k::RESET_RECEIVED => 2,
+                k::SOCK_ERROR => 3,
+                k::TW_START | k::TW_CANCEL | k::TW_EXPIRE => 4,
+                k::LISTEN_OVERFLOW => 5,
+                _ => continue,
+            };
+            t[i] += n;
+        }
+        ByType(t)
+    }
+
+    pub fn minus(&self, o: &ByType) -> ByType {
+        let mut t = self.0;
+        for (a, b) in t.iter_mut().zip(o.0) {
+            *a = a.saturating_sub(b);
+        }
+        ByType(t)
+    }
+
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Self::NAMES
+            .iter()
+            .zip(self.0)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (*k, n))
+    }
 }
 
 impl Loss {

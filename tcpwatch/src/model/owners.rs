@@ -67,12 +67,10 @@ impl OwnerBook {
         if let EventKind::TwTimer {
             op: TwOp::Start, ..
         } = ev.kind
+            && ev.cookie != 0
+            && let Some(o) = self.closing.remove(&ev.cookie)
         {
-            if ev.cookie != 0 {
-                if let Some(o) = self.closing.remove(&ev.cookie) {
-                    ev.owner.get_or_insert(o);
-                }
-            }
+            ev.owner.get_or_insert(o);
         }
         if let EventKind::State { old, new, .. } = ev.kind {
             if matches!(

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use super::json::write_str;
 use super::{Clock, human_ns};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind, TwOp};
+use crate::model::event::{Event, EventKind, RetransmitKind, TwOp};
 
 pub struct TraceWriter<W: Write> {
     out: W,
@@ -52,18 +52,34 @@ impl<W: Write> TraceWriter<W> {
     /// Reports events lost since the previous report (`delta`) and in total.
     pub fn loss(&mut self, ts_ns: u64, delta: &Loss, total: &Loss) -> io::Result<()> {
         if self.json {
-            writeln!(
-                self.pending,
-                "{{\"type\":\"loss\",\"ts_ns\":{ts_ns},\"kernel_dropped\":{},\"kernel_skipped\":{},\"channel_dropped\":{},\"decode_errors\":{},\"total\":{{\"kernel_dropped\":{},\"kernel_skipped\":{},\"channel_dropped\":{},\"decode_errors\":{}}}}}",
-                delta.kernel_dropped,
-                delta.kernel_skipped,
-                delta.channel_dropped,
-                delta.decode_errors,
-                total.kernel_dropped,
-                total.kernel_skipped,
-                total.channel_dropped,
-                total.decode_errors
-            )
+            fn fields(j: &mut JsonLine<'_>, l: &Loss) {
+                j.u64("kernel_dropped", l.kernel_dropped);
+                j.raw_key("kernel_dropped_by_type");
+                j.buf.push(b'{');
+                for (i, (k, n)) in l.kernel_dropped_by_type.nonzero().enumerate() {
+                    if i > 0 {
+                        j.buf.push(b',');
+                    }
+                    j.buf.push(b'"');
+                    j.buf.extend_from_slice(k.as_bytes());
+                    j.buf.extend_from_slice(b"\":");
+                    push_u64(j.buf, n);
+                }
+                j.buf.push(b'}');
+                j.u64("kernel_skipped", l.kernel_skipped);
+                j.u64("channel_dropped", l.channel_dropped);
+                j.u64("decode_errors", l.decode_errors);
+            }
+            let mut j = JsonLine::new(&mut self.pending);
+            j.str_static("type", "loss");
+            j.u64("ts_ns", ts_ns);
+            fields(&mut j, delta);
+            j.raw_key("total");
+            let mut t = JsonLine::new(j.buf);
+            fields(&mut t, total);
+            t.buf.push(b'}');
+            j.finish();
+            Ok(())
         } else {
             writeln!(
                 self.pending,
@@ -116,6 +132,7 @@ impl<W: Write> TraceWriter<W> {
                 nth,
                 interval_ns,
                 err,
+                ..
             } => {
                 write!(self.pending, "{} #{}", kind.name(), nth)?;
                 if let Some(s) = state {
@@ -142,7 +159,10 @@ impl<W: Write> TraceWriter<W> {
                     write!(self.pending, " in {}", s.name())?;
                 }
                 if let Some(r) = reason {
-                    write!(self.pending, " reason={r}")?;
+                    match super::rst_reason_name(r) {
+                        Some(n) => write!(self.pending, " reason={n}")?,
+                        None => write!(self.pending, " reason={r}")?,
+                    }
                 }
             }
             EventKind::SockError { errno } => {
@@ -248,12 +268,24 @@ impl<W: Write> TraceWriter<W> {
                 nth,
                 interval_ns,
                 err,
+                accept_queue,
+                syn_queue,
             } => {
                 j.str_static("kind", kind.name());
                 j.u64("nth", nth as u64);
                 j.opt_str("state", state.map(|s| s.name()));
                 j.opt_u64("interval_ns", interval_ns);
                 j.i64("err", err as i64);
+                if kind == RetransmitKind::SynAck {
+                    j.raw_key("listener");
+                    j.buf.extend_from_slice(b"{\"addr\":\"");
+                    push_ip(j.buf, ev.local.ip());
+                    j.buf.extend_from_slice(b"\",\"port\":");
+                    push_u64(j.buf, ev.local.port() as u64);
+                    j.buf.push(b'}');
+                    j.opt_u64("accept_queue", accept_queue.map(u64::from));
+                    j.opt_u64("syn_queue", syn_queue.map(u64::from));
+                }
             }
             EventKind::Reset {
                 sent,
@@ -262,7 +294,19 @@ impl<W: Write> TraceWriter<W> {
             } => {
                 j.str_static("direction", if sent { "sent" } else { "received" });
                 j.opt_str("state", state.map(|s| s.name()));
-                j.opt_u64("reason", reason.map(u64::from));
+                match reason {
+                    Some(r) => {
+                        j.u64("reason_code", r as u64);
+                        match super::rst_reason_name(r) {
+                            Some(n) => j.str_static("reason", n),
+                            None => j.u64("reason", r as u64),
+                        }
+                    }
+                    None => {
+                        j.null("reason_code");
+                        j.null("reason");
+                    }
+                }
             }
             EventKind::SockError { errno } => {
                 j.i64("errno", errno as i64);
@@ -539,6 +583,8 @@ mod tests {
             nth: 2,
             interval_ns: None,
             err: 0,
+            accept_queue: None,
+            syn_queue: None,
         });
         unknown.owner = None;
         unknown.family = Family::Inet6;
@@ -579,12 +625,14 @@ mod tests {
     fn loss_lines() {
         let mut w = TraceWriter::new(Vec::new(), true, clock(), 0);
         let d = Loss {
+            kernel_dropped_by_type: crate::model::ByType([5, 0, 0, 0, 0, 0]),
             kernel_dropped: 5,
             kernel_skipped: 0,
             channel_dropped: 0,
             decode_errors: 1,
         };
         let t = Loss {
+            kernel_dropped_by_type: Default::default(),
             kernel_dropped: 9,
             kernel_skipped: 2,
             channel_dropped: 0,
@@ -596,6 +644,13 @@ mod tests {
         assert_eq!(v["kernel_dropped"], 5);
         assert_eq!(v["total"]["kernel_dropped"], 9);
         assert_eq!(v["total"]["kernel_skipped"], 2);
+        assert_eq!(v["kernel_dropped_by_type"]["state"], 5);
+        assert!(
+            v["total"]["kernel_dropped_by_type"]
+                .as_object()
+                .unwrap()
+                .is_empty()
+        );
         let mut w = TraceWriter::new(Vec::new(), false, clock(), 0);
         w.loss(0, &d, &t).unwrap();
         let s = String::from_utf8(w.into_inner()).unwrap();

@@ -100,7 +100,7 @@ mod tests {
 
     fn rec(state: u8) -> IterRec {
         let mut r = IterRec {
-            skaddr: 0xffff_1,
+            skaddr: 0xffff1,
             cookie: 5,
             netns: 7,
             family: AF_INET,

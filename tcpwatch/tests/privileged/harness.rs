@@ -53,6 +53,39 @@ impl Netns {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
     }
 
+    /// Loads an nft ruleset into this namespace (rules vanish with it).
+    pub fn nft(&self, script: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawning nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft rejected:\n{script}");
+    }
+
+    /// A kernel counter in this namespace, e.g. ("TcpExt", "ListenDrops").
+    pub fn counter(&self, group: &str, name: &str) -> u64 {
+        nstat(self, group, name)
+    }
+
+    /// /proc/net/sockstat `tw` in this namespace.
+    pub fn sockstat_tw(&self) -> u64 {
+        let text = self.exec(&["cat", "/proc/net/sockstat"]);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("TCP:"))
+            .expect("TCP line");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let i = w.iter().position(|x| *x == "tw").expect("tw field");
+        w[i + 1].parse().unwrap()
+    }
+
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;
         std::fs::metadata(format!("/run/netns/{}", self.name))
@@ -372,7 +405,6 @@ pub fn assert_owner(tl: &[&Value], peer: &Peer) {
 }
 
 /// A kernel counter from /proc/net/{netstat,snmp} inside a namespace, e.g. ("TcpExt", "ListenDrops").
-#[allow(dead_code)] // used by the signal scenarios
 pub fn nstat(ns: &Netns, group: &str, name: &str) -> u64 {
     for file in ["/proc/net/netstat", "/proc/net/snmp"] {
         let text = ns.exec(&["cat", file]);
@@ -393,4 +425,22 @@ pub fn nstat(ns: &Netns, group: &str, name: &str) -> u64 {
         }
     }
     panic!("no counter {group}:{name}");
+}
+
+/// Events of a type whose `key` field equals `val`.
+pub fn with<'a>(evs: &'a [Value], ty: &str, key: &str, val: &str) -> Vec<&'a Value> {
+    evs.iter()
+        .filter(|e| e["type"] == ty && e[key] == val)
+        .collect()
+}
+
+/// Asserts `got` is within `tol` of `want` (both in ns), with a message.
+pub fn near(what: &str, got: u64, want: u64, tol: u64) {
+    assert!(
+        got + tol >= want && got <= want + tol,
+        "{what}: {:.3} s, expected {:.3} s ± {:.3} s",
+        got as f64 / 1e9,
+        want as f64 / 1e9,
+        tol as f64 / 1e9
+    );
 }

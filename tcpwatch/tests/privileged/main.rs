@@ -5,6 +5,7 @@
 //! binary act as the scripted TCP peer (`privileged peer NAME`).
 mod harness;
 mod peer;
+mod signals;
 mod states;
 
 use std::panic::AssertUnwindSafe;
@@ -15,6 +16,7 @@ type Test = (&'static str, fn());
 fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend_from_slice(states::TESTS);
+    v.extend_from_slice(signals::TESTS);
     v
 }
 

@@ -111,6 +111,33 @@ fn connect(addr: &SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<TcpSt
     Ok(s)
 }
 
+fn connect_nonblocking(addr: &SocketAddr, port: Option<u16>) -> std::io::Result<TcpStream> {
+    let fd = new_socket(addr)?;
+    // SAFETY: we own fd.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    if let Some(p) = port {
+        setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        let local: SocketAddr = if addr.is_ipv4() {
+            SocketAddr::from(([127, 0, 0, 1], p))
+        } else {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))
+        };
+        let (ss, len) = sockaddr(&local);
+        check(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
+    }
+    s.set_nonblocking(true)?;
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and sockaddr.
+    if unsafe { libc::connect(fd, &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
 pub fn main(name: &str) -> ! {
     let cname = std::ffi::CString::new(name).expect("peer name");
     // SAFETY: PR_SET_NAME with a NUL-terminated string.
@@ -160,6 +187,40 @@ pub fn main(name: &str) -> ! {
                     Err(e) => Err(errname(&e)),
                 }
             }
+            // N non-blocking connects (from ports FIRST.. when given); replies with the ids.
+            ["connect_nb", addr, n, rest @ ..] => {
+                let a: SocketAddr = addr.parse().expect("connect address");
+                let n: u16 = n.parse().expect("count");
+                let first: Option<u16> = rest.first().map(|p| p.parse().expect("port"));
+                let mut ids = Vec::new();
+                let mut err = None;
+                for i in 0..n {
+                    match connect_nonblocking(&a, first.map(|p| p + i)) {
+                        Ok(s) => {
+                            socks.insert(next, Sock::S(s));
+                            ids.push(next.to_string());
+                            next += 1;
+                        }
+                        Err(e) => {
+                            err = Some(errname(&e));
+                            break;
+                        }
+                    }
+                }
+                match err {
+                    Some(e) => Err(e),
+                    None => Ok(ids.join(" ")),
+                }
+            }
+            // The socket's pending error (SO_ERROR), e.g. after a non-blocking connect.
+            ["soerror", _] => match socks.get(&id(1)) {
+                Some(Sock::S(s)) => match s.take_error() {
+                    Ok(Some(e)) => Ok(errname(&e)),
+                    Ok(None) => Ok("none".into()),
+                    Err(e) => Err(errname(&e)),
+                },
+                _ => Err("nosock".into()),
+            },
             ["send", _, n] => match socks.get_mut(&id(1)) {
                 Some(Sock::S(s)) => {
                     let buf = vec![b'x'; n.parse().expect("count")];

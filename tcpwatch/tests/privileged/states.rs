@@ -533,13 +533,18 @@ fn loss_reported() {
     let states = of_type(&evs, "state").len() as u64;
     let lost: u64 = of_type(&evs, "loss")
         .iter()
-        .map(|e| e["kernel_dropped"].as_u64().unwrap())
+        .map(|e| e["kernel_dropped_by_type"]["state"].as_u64().unwrap_or(0))
         .sum();
     assert!(
         lost > 0,
         "a 1 MiB ring behind a stalled reader must overflow"
     );
-    assert_eq!(states + lost, expected, "received {states} + lost {lost}");
+    assert_eq!(
+        states + lost,
+        expected,
+        "received {states} + lost {lost}: {:#?}",
+        of_type(&evs, "loss")
+    );
     assert!(
         stderr.contains("tcpwatch: lost "),
         "loss is reported on stderr: {stderr}"
