@@ -64,7 +64,10 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
     let state: u8 = rd(s, OFF_SKC_STATE.load());
     let listeners_only = ITER_MODE.get(0).is_some_and(|m| *m & 1 != 0);
     if listeners_only && state != tcp_state::LISTEN {
-        return 0;
+        // The iterator walks the listening hash first: the first other socket means all
+        // listeners were seen. 1 ends the walk (read returns EAGAIN) instead of visiting every
+        // established and timewait socket four times a second.
+        return 1;
     }
     let mut r = IterRec {
         skaddr: s,

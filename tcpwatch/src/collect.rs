@@ -2,13 +2,16 @@
 //! machine → filters, plus the periodic per-namespace sampling (listener queues and drops,
 //! kernel counters, sysctls) and the start-up inventory that seeds owners and timewait sockets.
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::decode;
 use crate::ebpf::reader::RingReader;
 use crate::ebpf::{Probe, ProbeConfig};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, TcpState};
+use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, Queue, TcpState};
 use crate::model::overflow::{self, Causes, ListenerDelta};
 use crate::model::owners::OwnerBook;
 use crate::model::reorder::Reorder;
@@ -37,12 +40,145 @@ pub struct NsState {
     pub listeners: HashMap<u64, SockRec>,
 }
 
-/// Events from the kernel, decoded, owner-resolved and filtered, plus the loss figures.
+/// The probe, shared by the reader (loss counters) and the sampler thread (iterator).
+pub type SharedProbe = Arc<Mutex<Probe>>;
+
+/// What the sampler thread read in one namespace.
+pub enum Sampled {
+    /// A namespace seen for the first time: every socket, counters, sysctls.
+    Inventory {
+        ns: NetnsRef,
+        socks: Vec<SockRec>,
+        counters: Counters,
+        sockstat: Sockstat,
+        sysctls: BTreeMap<String, String>,
+    },
+    /// A periodic sample: listeners and counters.
+    Listeners {
+        inode: u32,
+        socks: Option<Vec<SockRec>>,
+        counters: Option<Counters>,
+        sockstat: Option<Sockstat>,
+    },
+    /// The namespace is gone.
+    Gone { inode: u32 },
+}
+
+/// Reads one namespace: its sockets (all, or listeners only), counters, sockstat and, for a
+/// full read, its sysctls. Runs on the calling thread, switched into the namespace.
+/// Sockets, counters, sockstat and sysctls of one namespace, each absent when unreadable.
+type NsRead = (
+    Option<Vec<SockRec>>,
+    Option<Counters>,
+    Option<Sockstat>,
+    BTreeMap<String, String>,
+);
+
+fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
+    netns::run_in(ns, || {
+        let socks = {
+            let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
+            if p.has_inventory() {
+                p.iterate(!full).ok()
+            } else {
+                None
+            }
+        };
+        let socks = socks.map(|b| inventory::parse(&b).0);
+        let sysctls = if full {
+            sysctl::read_all()
+        } else {
+            BTreeMap::new()
+        };
+        (
+            socks,
+            procnet::read_counters().ok(),
+            procnet::read_sockstat().ok(),
+            sysctls,
+        )
+    })
+}
+
+fn full_read(probe: &SharedProbe, ns: NetnsRef, owners: &HashMap<u64, Owner>) -> Option<Sampled> {
+    let (socks, counters, sockstat, sysctls) = read_namespace(probe, &ns, true).ok()?;
+    let mut socks = socks.unwrap_or_default();
+    for s in &mut socks {
+        s.owner = owners.get(&s.ino).copied();
+    }
+    Some(Sampled::Inventory {
+        ns,
+        socks,
+        counters: counters.unwrap_or_default(),
+        sockstat: sockstat.unwrap_or_default(),
+        sysctls,
+    })
+}
+
+/// The sampler thread: every [`SAMPLE_EVERY`] the listeners and counters of each known
+/// namespace, every [`NETNS_EVERY`] a look for new namespaces (read in full). Off the reader
+/// thread, so a slow read never lets the rings fill.
+fn sampler(
+    probe: SharedProbe,
+    mut known: Vec<NetnsRef>,
+    netns_filter: u32,
+    stop: Arc<AtomicBool>,
+    tx: Sender<Sampled>,
+) {
+    let mut last_scan = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        if last_scan.elapsed() >= NETNS_EVERY {
+            last_scan = Instant::now();
+            let fresh: Vec<NetnsRef> = netns::list()
+                .into_iter()
+                .filter(|n| {
+                    (netns_filter == 0 || n.inode == netns_filter)
+                        && !known.iter().any(|k| k.inode == n.inode)
+                })
+                .collect();
+            if !fresh.is_empty() {
+                let owners = procfd::socket_owners();
+                for ns in fresh {
+                    known.push(ns.clone());
+                    if let Some(m) = full_read(&probe, ns, &owners)
+                        && tx.send(m).is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut gone = Vec::new();
+        for ns in &known {
+            let m = match read_namespace(&probe, ns, false) {
+                Ok((socks, counters, sockstat, _)) => Sampled::Listeners {
+                    inode: ns.inode,
+                    socks,
+                    counters,
+                    sockstat,
+                },
+                Err(_) => {
+                    gone.push(ns.inode);
+                    Sampled::Gone { inode: ns.inode }
+                }
+            };
+            if tx.send(m).is_err() {
+                return;
+            }
+        }
+        known.retain(|k| !gone.contains(&k.inode));
+        if let Some(left) = SAMPLE_EVERY.checked_sub(t.elapsed()) {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+/// Events from the kernel, decoded, merged, owner-resolved and filtered; samples from the
+/// sampler thread turned into overflow events; the loss figures.
 pub struct EventSource {
-    pub probe: Probe,
+    probe: SharedProbe,
     reader: RingReader,
     reorder: Reorder,
-    released: Vec<Event>,
     pub owners: OwnerBook,
     pub timewait: TwMachine,
     filters: Filters,
@@ -51,8 +187,10 @@ pub struct EventSource {
     pub namespaces: BTreeMap<u32, NsState>,
     /// The start-up inventory of every watched namespace.
     pub inventory: Vec<SockRec>,
-    last_sample: Instant,
-    last_netns_scan: Instant,
+    sampled: Receiver<Sampled>,
+    sampled_tx: Option<Sender<Sampled>>,
+    stop: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EventSource {
@@ -60,11 +198,11 @@ impl EventSource {
         let mut probe = Probe::start(cfg)?;
         let reader = RingReader::new(probe.take_rings()?);
         let reorder = Reorder::new(reader.len());
+        let (tx, rx) = channel();
         Ok(EventSource {
-            probe,
+            probe: Arc::new(Mutex::new(probe)),
             reader,
             reorder,
-            released: Vec::with_capacity(4096),
             owners: OwnerBook::new(),
             timewait: TwMachine::new(),
             filters,
@@ -72,193 +210,194 @@ impl EventSource {
             events: 0,
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
-            last_sample: Instant::now(),
-            last_netns_scan: Instant::now(),
+            sampled: rx,
+            sampled_tx: Some(tx),
+            stop: Arc::new(AtomicBool::new(false)),
+            sampler: None,
         })
+    }
+
+    pub fn probe(&self) -> MutexGuard<'_, Probe> {
+        self.probe.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wanted_ns(&self, inode: u32) -> bool {
         self.filters.kernel.netns == 0 || self.filters.kernel.netns == inode
     }
 
-    /// Lists every socket of the watched namespaces, learns the owners of those that existed
-    /// before start (from /proc/*/fd), seeds the timewait machine, and reads each namespace's
-    /// counters and sysctls.
+    /// Lists every socket of the watched namespaces (learning the owners of those that existed
+    /// before start from /proc/*/fd, seeding the timewait machine), reads each namespace's
+    /// counters and sysctls, then starts the sampler thread.
     pub fn take_inventory(&mut self) {
         let owners = procfd::socket_owners();
         let list: Vec<NetnsRef> = netns::list()
             .into_iter()
             .filter(|n| self.wanted_ns(n.inode))
             .collect();
-        for ns in list {
-            self.add_namespace(ns, &owners);
-        }
-        self.last_netns_scan = Instant::now();
-    }
-
-    fn add_namespace(&mut self, ns: NetnsRef, owners: &HashMap<u64, Owner>) {
-        let has_iter = self.probe.has_inventory();
-        let probe = &mut self.probe;
-        let res = netns::run_in(&ns, || {
-            let socks = if has_iter {
-                probe.iterate(false).ok()
-            } else {
-                None
-            };
-            (
-                socks,
-                procnet::read_counters().unwrap_or_default(),
-                procnet::read_sockstat().unwrap_or_default(),
-                sysctl::read_all(),
-            )
-        });
-        let Ok((socks, counters, sockstat, sysctls)) = res else {
-            return;
-        };
-        let mut listeners = HashMap::new();
-        if let Some(bytes) = socks {
-            let (mut recs, _bad) = inventory::parse(&bytes);
-            for r in &mut recs {
-                r.owner = owners.get(&r.ino).copied();
-                match r.state {
-                    TcpState::Listen => {
-                        if let Some(o) = r.owner {
-                            self.owners.seed_listener(r.netns, r.local.port(), o);
-                            self.probe.seed_listener(r.netns, r.local.port(), &o);
-                        }
-                        listeners.insert(r.skaddr, *r);
-                    }
-                    TcpState::TimeWait => self.timewait.seed(r.skaddr, None),
-                    _ => {
-                        if let Some(o) = r.owner {
-                            self.owners.seed_socket(r.cookie, o);
-                        }
-                    }
-                }
+        let mut none = Vec::new();
+        for ns in list.clone() {
+            if let Some(m) = full_read(&self.probe, ns, &owners) {
+                self.apply_sampled(m, &mut none);
             }
-            self.inventory.extend(recs);
         }
-        self.namespaces.insert(
-            ns.inode,
-            NsState {
-                ns,
-                counters_at_start: counters.clone(),
-                counters,
-                sockstat,
-                sysctls,
-                listeners,
-            },
+        let (probe, stop) = (self.probe.clone(), self.stop.clone());
+        let tx = self.sampled_tx.take().expect("inventory taken once");
+        let filter = self.filters.kernel.netns;
+        self.sampler = Some(
+            std::thread::Builder::new()
+                .name("sampler".into())
+                .spawn(move || sampler(probe, list, filter, stop, tx))
+                .expect("spawning the sampler thread"),
         );
     }
 
-    /// Samples every namespace's listeners and counters; turns listener drops into overflow
-    /// events (appended to `out`). Runs at most every [`SAMPLE_EVERY`].
-    pub fn sample(&mut self, out: &mut Vec<Event>) {
-        if self.last_sample.elapsed() < SAMPLE_EVERY {
-            return;
+    /// One last sample of every namespace, on this thread, so drops since the sampler's
+    /// last round are reported too (at shutdown).
+    pub fn final_sample(&mut self, out: &mut Vec<Event>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.sampler.take() {
+            let _ = h.join();
         }
-        self.last_sample = Instant::now();
-        if self.last_netns_scan.elapsed() >= NETNS_EVERY {
-            self.last_netns_scan = Instant::now();
-            let fresh: Vec<NetnsRef> = netns::list()
-                .into_iter()
-                .filter(|n| self.wanted_ns(n.inode) && !self.namespaces.contains_key(&n.inode))
-                .collect();
-            if !fresh.is_empty() {
-                let owners = procfd::socket_owners();
-                for ns in fresh {
-                    self.add_namespace(ns, &owners);
-                }
-            }
+        while let Ok(m) = self.sampled.try_recv() {
+            self.apply_sampled(m, out);
         }
-        let has_iter = self.probe.has_inventory();
-        let now = monotonic_ns();
-        let inodes: Vec<u32> = self.namespaces.keys().copied().collect();
-        for inode in inodes {
-            let ns = self.namespaces[&inode].ns.clone();
-            let probe = &mut self.probe;
-            let Ok((socks, counters, sockstat)) = netns::run_in(&ns, || {
-                let socks = if has_iter {
-                    probe.iterate(true).ok()
-                } else {
-                    None
-                };
-                (
-                    socks,
-                    procnet::read_counters().ok(),
-                    procnet::read_sockstat().ok(),
-                )
-            }) else {
-                // The namespace is gone.
-                self.namespaces.remove(&inode);
-                continue;
-            };
-            let st = self.namespaces.get_mut(&inode).expect("present");
-            if let Some(s) = sockstat {
-                st.sockstat = s;
+        let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
+        for ns in list {
+            if let Ok((socks, counters, sockstat, _)) = read_namespace(&self.probe, &ns, false) {
+                self.sample(ns.inode, socks, counters, sockstat, out);
             }
-            let Some(counters) = counters else { continue };
-            let d = counters.delta(&st.counters);
-            st.counters = counters;
-            let Some(bytes) = socks else { continue };
-            let (recs, _) = inventory::parse(&bytes);
-            let cur: HashMap<u64, SockRec> = recs.into_iter().map(|r| (r.skaddr, r)).collect();
-            let deltas: Vec<ListenerDelta> = cur
-                .values()
-                .map(|r| ListenerDelta {
-                    skaddr: r.skaddr,
-                    drops: st
-                        .listeners
-                        .get(&r.skaddr)
-                        .map_or(0, |p| r.drops.saturating_sub(p.drops) as u64),
-                    syn_queue: r.syn_queue,
-                    accept_max: r.accept_max,
-                })
-                .collect();
-            let causes = Causes {
-                listen_overflows: d.get("TcpExt:ListenOverflows"),
-                reqq_full_drop: d.get("TcpExt:TCPReqQFullDrop"),
-                syncookies_sent: d.get("TcpExt:SyncookiesSent"),
-            };
-            for inf in overflow::infer(&deltas, causes) {
-                let Some(l) = cur.get(&inf.listener) else {
-                    continue;
-                };
-                let (len, max) = match inf.queue {
-                    crate::model::event::Queue::Accept => (l.accept_queue, l.accept_max),
-                    crate::model::event::Queue::Syn => (l.syn_queue, l.accept_max),
-                };
-                let mut ev = Event {
-                    ts_ns: now,
-                    cookie: l.cookie,
-                    skaddr: l.skaddr,
-                    netns: l.netns,
-                    family: l.family,
-                    local: l.local,
-                    remote: unspecified(l.family),
-                    owner: None,
-                    softirq: false,
-                    kind: EventKind::Overflow {
-                        queue: inf.queue,
-                        len: Some(len),
-                        max: Some(max),
-                        count: inf.count,
-                        source: OverflowSource::Counters,
-                        action: inf.action,
-                    },
-                };
-                self.owners.resolve(&mut ev);
-                if self.filters.kernel_accepts(&ev) && self.filters.accepts(&ev) {
-                    self.events += 1;
-                    out.push(ev);
-                }
-            }
-            st.listeners = cur;
         }
     }
 
-    pub fn status(&self) -> &[crate::ebpf::SignalStatus] {
-        &self.probe.status
+    fn apply_sampled(&mut self, m: Sampled, out: &mut Vec<Event>) {
+        match m {
+            Sampled::Inventory {
+                ns,
+                socks,
+                counters,
+                sockstat,
+                sysctls,
+            } => {
+                let mut listeners = HashMap::new();
+                for r in &socks {
+                    match r.state {
+                        TcpState::Listen => {
+                            if let Some(o) = r.owner {
+                                self.owners.seed_listener(r.netns, r.local.port(), o);
+                                self.probe().seed_listener(r.netns, r.local.port(), &o);
+                            }
+                            listeners.insert(r.skaddr, *r);
+                        }
+                        TcpState::TimeWait => self.timewait.seed(r.skaddr, None),
+                        _ => {
+                            if let Some(o) = r.owner {
+                                self.owners.seed_socket(r.cookie, o);
+                            }
+                        }
+                    }
+                }
+                self.inventory.extend(socks);
+                self.namespaces.insert(
+                    ns.inode,
+                    NsState {
+                        ns,
+                        counters_at_start: counters.clone(),
+                        counters,
+                        sockstat,
+                        sysctls,
+                        listeners,
+                    },
+                );
+            }
+            Sampled::Gone { inode } => {
+                self.namespaces.remove(&inode);
+            }
+            Sampled::Listeners {
+                inode,
+                socks,
+                counters,
+                sockstat,
+            } => self.sample(inode, socks, counters, sockstat, out),
+        }
+    }
+
+    /// Turns one namespace sample into overflow events: per-listener drop deltas split by
+    /// the namespace's counter deltas.
+    fn sample(
+        &mut self,
+        inode: u32,
+        socks: Option<Vec<SockRec>>,
+        counters: Option<Counters>,
+        sockstat: Option<Sockstat>,
+        out: &mut Vec<Event>,
+    ) {
+        let now = monotonic_ns();
+        let Some(st) = self.namespaces.get_mut(&inode) else {
+            return;
+        };
+        if let Some(s) = sockstat {
+            st.sockstat = s;
+        }
+        let Some(counters) = counters else { return };
+        let d = counters.delta(&st.counters);
+        st.counters = counters;
+        let Some(recs) = socks else { return };
+        let cur: HashMap<u64, SockRec> = recs.into_iter().map(|r| (r.skaddr, r)).collect();
+        let deltas: Vec<ListenerDelta> = cur
+            .values()
+            .map(|r| ListenerDelta {
+                skaddr: r.skaddr,
+                drops: st
+                    .listeners
+                    .get(&r.skaddr)
+                    .map_or(0, |p| r.drops.saturating_sub(p.drops) as u64),
+                syn_queue: r.syn_queue,
+                accept_max: r.accept_max,
+            })
+            .collect();
+        let causes = Causes {
+            listen_overflows: d.get("TcpExt:ListenOverflows"),
+            reqq_full_drop: d.get("TcpExt:TCPReqQFullDrop"),
+            syncookies_sent: d.get("TcpExt:SyncookiesSent"),
+        };
+        for inf in overflow::infer(&deltas, causes) {
+            let Some(l) = cur.get(&inf.listener) else {
+                continue;
+            };
+            let len = match inf.queue {
+                Queue::Accept => l.accept_queue,
+                Queue::Syn => l.syn_queue,
+            };
+            let mut ev = Event {
+                ts_ns: now,
+                cookie: l.cookie,
+                skaddr: l.skaddr,
+                netns: l.netns,
+                family: l.family,
+                local: l.local,
+                remote: unspecified(l.family),
+                owner: None,
+                softirq: false,
+                kind: EventKind::Overflow {
+                    queue: inf.queue,
+                    len: Some(len),
+                    max: Some(l.accept_max),
+                    count: inf.count,
+                    source: OverflowSource::Counters,
+                    action: inf.action,
+                },
+            };
+            self.owners.resolve(&mut ev);
+            if self.filters.kernel_accepts(&ev) && self.filters.accepts(&ev) {
+                self.events += 1;
+                out.push(ev);
+            }
+        }
+        st.listeners = cur;
+    }
+
+    pub fn status(&self) -> Vec<crate::ebpf::SignalStatus> {
+        self.probe().status.clone()
     }
 
     /// Waits up to `timeout`, drains the rings and appends to `out`, in time order, every event
@@ -267,6 +406,10 @@ impl EventSource {
         if !timeout.is_zero() {
             self.reader.wait(timeout);
         }
+        let start = out.len();
+        while let Ok(m) = self.sampled.try_recv() {
+            self.apply_sampled(m, out);
+        }
         let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
         let (reorder, loss) = (&mut self.reorder, &mut self.loss);
         self.reader
@@ -274,19 +417,14 @@ impl EventSource {
                 Ok(ev) => reorder.push(ring, ev),
                 Err(_) => loss.decode_errors += 1,
             });
-        self.released.clear();
-        if flush {
-            self.reorder.release_all(&mut self.released);
-        } else {
-            self.reorder.release(cut, &mut self.released);
-        }
-        let start = out.len();
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.
-        for ev in self.released.iter_mut() {
-            self.owners.resolve(ev);
-            self.timewait.apply(*ev, out);
-        }
+        let (owners, timewait) = (&mut self.owners, &mut self.timewait);
+        self.reorder
+            .release_with(if flush { u64::MAX } else { cut }, |mut ev| {
+                owners.resolve(&mut ev);
+                timewait.apply(ev, out);
+            });
         if flush {
             self.timewait.flush(out);
         } else {
@@ -305,7 +443,7 @@ impl EventSource {
     /// Per-program kernel time per run, when `kernel.bpf_stats_enabled` collected it.
     pub fn cost_line(&self) -> Option<String> {
         let parts: Vec<String> = self
-            .probe
+            .probe()
             .program_stats()
             .into_iter()
             .filter(|p| p.run_ns > 0 && p.runs > 0)
@@ -324,10 +462,17 @@ impl EventSource {
 
     /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
     pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
-        self.loss.kernel_dropped = self.probe.kernel_dropped();
-        self.loss.kernel_dropped_by_type =
-            crate::model::ByType::from_wire(&self.probe.kernel_dropped_by_kind());
-        self.loss.kernel_skipped = self.probe.recursion_misses();
+        let (dropped, by_kind, skipped) = {
+            let p = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                p.kernel_dropped(),
+                p.kernel_dropped_by_kind(),
+                p.recursion_misses(),
+            )
+        };
+        self.loss.kernel_dropped = dropped;
+        self.loss.kernel_dropped_by_type = crate::model::ByType::from_wire(&by_kind);
+        self.loss.kernel_skipped = skipped;
         let delta = Loss {
             kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
             kernel_dropped_by_type: self
@@ -347,5 +492,14 @@ fn unspecified(f: Family) -> std::net::SocketAddr {
     match f {
         Family::Inet => "0.0.0.0:0".parse().expect("literal"),
         Family::Inet6 => "[::]:0".parse().expect("literal"),
+    }
+}
+
+impl Drop for EventSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.sampler.take() {
+            let _ = h.join();
+        }
     }
 }

@@ -167,7 +167,9 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             stopping,
             &mut batch,
         );
-        src.sample(&mut batch);
+        if stopping {
+            src.final_sample(&mut batch);
+        }
         if !batch.is_empty()
             && !send(
                 &tx,

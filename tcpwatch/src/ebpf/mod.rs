@@ -517,8 +517,18 @@ impl Probe {
             .into_file()
             .map_err(|e| anyhow!("creating the tcp iterator: {e}"))?;
         let mut buf = Vec::new();
-        file.read_to_end(&mut buf)
-            .map_err(|e| anyhow!("reading the tcp iterator: {e}"))?;
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                // The listeners-only program ends the walk (EAGAIN) at the first socket that
+                // is not listening: listeners come first, the rest is not needed.
+                Err(e) if listeners_only && e.raw_os_error() == Some(libc::EAGAIN) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(anyhow!("reading the tcp iterator: {e}")),
+            }
+        }
         Ok(buf)
     }
 

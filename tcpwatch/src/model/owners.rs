@@ -1,6 +1,8 @@
 //! Userspace owner resolution for what the kernel side cannot know: sockets and listeners that
 //! existed before tcpwatch attached (seeded from the inventory) and children of such listeners.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::event::{Event, EventKind, Owner, OwnerSource, TcpState, TwOp};
 

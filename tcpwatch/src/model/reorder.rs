@@ -47,6 +47,11 @@ impl Reorder {
     /// Moves every event with `ts_ns <= cut_ns` to `out`, in timestamp order; ties go to the
     /// lower ring, then arrival order.
     pub fn release(&mut self, cut_ns: u64, out: &mut Vec<Event>) {
+        self.release_with(cut_ns, |e| out.push(e));
+    }
+
+    /// Like [`Reorder::release`], handing each event to `f` (no intermediate buffer).
+    pub fn release_with(&mut self, cut_ns: u64, mut f: impl FnMut(Event)) {
         loop {
             let mut best: Option<(usize, u64)> = None;
             for (i, q) in self.queues.iter().enumerate() {
@@ -58,10 +63,8 @@ impl Reorder {
                 }
             }
             let Some((i, _)) = best else { break };
-            // A single non-empty queue drains without comparisons.
-            let q = &mut self.queues[i];
-            if let Some(e) = q.pop_front() {
-                out.push(e);
+            if let Some(e) = self.queues[i].pop_front() {
+                f(e);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! followed by an expire is the normal end; by a start, a re-arm (the peer's FIN turned a
 //! FIN_WAIT2 substate into TIME_WAIT, or a retransmitted FIN); by nothing, a deschedule
 //! (`connect()` reusing the tuple, a RST, or netns teardown).
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::event::{Event, EventKind, Owner, TcpState, TwExitReason, TwOp};
 

@@ -406,7 +406,8 @@ fn s6_syn_queue(cookies: bool) -> (Vec<Value>, Netns, Peer) {
     let tracer = Tracer::start(&ns, &[]);
     let mut client = ns.peer("tw-client");
     client.ok("connect_nb 127.0.0.1:8095 12");
-    client.ok("sleep 1500");
+    // The refused SYNs are retried at 1 s and 2 s (linear timeouts), given up at 3 s.
+    client.ok("sleep 3300");
     std::thread::sleep(Duration::from_millis(600));
     (tracer.stop(), ns, server)
 }
