@@ -61,6 +61,8 @@ fn doctor(a: DoctorArgs) -> anyhow::Result<i32> {
     for s in &probe.status {
         println!("{}", s.line());
     }
+    let t: Vec<String> = probe.timings.iter().map(|(w, d)| format!("{w} {:.0} ms", d.as_secs_f64() * 1e3)).collect();
+    println!("start-up: {}", t.join(", "));
     Ok(EXIT_OK)
 }
 

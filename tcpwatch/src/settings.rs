@@ -81,6 +81,7 @@ pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {
         filters: filters.kernel,
         ring_bytes: p.ring_mib << 20,
         disabled: p.disable_hook.clone(),
+        trace: true,
     }
 }
 

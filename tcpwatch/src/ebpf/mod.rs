@@ -55,6 +55,9 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Hooks the user asked not to use (for testing fallbacks): e.g. `tp_btf`.
     pub disabled: Vec<String>,
+    /// Attach the tracing programs; without it only the inventory iterator is loaded (an
+    /// instant snapshot needs nothing else).
+    pub trace: bool,
 }
 
 impl Default for ProbeConfig {
@@ -63,6 +66,7 @@ impl Default for ProbeConfig {
             filters: KernelFilters::default(),
             ring_bytes: 16 << 20,
             disabled: Vec::new(),
+            trace: true,
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct Probe {
     ebpf: Ebpf,
     pub status: Vec<SignalStatus>,
     counters: PerCpuArray<MapData, u64>,
+    /// How long each start-up phase took (shown by `doctor`).
+    pub timings: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// One line for an aya error: its chain joined, and of a verifier log only the verdict.
@@ -248,6 +254,13 @@ const SIGNALS: &[SignalSpec] = &[
 
 impl Probe {
     pub fn start(cfg: &ProbeConfig) -> anyhow::Result<Probe> {
+        let t0 = std::time::Instant::now();
+        let mut timings: Vec<(&'static str, std::time::Duration)> = Vec::new();
+        let mut lap = |what: &'static str, t: &mut std::time::Instant| {
+            timings.push((what, t.elapsed()));
+            *t = std::time::Instant::now();
+        };
+        let mut t = t0;
         let tracefs = tracefs::ensure_mounted()?;
         let mut status = Vec::new();
         let kbtf = match btf::KernelBtf::load(Path::new(VMLINUX_BTF)) {
@@ -276,6 +289,7 @@ impl Probe {
         }
         let core_ok = kbtf.is_some() && !group_err.iter().any(|(g, _)| *g == btf::CORE.name);
         let have_offsets: u32 = u32::from(core_ok);
+        lap("BTF offsets", &mut t);
         let aya_btf = if kbtf.is_some() {
             Btf::from_sys_fs().ok()
         } else {
@@ -304,9 +318,14 @@ impl Probe {
                     .collect(),
             );
         }
-        let tw_handler: u64 = std::fs::read_to_string("/proc/kallsyms")
+        lap("BTF (aya)", &mut t);
+        let tw_handler: u64 = if !cfg.trace {
+            0
+        } else {
+            std::fs::read_to_string("/proc/kallsyms")
             .map(|t| kallsyms_addr(&t, "tw_timer_handler"))
-            .unwrap_or(0);
+            .unwrap_or(0)
+        };
 
         let tps = tracefs::read_format(&tracefs, "sock", "inet_sock_set_state").ok();
         let mut tps_globals: Vec<(&'static str, u32)> = Vec::new();
@@ -342,7 +361,7 @@ impl Probe {
         let mut loader = EbpfLoader::new();
         loader.btf(aya_btf.as_ref());
         let nrings = ring_count();
-        let per_ring = ring_size(cfg.ring_bytes, nrings);
+        let per_ring = if cfg.trace { ring_size(cfg.ring_bytes, nrings) } else { 4096 };
         for (i, name) in RINGS.iter().enumerate() {
             loader.map_max_entries(name, if (i as u32) < nrings { per_ring } else { 4096 });
         }
@@ -355,91 +374,96 @@ impl Probe {
         for (name, v) in &filter_globals {
             loader.override_global(name, v, true);
         }
+        lap("kallsyms", &mut t);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object: {}", short(&e)))?;
 
+        lap("load object", &mut t);
         let btf_ok = aya_btf.is_some() && core_ok && !cfg.disabled.iter().any(|d| d == "tp_btf");
         let ctx = Attach {
             btf: aya_btf.as_ref().filter(|_| btf_ok),
         };
 
-        // Execution context first: every other program reads the per-CPU softirq flag.
-        let ctx_status = ctx.first(
-            &mut ebpf,
-            "owner context",
-            &[
-                Strategy::Btf(&[
-                    ("softirq_entry_btf", "softirq_entry"),
-                    ("softirq_exit_btf", "softirq_exit"),
-                ]),
-                Strategy::Tp(&[
-                    ("softirq_entry", "irq", "softirq_entry"),
-                    ("softirq_exit", "irq", "softirq_exit"),
-                ]),
-            ],
-            "softirq events may name the interrupted task as owner",
-        );
-        status.push(ctx_status);
+        if cfg.trace {
+            // Execution context first: every other program reads the per-CPU softirq flag.
+            let ctx_status = ctx.first(
+                &mut ebpf,
+                "owner context",
+                &[
+                    Strategy::Btf(&[
+                        ("softirq_entry_btf", "softirq_entry"),
+                        ("softirq_exit_btf", "softirq_exit"),
+                    ]),
+                    Strategy::Tp(&[
+                        ("softirq_entry", "irq", "softirq_entry"),
+                        ("softirq_exit", "irq", "softirq_exit"),
+                    ]),
+                ],
+                "softirq events may name the interrupted task as owner",
+            );
+            status.push(ctx_status);
 
-        // State transitions: tp_btf gives the cookie; the classic tracepoint is the fallback.
-        let state = ctx.first(
-            &mut ebpf,
-            "state",
-            &[
-                // Order matters: `main` must run before `nested` (see the eBPF side).
-                Strategy::Btf(&[
-                    ("state_btf_main", "inet_sock_set_state"),
-                    ("state_btf_nested", "inet_sock_set_state"),
-                ]),
-                Strategy::Tp(&[("state_tp", "sock", "inet_sock_set_state")]),
-            ],
-            "no TCP state transitions",
-        );
-        if state.hook.is_none() {
-            anyhow::bail!("cannot trace TCP state transitions: {}", state.line());
-        }
-        if tps.is_none()
-            && state
-                .hook
-                .as_deref()
-                .is_some_and(|h| h.starts_with("tracepoint"))
-        {
-            anyhow::bail!("sock/inet_sock_set_state has no readable format in tracefs");
-        }
-        status.push(state);
+            // State transitions: tp_btf gives the cookie; the classic tracepoint is the fallback.
+            let state = ctx.first(
+                &mut ebpf,
+                "state",
+                &[
+                    // Order matters: `main` must run before `nested` (see the eBPF side).
+                    Strategy::Btf(&[
+                        ("state_btf_main", "inet_sock_set_state"),
+                        ("state_btf_nested", "inet_sock_set_state"),
+                    ]),
+                    Strategy::Tp(&[("state_tp", "sock", "inet_sock_set_state")]),
+                ],
+                "no TCP state transitions",
+            );
+            if state.hook.is_none() {
+                anyhow::bail!("cannot trace TCP state transitions: {}", state.line());
+            }
+            if tps.is_none()
+                && state
+                    .hook
+                    .as_deref()
+                    .is_some_and(|h| h.starts_with("tracepoint"))
+            {
+                anyhow::bail!("sock/inet_sock_set_state has no readable format in tracefs");
+            }
+            status.push(state);
 
-        for spec in SIGNALS {
-            let missing: Vec<String> = spec
-                .groups
-                .iter()
-                .filter_map(|g| {
-                    group_err
-                        .iter()
-                        .find(|(n, _)| *n == g.name)
-                        .map(|(_, e)| e.clone())
-                })
-                .collect();
-            let extra = match spec.name {
-                "TIME_WAIT" if tw_handler == 0 => {
-                    Some("tw_timer_handler not in /proc/kallsyms".to_string())
-                }
-                "accept overflow at final ACK" if reasons[0].1 == u32::MAX => {
-                    Some("no TCP_LISTEN_OVERFLOW drop reason in this kernel".to_string())
-                }
-                _ => None,
-            };
-            let st = if let Some(why) = missing.into_iter().next().or(extra) {
-                SignalStatus {
-                    signal: spec.name,
-                    hook: None,
-                    note: Some(format!("{why}; {}", spec.degrade)),
-                }
-            } else {
-                ctx.first(&mut ebpf, spec.name, spec.strategies, spec.degrade)
-            };
-            status.push(st);
+            for spec in SIGNALS {
+                let missing: Vec<String> = spec
+                    .groups
+                    .iter()
+                    .filter_map(|g| {
+                        group_err
+                            .iter()
+                            .find(|(n, _)| *n == g.name)
+                            .map(|(_, e)| e.clone())
+                    })
+                    .collect();
+                let extra = match spec.name {
+                    "TIME_WAIT" if tw_handler == 0 => {
+                        Some("tw_timer_handler not in /proc/kallsyms".to_string())
+                    }
+                    "accept overflow at final ACK" if reasons[0].1 == u32::MAX => {
+                        Some("no TCP_LISTEN_OVERFLOW drop reason in this kernel".to_string())
+                    }
+                    _ => None,
+                };
+                let st = if let Some(why) = missing.into_iter().next().or(extra) {
+                    SignalStatus {
+                        signal: spec.name,
+                        hook: None,
+                        note: Some(format!("{why}; {}", spec.degrade)),
+                    }
+                } else {
+                    ctx.first(&mut ebpf, spec.name, spec.strategies, spec.degrade)
+                };
+                status.push(st);
+            }
         }
+        lap("attach", &mut t);
 
         // The inventory iterator is loaded now and attached per read (see `inventory_file`).
         let iter_ok = match (aya_btf.as_ref(), core_ok) {
@@ -461,6 +485,8 @@ impl Probe {
             },
         });
 
+        lap("load iterator", &mut t);
+        let _ = t0;
         let counters = PerCpuArray::try_from(
             ebpf.take_map("COUNTERS")
                 .context("map COUNTERS missing from the eBPF object")?,
@@ -470,6 +496,7 @@ impl Probe {
             ebpf,
             status,
             counters,
+            timings,
         })
     }
 
