@@ -180,6 +180,9 @@ pub struct IterRec {
     pub listener: u64,
     /// Socket inode (full sockets that have a file), to find the owner in /proc/*/fd.
     pub ino: u64,
+    /// Full sockets: `tcp_mstamp`, the CLOCK_MONOTONIC microsecond of the last packet sent or
+    /// received (how long a CLOSE_WAIT socket has been idle).
+    pub last_pkt_us: u64,
     pub netns: u32,
     /// Listener: packets it dropped (`sk_drops`), counting every listen drop.
     pub drops: u32,
@@ -206,7 +209,7 @@ pub struct IterRec {
 }
 
 /// Size of [`IterRec`] as written by `bpf_seq_write`.
-pub const ITER_REC_SIZE: usize = 104;
+pub const ITER_REC_SIZE: usize = 112;
 const _: () = assert!(core::mem::size_of::<IterRec>() == ITER_REC_SIZE);
 
 /// Size of [`RawEvent`] on the wire.

@@ -31,6 +31,8 @@ static OFF_INODE_INO: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_ICSK_YOUNG: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
+static OFF_TCP_MSTAMP: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
 static OFF_ICSK_RETRANSMITS: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_ICSK_PROBES_OUT: Global<u32> = Global::new(0);
@@ -108,6 +110,7 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
             if sock != 0 {
                 r.ino = rd(sock + OFF_SOCKET_INODE.load() as u64, OFF_INODE_INO.load());
             }
+            r.last_pkt_us = rd(s, OFF_TCP_MSTAMP.load());
             r.retransmits = rd::<u8>(s, OFF_ICSK_RETRANSMITS.load()) as u16;
             r.probes = rd::<u8>(s, OFF_ICSK_PROBES_OUT.load()) as u16;
             if state == tcp_state::LISTEN {

@@ -21,8 +21,45 @@ pub enum Command {
     /// Stream TCP events (state transitions) as they happen.
     #[command(after_help = EXAMPLES)]
     Trace(TraceArgs),
+    /// One-shot report: states, listeners and their queues, TIME_WAIT, kernel counters,
+    /// sysctls and findings; with --duration also what happened in that window.
+    #[command(after_help = SNAPSHOT_EXAMPLES)]
+    Snapshot(SnapshotArgs),
     /// Check privileges and which hook serves each signal, then exit.
     Doctor(DoctorArgs),
+}
+
+const SNAPSHOT_EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch snapshot                       sockets, listeners and findings right now
+    tcpwatch snapshot --duration 10         also watch events for 10 s (retransmits, overflows, ...)
+    tcpwatch snapshot --json --netns myns   one JSON document for namespace myns";
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// One JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Also watch events for this many seconds before reporting (Ctrl-C ends early).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_secs)]
+    pub duration: f64,
+    /// A CLOSE_WAIT socket idle this long is reported as a leak.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub close_wait_secs: u64,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("{v} is not between 0 and 86400 seconds"));
+    }
+    Ok(v)
 }
 
 #[derive(Args, Debug)]

@@ -187,6 +187,8 @@ pub struct EventSource {
     pub namespaces: BTreeMap<u32, NsState>,
     /// The start-up inventory of every watched namespace.
     pub inventory: Vec<SockRec>,
+    /// Listener records from the samples since the last `take_listener_samples`.
+    pub listener_samples: Vec<SockRec>,
     sampled: Receiver<Sampled>,
     sampled_tx: Option<Sender<Sampled>>,
     stop: Arc<AtomicBool>,
@@ -210,6 +212,7 @@ impl EventSource {
             events: 0,
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
+            listener_samples: Vec::new(),
             sampled: rx,
             sampled_tx: Some(tx),
             stop: Arc::new(AtomicBool::new(false)),
@@ -249,6 +252,65 @@ impl EventSource {
                 .spawn(move || sampler(probe, list, filter, stop, tx))
                 .expect("spawning the sampler thread"),
         );
+    }
+
+    /// Finds the watched namespaces without reading their sockets (an instant snapshot reads
+    /// them once, with `fresh_inventory`).
+    pub fn discover(&mut self) {
+        let list: Vec<NetnsRef> = netns::list()
+            .into_iter()
+            .filter(|n| self.wanted_ns(n.inode))
+            .collect();
+        for ns in list {
+            let counters = netns::run_in(&ns, procnet::read_counters)
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            self.namespaces.insert(
+                ns.inode,
+                NsState {
+                    ns,
+                    counters_at_start: counters.clone(),
+                    counters,
+                    sockstat: Sockstat::default(),
+                    sysctls: BTreeMap::new(),
+                    listeners: HashMap::new(),
+                },
+            );
+        }
+    }
+
+    /// A fresh full read of every watched namespace (for a snapshot): every socket with its
+    /// owner, and each namespace's counters, sysctls and sockstat.
+    pub fn fresh_inventory(&mut self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
+        let owners = procfd::socket_owners();
+        let mut socks = Vec::new();
+        let mut nss = Vec::new();
+        let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
+        for ns in list {
+            let Ok((s, counters, sockstat, sysctls)) = read_namespace(&self.probe, &ns, true)
+            else {
+                continue;
+            };
+            let mut s = s.unwrap_or_default();
+            for r in &mut s {
+                r.owner = owners.get(&r.ino).copied();
+            }
+            socks.extend(s);
+            let start = self
+                .namespaces
+                .get(&ns.inode)
+                .map(|n| n.counters_at_start.clone())
+                .unwrap_or_default();
+            nss.push(crate::model::snapshot::NsInput {
+                inode: ns.inode,
+                counters_now: counters.unwrap_or_default(),
+                counters_start: start,
+                sysctls,
+                sockstat: sockstat.unwrap_or_default(),
+            });
+        }
+        (socks, nss)
     }
 
     /// One last sample of every namespace, on this thread, so drops since the sampler's
@@ -393,6 +455,7 @@ impl EventSource {
                 out.push(ev);
             }
         }
+        self.listener_samples.extend(cur.values().copied());
         st.listeners = cur;
     }
 

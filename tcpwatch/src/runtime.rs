@@ -7,14 +7,18 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, DoctorArgs, TraceArgs};
+use crate::cli::{Cli, Command, DoctorArgs, SnapshotArgs, TraceArgs};
 use crate::collect::EventSource;
 use crate::ebpf::{Probe, caps};
 use crate::model::Loss;
+use crate::model::aggregate::{Aggregator, Config as AggConfig, ListenerSample, TwEntry};
 use crate::model::event::Event;
+use crate::model::event::TcpState;
+use crate::model::snapshot::{HookView, Input as SnapInput, Thresholds};
 use crate::output::Clock;
 use crate::output::trace::TraceWriter;
 use crate::settings::{self, Filters};
+use crate::source::inventory::SockRec;
 
 /// Exit codes (DESIGN §4).
 pub const EXIT_OK: i32 = 0;
@@ -42,6 +46,7 @@ pub fn main_entry() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Trace(a) => trace(a),
+        Command::Snapshot(a) => snapshot(a),
         Command::Doctor(a) => doctor(a),
     }
 }
@@ -61,7 +66,11 @@ fn doctor(a: DoctorArgs) -> anyhow::Result<i32> {
     for s in &probe.status {
         println!("{}", s.line());
     }
-    let t: Vec<String> = probe.timings.iter().map(|(w, d)| format!("{w} {:.0} ms", d.as_secs_f64() * 1e3)).collect();
+    let t: Vec<String> = probe
+        .timings
+        .iter()
+        .map(|(w, d)| format!("{w} {:.0} ms", d.as_secs_f64() * 1e3))
+        .collect();
     println!("start-up: {}", t.join(", "));
     Ok(EXIT_OK)
 }
@@ -253,4 +262,138 @@ fn write_trace(rx: Receiver<Msg>, json: bool, stop: &AtomicBool) -> io::Result<(
         }
         other => other,
     }
+}
+
+/// Feeds the aggregator with the inventory's timewait sockets (their age is unknown).
+pub fn seed_aggregator(agg: &mut Aggregator, inv: &[SockRec]) {
+    for r in inv.iter().filter(|r| r.state == TcpState::TimeWait) {
+        agg.seed_timewait(
+            r.skaddr,
+            TwEntry {
+                netns: r.netns,
+                local: r.local,
+                remote: r.remote,
+                enter_ns: None,
+                substate: r.substate,
+                owner: r.owner,
+            },
+        );
+    }
+}
+
+pub fn hook_views(src: &EventSource) -> Vec<HookView> {
+    src.status()
+        .iter()
+        .map(|s| HookView {
+            signal: s.signal.to_string(),
+            hook: s.hook.clone(),
+            note: s.note.clone(),
+        })
+        .collect()
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
+    let filters = Filters::from_args(&a.filters)?;
+    require_privileges()?;
+    let stop = install_stop_signals();
+    let mut cfg = settings::probe_config(&a.probe, &filters);
+    cfg.trace = a.duration > 0.0;
+    let mut src = EventSource::start(&cfg, filters)?;
+    if a.duration > 0.0 {
+        src.take_inventory();
+    } else {
+        src.discover();
+    }
+    let mut agg = Aggregator::new(AggConfig::default());
+    seed_aggregator(&mut agg, &src.inventory);
+    let t0 = monotonic_ns();
+    if a.duration > 0.0 {
+        eprintln!(
+            "tcpwatch: watching for {:.1} s; Ctrl-C to stop early",
+            a.duration
+        );
+        let end = Instant::now() + Duration::from_secs_f64(a.duration);
+        let mut batch = Vec::with_capacity(4096);
+        loop {
+            let stopping = stop.load(Ordering::SeqCst) || Instant::now() >= end;
+            src.poll(
+                if stopping {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(20)
+                },
+                stopping,
+                &mut batch,
+            );
+            if stopping {
+                src.final_sample(&mut batch);
+            }
+            feed(&mut agg, &mut src, &mut batch);
+            if stopping {
+                break;
+            }
+        }
+        let mut prev = Loss::default();
+        src.refresh_loss(&mut prev);
+    }
+    let now = monotonic_ns();
+    let (inventory, namespaces) = src.fresh_inventory();
+    let input = SnapInput {
+        now_ns: now,
+        window_ns: if a.duration > 0.0 { now - t0 } else { 0 },
+        host: hostname(),
+        kernel: kernel_release(),
+        hooks: hook_views(&src),
+        inventory: &inventory,
+        namespaces,
+        loss: src.loss,
+        home_netns: settings::own_netns(),
+        thresholds: Thresholds {
+            close_wait_secs: a.close_wait_secs,
+            ..Thresholds::default()
+        },
+    };
+    let snap = crate::model::snapshot::build(&agg, &input);
+    let out = io::stdout().lock();
+    let res = if a.json {
+        crate::output::snapshot::write_json(out, &snap)
+    } else {
+        crate::output::snapshot::write_text(out, &snap)
+    };
+    match res {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing output: {e}"))
+        }
+        _ => Ok(EXIT_OK),
+    }
+}
+
+/// Moves a batch of events and listener samples into the aggregator.
+pub fn feed(agg: &mut Aggregator, src: &mut EventSource, batch: &mut Vec<Event>) {
+    for e in batch.drain(..) {
+        agg.apply(&e);
+    }
+    let now = monotonic_ns();
+    for l in src.listener_samples.drain(..) {
+        agg.observe_listener(
+            &ListenerSample {
+                netns: l.netns,
+                local: l.local,
+                cookie: l.cookie,
+                owner: l.owner,
+                accept_now: l.accept_queue,
+                accept_max: l.accept_max,
+                syn_now: l.syn_queue,
+                drops: l.drops as u64,
+            },
+            now,
+        );
+    }
+    agg.tick(now);
 }

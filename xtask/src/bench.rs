@@ -258,7 +258,149 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Holds `n` established connections inside `ns` (the returned threads keep them open until
+/// `stop`), plus `tw` client-side TIME_WAIT sockets left behind by short connections.
+fn populate(
+    ns: &Netns,
+    established: usize,
+    tw: u64,
+) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let nsname = Netns(ns.0.clone());
+    let s = stop.clone();
+    let h = std::thread::spawn(move || {
+        let r = (|| -> anyhow::Result<Vec<(TcpStream, TcpStream)>> {
+            let r = nsname.enter();
+            std::mem::forget(nsname);
+            r?;
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7100))?;
+            // SAFETY: listen(2) again on our own socket only raises its backlog.
+            unsafe { libc::listen(l.as_raw_fd(), 4096) };
+            let mut held = Vec::with_capacity(established / 2);
+            for _ in 0..established / 2 {
+                let c = TcpStream::connect((Ipv4Addr::LOCALHOST, 7100))?;
+                let (a, _) = l.accept()?;
+                held.push((c, a));
+            }
+            for i in 0..tw as u32 {
+                let dst = Ipv4Addr::from(0x7f00_0001 + (i % 250));
+                let c = TcpStream::connect(SocketAddr::from((dst, 7100)))?;
+                let (mut a, _) = l.accept()?;
+                drop(c);
+                let mut b = [0u8; 1];
+                let _ = std::io::Read::read(&mut a, &mut b);
+            }
+            Ok(held)
+        })();
+        match r {
+            Ok(held) => {
+                let _ = tx.send(Ok(()));
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                drop(held);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    rx.recv().context("populating the namespace")??;
+    Ok((stop, h))
+}
+
+fn time_cmd(cmd: &mut Command, runs: usize) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("{cmd:?} failed");
+        }
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
+/// `tcpwatch snapshot` against `ss -tan` on 20 k TIME_WAIT + 5 k established sockets.
+fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
+    let ns = Netns::new("snap")?;
+    let (stop, h) = populate(&ns, 5_000, 20_000)?;
+    let path = format!("--net=/run/netns/{}", ns.0);
+    let count = Command::new("nsenter")
+        .args([path.as_str(), "ss", "-tanH"])
+        .output()?;
+    let lines = String::from_utf8_lossy(&count.stdout).lines().count();
+    let ss = time_cmd(
+        Command::new("nsenter").args([path.as_str(), "ss", "-tan"]),
+        11,
+    )?;
+    let ssp = time_cmd(
+        Command::new("nsenter").args([path.as_str(), "ss", "-tanp"]),
+        5,
+    )?;
+    let tw = time_cmd(
+        Command::new(bin).args(["snapshot", "--json", "--netns", &ns.0]),
+        11,
+    )?;
+    let twt = time_cmd(Command::new(bin).args(["snapshot", "--netns", &ns.0]), 5)?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = h.join();
+    println!(
+        "snapshot: {lines} sockets; ss -tan {ss:.1} ms, ss -tanp {ssp:.1} ms; tcpwatch snapshot --json {tw:.1} ms (text {twt:.1} ms); ratio tcpwatch/ss -tan {:.2}",
+        tw / ss
+    );
+    Ok(())
+}
+
+fn aggregator_bench() -> anyhow::Result<()> {
+    status(crate::cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "tcpwatch",
+        "--example",
+        "aggregator_bench",
+    ]))
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let which: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| ["churn", "aggregator", "snapshot"].contains(a))
+        .collect();
+    let rest: Vec<String> = args
+        .iter()
+        .filter(|a| !["churn", "aggregator", "snapshot"].contains(&a.as_str()))
+        .cloned()
+        .collect();
+    let all = which.is_empty();
+    if all || which.contains(&"aggregator") {
+        aggregator_bench()?;
+    }
+    if all || which.contains(&"snapshot") || which.contains(&"churn") {
+        if !crate::is_root() {
+            bail!(
+                "the churn and snapshot benchmarks attach eBPF programs and make namespaces: run them as root"
+            );
+        }
+        status(crate::cargo().args(["build", "--release", "-p", "tcpwatch"]))?;
+    }
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcpwatch");
+    let bin = bin.to_str().context("path")?.to_string();
+    if all || which.contains(&"snapshot") {
+        snapshot_bench(&bin)?;
+    }
+    if all || which.contains(&"churn") {
+        churn_bench(&bin, &rest)?;
+    }
+    Ok(())
+}
+
+fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
     if let [flag, ns, secs] = args
         && flag == "--churn-in"
     {
@@ -272,12 +414,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let o = parse(args)?;
-    if !crate::is_root() {
-        bail!("the benchmark attaches eBPF programs and makes namespaces: run it as root");
-    }
-    status(crate::cargo().args(["build", "--release", "-p", "tcpwatch"]))?;
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcpwatch");
-    let bin = bin.to_str().context("path")?.to_string();
     println!(
         "churn: {} client threads, {:.1} s per run, {} interleaved pairs; tracer: tcpwatch {}",
         o.clients,
@@ -293,7 +429,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let mut tr = None;
         for step in 0..2 {
             if (step == 0) == traced_first {
-                tr = Some(run_traced(&bin, &o, &format!("t{i}"))?);
+                tr = Some(run_traced(bin, &o, &format!("t{i}"))?);
             } else {
                 let ns = Netns::new(&format!("u{i}"))?;
                 base = churn(&ns, o.secs, o.clients)? as f64 / o.secs;

@@ -231,6 +231,7 @@ pub const INVENTORY: FieldGroup = FieldGroup {
             "inet_connection_sock",
             "icsk_probes_out",
         ),
+        ("OFF_TCP_MSTAMP", "tcp_sock", "tcp_mstamp"),
     ],
 };
 
@@ -253,4 +254,157 @@ pub fn drop_reason(btf: &KernelBtf, name: &str) -> Option<u32> {
         .into_iter()
         .find(|(n, _)| *n == full)
         .map(|(_, v)| v as u32)
+}
+
+/// Everything the probe takes from kernel BTF, resolved once per kernel build and cached.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Facts {
+    /// (global, byte offset) of every group that resolved.
+    pub offsets: Vec<(String, u32)>,
+    /// (group, why) of every group that did not.
+    pub group_errors: Vec<(String, String)>,
+    /// `skb_drop_reason` values the programs filter on, `u32::MAX` when absent.
+    pub listen_overflow: u32,
+    pub no_socket: u32,
+    /// `sk_rst_reason` names by value.
+    pub rst_reasons: Vec<(u32, String)>,
+}
+
+impl Facts {
+    pub fn from_btf(b: &KernelBtf) -> Facts {
+        let mut f = Facts::default();
+        for g in GROUPS {
+            match resolve(b, g) {
+                Ok(o) => f
+                    .offsets
+                    .extend(o.into_iter().map(|(n, v)| (n.to_string(), v))),
+                Err(e) => f.group_errors.push((g.name.to_string(), e.to_string())),
+            }
+        }
+        f.listen_overflow = drop_reason(b, "TCP_LISTEN_OVERFLOW").unwrap_or(u32::MAX);
+        f.no_socket = drop_reason(b, "NO_SOCKET").unwrap_or(u32::MAX);
+        if let Ok(vals) = b.enum_values("sk_rst_reason") {
+            f.rst_reasons = vals
+                .into_iter()
+                .map(|(n, v)| (v as u32, n.trim_start_matches("SK_RST_REASON_").to_string()))
+                .collect();
+        }
+        f
+    }
+
+    /// The offsets with their globals' static names (unknown names are dropped).
+    pub fn globals(&self) -> Vec<(&'static str, u32)> {
+        let known = GROUPS
+            .iter()
+            .flat_map(|g| g.fields.iter().map(|(n, _, _)| *n));
+        known
+            .filter_map(|n| {
+                self.offsets
+                    .iter()
+                    .find(|(m, _)| m == n)
+                    .map(|(_, v)| (n, *v))
+            })
+            .collect()
+    }
+
+    pub fn group_ok(&self, group: &FieldGroup) -> bool {
+        !self.group_errors.iter().any(|(g, _)| g == group.name)
+    }
+
+    pub fn group_error(&self, group: &FieldGroup) -> Option<&str> {
+        self.group_errors
+            .iter()
+            .find(|(g, _)| g == group.name)
+            .map(|(_, e)| e.as_str())
+    }
+}
+
+/// Where resolved facts are kept between runs: tmpfs, so a reboot (a new kernel) clears it.
+pub const CACHE_DIR: &str = "/run/tcpwatch";
+
+/// What a cache entry must match: this build of tcpwatch (its field list) and this kernel.
+pub fn cache_key(btf_len: u64) -> String {
+    let version = std::fs::read_to_string("/proc/version").unwrap_or_default();
+    // FNV-1a over the field groups, so a changed list invalidates old entries.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for g in GROUPS {
+        for (a, b, c) in g.fields {
+            for byte in a.bytes().chain(b.bytes()).chain(c.bytes()) {
+                h = (h ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    format!(
+        "{}|{:x}|{btf_len}|{}",
+        env!("CARGO_PKG_VERSION"),
+        h,
+        version.trim()
+    )
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheFile {
+    key: String,
+    facts: Facts,
+}
+
+/// Resolves the facts, from the cache when it matches this kernel and build (the full BTF
+/// parse is most of tcpwatch's start-up time); returns whether the cache was used.
+pub fn facts(path: &Path) -> Result<(Facts, bool), BtfError> {
+    let len = std::fs::metadata(path)
+        .map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?
+        .len();
+    let key = cache_key(len);
+    let file = Path::new(CACHE_DIR).join("btf-facts.json");
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Ok(c) = serde_json::from_str::<CacheFile>(&text)
+        && c.key == key
+    {
+        return Ok((c.facts, true));
+    }
+    let f = Facts::from_btf(&KernelBtf::load(path)?);
+    // Best effort: a read-only /run only costs the next start the parse again.
+    if std::fs::create_dir_all(CACHE_DIR).is_ok() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(CACHE_DIR, std::fs::Permissions::from_mode(0o700));
+        if let Ok(text) = serde_json::to_string(&CacheFile {
+            key,
+            facts: f.clone(),
+        }) {
+            let tmp = file.with_extension("tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, &file);
+            }
+        }
+    }
+    Ok((f, false))
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn facts_round_trip_and_globals_keep_static_names() {
+        let f = Facts {
+            offsets: vec![("OFF_SKC_DADDR".into(), 0), ("NOT_A_GLOBAL".into(), 9)],
+            group_errors: vec![("timewait".into(), "no tw_timer".into())],
+            listen_overflow: 40,
+            no_socket: 3,
+            rst_reasons: vec![(1, "NO_SOCKET".into())],
+        };
+        let text = serde_json::to_string(&f).unwrap();
+        assert_eq!(serde_json::from_str::<Facts>(&text).unwrap(), f);
+        assert_eq!(f.globals(), vec![("OFF_SKC_DADDR", 0)]);
+        assert!(!f.group_ok(&TIMEWAIT) && f.group_ok(&CORE));
+        assert_eq!(f.group_error(&TIMEWAIT), Some("no tw_timer"));
+    }
+
+    #[test]
+    fn the_key_changes_with_the_btf() {
+        assert_ne!(cache_key(1), cache_key(2));
+    }
 }

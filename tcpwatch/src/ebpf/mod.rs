@@ -189,6 +189,27 @@ pub fn kallsyms_addr(text: &str, name: &str) -> u64 {
     0
 }
 
+/// A text symbol's address, cached per boot in /run/tcpwatch (reading /proc/kallsyms takes
+/// ~50 ms; the address only changes with a reboot, which also clears /run).
+pub fn kallsyms_cached(name: &str) -> u64 {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let file = Path::new(btf::CACHE_DIR).join(format!("kallsyms-{name}"));
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Some((b, a)) = text.split_once(' ')
+        && b == boot.trim()
+        && let Ok(addr) = u64::from_str_radix(a.trim(), 16)
+    {
+        return addr;
+    }
+    let addr = std::fs::read_to_string("/proc/kallsyms")
+        .map(|t| kallsyms_addr(&t, name))
+        .unwrap_or(0);
+    if addr != 0 && std::fs::create_dir_all(btf::CACHE_DIR).is_ok() {
+        let _ = std::fs::write(&file, format!("{} {addr:x}", boot.trim()));
+    }
+    addr
+}
+
 /// One signal: the field groups its programs read and its strategies in order of preference.
 struct SignalSpec {
     name: &'static str,
@@ -263,8 +284,8 @@ impl Probe {
         let mut t = t0;
         let tracefs = tracefs::ensure_mounted()?;
         let mut status = Vec::new();
-        let kbtf = match btf::KernelBtf::load(Path::new(VMLINUX_BTF)) {
-            Ok(b) => Some(b),
+        let facts = match btf::facts(Path::new(VMLINUX_BTF)) {
+            Ok((f, _cached)) => Some(f),
             Err(e) => {
                 status.push(SignalStatus {
                     signal: "kernel BTF",
@@ -277,54 +298,43 @@ impl Probe {
             }
         };
         // Offsets per field group; a group that does not resolve disables its signals only.
-        let mut offsets: Vec<(&'static str, u32)> = Vec::new();
-        let mut group_err: Vec<(&'static str, String)> = Vec::new();
-        if let Some(b) = &kbtf {
-            for g in btf::GROUPS {
-                match btf::resolve(b, g) {
-                    Ok(o) => offsets.extend(o),
-                    Err(e) => group_err.push((g.name, e.to_string())),
-                }
-            }
-        }
-        let core_ok = kbtf.is_some() && !group_err.iter().any(|(g, _)| *g == btf::CORE.name);
+        let offsets: Vec<(&'static str, u32)> =
+            facts.as_ref().map(|f| f.globals()).unwrap_or_default();
+        let group_err: Vec<(&'static str, String)> = btf::GROUPS
+            .iter()
+            .filter_map(|g| {
+                facts
+                    .as_ref()
+                    .and_then(|f| f.group_error(g))
+                    .map(|e| (g.name, e.to_string()))
+            })
+            .collect();
+        let core_ok = facts.as_ref().is_some_and(|f| f.group_ok(&btf::CORE));
         let have_offsets: u32 = u32::from(core_ok);
         lap("BTF offsets", &mut t);
-        let aya_btf = if kbtf.is_some() {
+        let aya_btf = if facts.is_some() {
             Btf::from_sys_fs().ok()
         } else {
             None
         };
-        let reasons: Vec<(&'static str, u32)> = [
-            ("REASON_LISTEN_OVERFLOW", "TCP_LISTEN_OVERFLOW"),
-            ("REASON_NO_SOCKET", "NO_SOCKET"),
-        ]
-        .into_iter()
-        .map(|(g, n)| {
+        let reasons: Vec<(&'static str, u32)> = vec![
             (
-                g,
-                kbtf.as_ref()
-                    .and_then(|b| btf::drop_reason(b, n))
-                    .unwrap_or(u32::MAX),
-            )
-        })
-        .collect();
-        if let Some(b) = &kbtf
-            && let Ok(vals) = b.enum_values("sk_rst_reason")
-        {
-            crate::output::set_rst_reasons(
-                vals.into_iter()
-                    .map(|(n, v)| (v as u32, n.trim_start_matches("SK_RST_REASON_").to_string()))
-                    .collect(),
-            );
+                "REASON_LISTEN_OVERFLOW",
+                facts.as_ref().map_or(u32::MAX, |f| f.listen_overflow),
+            ),
+            (
+                "REASON_NO_SOCKET",
+                facts.as_ref().map_or(u32::MAX, |f| f.no_socket),
+            ),
+        ];
+        if let Some(f) = &facts {
+            crate::output::set_rst_reasons(f.rst_reasons.clone());
         }
         lap("BTF (aya)", &mut t);
-        let tw_handler: u64 = if !cfg.trace {
-            0
+        let tw_handler: u64 = if cfg.trace {
+            kallsyms_cached("tw_timer_handler")
         } else {
-            std::fs::read_to_string("/proc/kallsyms")
-            .map(|t| kallsyms_addr(&t, "tw_timer_handler"))
-            .unwrap_or(0)
+            0
         };
 
         let tps = tracefs::read_format(&tracefs, "sock", "inet_sock_set_state").ok();
@@ -361,11 +371,21 @@ impl Probe {
         let mut loader = EbpfLoader::new();
         loader.btf(aya_btf.as_ref());
         let nrings = ring_count();
-        let per_ring = if cfg.trace { ring_size(cfg.ring_bytes, nrings) } else { 4096 };
+        let per_ring = if cfg.trace {
+            ring_size(cfg.ring_bytes, nrings)
+        } else {
+            4096
+        };
         for (i, name) in RINGS.iter().enumerate() {
             loader.map_max_entries(name, if (i as u32) < nrings { per_ring } else { 4096 });
         }
         loader.override_global("NRINGS", &nrings, true);
+        if !cfg.trace {
+            // Only the iterator runs: the event-side maps need not be preallocated.
+            for m in ["SOCKS", "LISTENERS", "REQ_LAST"] {
+                loader.map_max_entries(m, 1);
+            }
+        }
         loader.override_global("HAVE_BTF_OFFSETS", &have_offsets, true);
         loader.override_global("TW_HANDLER", &tw_handler, true);
         for (name, v) in offsets.iter().chain(&tps_globals).chain(&reasons) {

@@ -1,8 +1,10 @@
 //! The pure side of tcpwatch: decoded events, owner resolution, and (later) aggregation.
+pub mod aggregate;
 pub mod event;
 pub mod overflow;
 pub mod owners;
 pub mod reorder;
+pub mod snapshot;
 pub mod timewait;
 
 /// Events the pipeline lost, reported in every output.

@@ -1,6 +1,7 @@
 //! Writers that turn model events and snapshots into text, JSON and exit codes. Pure: they never
 //! touch aya, netlink or /proc.
 pub mod json;
+pub mod snapshot;
 pub mod trace;
 
 static RST_REASONS: std::sync::OnceLock<Vec<(u32, &'static str)>> = std::sync::OnceLock::new();

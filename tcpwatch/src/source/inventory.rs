@@ -29,6 +29,8 @@ pub struct SockRec {
     pub drops: u32,
     pub retransmits: u16,
     pub probes: u16,
+    /// Full sockets: CLOCK_MONOTONIC time of the last packet, ns (0 unknown).
+    pub last_pkt_ns: u64,
     pub owner: Option<Owner>,
 }
 
@@ -80,6 +82,7 @@ fn decode(r: &IterRec) -> Option<SockRec> {
         drops: r.drops,
         retransmits: r.retransmits,
         probes: r.probes,
+        last_pkt_ns: r.last_pkt_us.saturating_mul(1000),
         owner: None,
     })
 }

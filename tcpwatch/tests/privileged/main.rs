@@ -6,6 +6,7 @@
 mod harness;
 mod peer;
 mod signals;
+mod snapshot;
 mod states;
 
 use std::panic::AssertUnwindSafe;
@@ -17,6 +18,7 @@ fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend_from_slice(states::TESTS);
     v.extend_from_slice(signals::TESTS);
+    v.extend_from_slice(snapshot::TESTS);
     v
 }
 

@@ -1,0 +1,923 @@
+//! The snapshot every output renders: the kernel's socket inventory (exact, like `ss`), the
+//! aggregator's history, counters and sysctls per namespace, and findings that name what was
+//! seen, the likely cause, and the sysctl or code that governs it. Pure composition.
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::Loss;
+use super::aggregate::{Aggregator, Log2Hist, Timeline};
+use super::event::{Owner, RetransmitKind, TcpState, TwExitReason};
+use crate::source::inventory::{SockRec, ss_state};
+use crate::source::procnet::{Counters, Sockstat};
+
+/// What the snapshot is made from, besides the aggregator.
+pub struct Input<'a> {
+    pub now_ns: u64,
+    /// How long events were watched (0 for an instant snapshot).
+    pub window_ns: u64,
+    pub host: String,
+    pub kernel: String,
+    pub hooks: Vec<HookView>,
+    /// The inventory taken at `now_ns`.
+    pub inventory: &'a [SockRec],
+    pub namespaces: Vec<NsInput>,
+    pub loss: Loss,
+    /// tcpwatch's own namespace: its sysctls and counters are the top-level ones unless
+    /// exactly one other namespace is watched.
+    pub home_netns: u32,
+    pub thresholds: Thresholds,
+}
+
+pub struct NsInput {
+    pub inode: u32,
+    pub counters_now: Counters,
+    pub counters_start: Counters,
+    pub sysctls: BTreeMap<String, String>,
+    pub sockstat: Sockstat,
+}
+
+/// When a finding fires.
+#[derive(Clone, Copy, Debug)]
+pub struct Thresholds {
+    /// A CLOSE_WAIT socket idle this long means the application did not close it.
+    pub close_wait_secs: u64,
+    /// Fraction of the ephemeral port range in use toward one destination.
+    pub port_pressure: f64,
+    /// Data retransmits of one socket that make a storm.
+    pub retransmit_storm: u32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            close_wait_secs: 10,
+            port_pressure: 0.5,
+            retransmit_storm: 3,
+        }
+    }
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct HookView {
+    pub signal: String,
+    pub hook: Option<String>,
+    pub note: Option<String>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct OwnerView {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl From<&Owner> for OwnerView {
+    fn from(o: &Owner) -> Self {
+        OwnerView {
+            pid: o.pid,
+            comm: o.comm.to_string_lossy(),
+        }
+    }
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Default)]
+pub struct QueueView {
+    pub now: u32,
+    pub max: u32,
+    pub peak: u32,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct ListenerView {
+    pub netns: u32,
+    pub addr: String,
+    pub port: u16,
+    pub owner: Option<OwnerView>,
+    pub accept_queue: QueueView,
+    pub syn_queue: QueueView,
+    /// The listener's drop counter (every listen drop since it was created).
+    pub drops: u64,
+    /// In the observed window: drops by queue, syncookies sent, final-ACK drops seen one by one.
+    pub overflows: OverflowsView,
+    pub synack_retransmits: u64,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Default)]
+pub struct OverflowsView {
+    pub accept: u64,
+    pub syn: u64,
+    pub syncookies: u64,
+    pub final_ack_packets: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct PortCount {
+    pub netns: u32,
+    pub port: u16,
+    pub count: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct RemoteCount {
+    pub netns: u32,
+    pub addr: String,
+    pub port: u16,
+    pub count: u64,
+}
+
+/// Ephemeral ports in use from one local address toward one remote endpoint (each needs its
+/// own local port: TIME_WAIT included), against `ip_local_port_range`.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Headroom {
+    pub netns: u32,
+    pub local_addr: String,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub in_use: u64,
+    pub time_wait: u64,
+    pub range: u64,
+    pub free: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+pub struct TimeWaitView {
+    pub total: u64,
+    /// FIN_WAIT2-substate timewait sockets (orphans waiting for the peer's FIN).
+    pub fin_wait2: u64,
+    pub by_local_port: Vec<PortCount>,
+    pub by_remote: Vec<RemoteCount>,
+    pub port_headroom: Vec<Headroom>,
+    /// sockstat `tw` per namespace against what tcpwatch tracks (health).
+    pub drift: Vec<Drift>,
+    pub entered: u64,
+    pub exited: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Drift {
+    pub netns: u32,
+    pub sockstat: u64,
+    pub tracked: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+pub struct HistView {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    /// Log2 buckets as (upper bound, count), non-empty ones only.
+    pub buckets: Vec<(u64, u64)>,
+}
+
+impl From<&Log2Hist> for HistView {
+    fn from(h: &Log2Hist) -> Self {
+        HistView {
+            count: h.count,
+            p50: h.quantile(0.5),
+            p90: h.quantile(0.9),
+            p99: h.quantile(0.99),
+            buckets: h
+                .buckets
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| (1u64 << (i + 1), *n))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+pub struct Histograms {
+    pub handshake_us: HistView,
+    pub lifetime_ms: HistView,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct TransitionView {
+    pub ts_ns: u64,
+    pub old: &'static str,
+    pub new: &'static str,
+    pub prev_state_ns: Option<u64>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct SocketView {
+    pub cookie: u64,
+    pub netns: u32,
+    pub family: &'static str,
+    pub local: String,
+    pub remote: String,
+    pub owner: Option<OwnerView>,
+    pub state: Option<&'static str>,
+    pub state_for_ns: u64,
+    pub closed_first: Option<bool>,
+    pub transitions: Vec<TransitionView>,
+    pub retransmits: BTreeMap<&'static str, u32>,
+    pub retransmit_intervals_ns: Vec<u64>,
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    pub errors: Vec<&'static str>,
+    pub time_wait: Option<TwView>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct TwView {
+    pub substate: Option<&'static str>,
+    pub entered_ns: u64,
+    pub exit: Option<&'static str>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Governor {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub id: &'static str,
+    pub severity: &'static str,
+    pub netns: u32,
+    pub what: String,
+    pub cause: String,
+    pub governed_by: Vec<Governor>,
+    pub owner: Option<OwnerView>,
+    pub count: u64,
+    /// A few sockets or listeners it is about (`local -> remote`).
+    pub examples: Vec<String>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+pub struct LossView {
+    pub kernel_dropped: u64,
+    pub kernel_dropped_by_type: BTreeMap<&'static str, u64>,
+    pub kernel_skipped: u64,
+    pub channel_dropped: u64,
+    pub decode_errors: u64,
+    pub timelines_evicted: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct NamespaceView {
+    pub netns: u32,
+    pub sockstat_tw: u64,
+    pub sockstat_inuse: u64,
+    pub counters: BTreeMap<String, u64>,
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+pub struct Snapshot {
+    pub version: u32,
+    pub ts_ns: u64,
+    pub window_s: f64,
+    pub host: String,
+    pub kernel: String,
+    pub hooks: Vec<HookView>,
+    /// Sockets per state as `ss -tan` counts them (a timewait socket by its substate, a
+    /// request socket as SYN_RECV), TIME_WAIT included.
+    pub states: BTreeMap<&'static str, u64>,
+    pub listeners: Vec<ListenerView>,
+    pub time_wait: TimeWaitView,
+    /// Kernel MIB deltas over the window (TcpExt/Tcp, the watched or home namespace).
+    pub counters: BTreeMap<String, u64>,
+    pub sysctls: BTreeMap<String, String>,
+    pub namespaces: Vec<NamespaceView>,
+    pub retransmits: BTreeMap<&'static str, u64>,
+    pub resets: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<&'static str, u64>,
+    pub histograms: Histograms,
+    /// Timelines worth a look: retransmits, resets, errors, stuck states (at most 200).
+    pub sockets: Vec<SocketView>,
+    pub findings: Vec<Finding>,
+    pub loss: LossView,
+}
+
+const TOP: usize = 10;
+
+fn errno_name(e: i32) -> &'static str {
+    crate::output::trace::errno_name(e)
+}
+
+fn gov(sysctls: &BTreeMap<String, String>, name: &str) -> Governor {
+    Governor {
+        name: name.to_string(),
+        value: sysctls.get(name).cloned(),
+    }
+}
+
+fn code(what: &str) -> Governor {
+    Governor {
+        name: what.to_string(),
+        value: None,
+    }
+}
+
+fn tuple(local: &SocketAddr, remote: &SocketAddr) -> String {
+    format!("{local} -> {remote}")
+}
+
+fn socket_view(t: &Timeline, now: u64) -> SocketView {
+    let names = ["syn", "synack", "data", "fin"];
+    SocketView {
+        cookie: t.cookie,
+        netns: t.netns,
+        family: t.family.name(),
+        local: t.local.to_string(),
+        remote: t.remote.to_string(),
+        owner: t.owner.as_ref().map(OwnerView::from),
+        state: t.state.map(TcpState::name),
+        state_for_ns: now.saturating_sub(t.state_since_ns),
+        closed_first: t.closed_first,
+        transitions: t
+            .transitions
+            .iter()
+            .map(|x| TransitionView {
+                ts_ns: x.ts_ns,
+                old: x.old.name(),
+                new: x.new.name(),
+                prev_state_ns: x.prev_state_ns,
+            })
+            .collect(),
+        retransmits: names
+            .iter()
+            .zip(t.retrans)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (*k, n))
+            .collect(),
+        retransmit_intervals_ns: t
+            .last_retrans
+            .iter()
+            .filter_map(|r| r.interval_ns)
+            .collect(),
+        resets_sent: t.resets_sent,
+        resets_received: t.resets_received,
+        errors: t.errors.iter().map(|e| errno_name(*e)).collect(),
+        time_wait: t.timewait.map(|p| TwView {
+            substate: p.substate.map(TcpState::name),
+            entered_ns: p.enter_ns,
+            exit: p.exit.map(|(_, r)| r.name()),
+        }),
+    }
+}
+
+fn notable(t: &Timeline) -> bool {
+    t.retrans.iter().any(|n| *n > 0)
+        || t.resets_sent + t.resets_received > 0
+        || t.errors.total > 0
+        || matches!(
+            t.state,
+            Some(TcpState::CloseWait | TcpState::SynSent | TcpState::FinWait2 | TcpState::LastAck)
+        )
+}
+
+/// Builds the snapshot.
+pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
+    let now = input.now_ns;
+    let mut s = Snapshot {
+        version: 1,
+        ts_ns: now,
+        window_s: input.window_ns as f64 / 1e9,
+        host: input.host.clone(),
+        kernel: input.kernel.clone(),
+        hooks: input.hooks.clone(),
+        ..Snapshot::default()
+    };
+    for st in TcpState::ALL {
+        if !matches!(st, TcpState::Close | TcpState::NewSynRecv) {
+            s.states.insert(st.name(), 0);
+        }
+    }
+    for r in input.inventory {
+        *s.states.entry(ss_state(r).name()).or_insert(0) += 1;
+    }
+
+    // Namespaces: the top-level counters and sysctls are the watched one's when only one is
+    // watched, else tcpwatch's own.
+    let main_ns = if input.namespaces.len() == 1 {
+        input.namespaces[0].inode
+    } else {
+        input.home_netns
+    };
+    for n in &input.namespaces {
+        let d = n.counters_now.delta(&n.counters_start);
+        let counters: BTreeMap<String, u64> =
+            d.0.into_iter()
+                .filter(|(k, v)| *v > 0 && (k.starts_with("TcpExt:") || k.starts_with("Tcp:")))
+                .collect();
+        if n.inode == main_ns {
+            s.counters = counters.clone();
+            s.sysctls = n.sysctls.clone();
+        }
+        s.namespaces.push(NamespaceView {
+            netns: n.inode,
+            sockstat_tw: n.sockstat.tw,
+            sockstat_inuse: n.sockstat.inuse,
+            counters,
+            sysctls: n.sysctls.clone(),
+        });
+    }
+    let sysctls_of = |netns: u32| -> &BTreeMap<String, String> {
+        static EMPTY: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+        input
+            .namespaces
+            .iter()
+            .find(|n| n.inode == netns)
+            .map_or_else(|| EMPTY.get_or_init(BTreeMap::new), |n| &n.sysctls)
+    };
+
+    // Listeners: the inventory's now, the aggregator's window.
+    for r in input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::Listen)
+    {
+        let a = agg.listeners.get(&(r.netns, r.local));
+        s.listeners.push(ListenerView {
+            netns: r.netns,
+            addr: r.local.ip().to_string(),
+            port: r.local.port(),
+            owner: r
+                .owner
+                .as_ref()
+                .or(a.and_then(|a| a.owner.as_ref()))
+                .map(OwnerView::from),
+            accept_queue: QueueView {
+                now: r.accept_queue,
+                max: r.accept_max,
+                peak: a.map_or(0, |a| a.accept_peak).max(r.accept_queue),
+            },
+            syn_queue: QueueView {
+                now: r.syn_queue,
+                max: r.accept_max,
+                peak: a.map_or(0, |a| a.syn_peak).max(r.syn_queue),
+            },
+            drops: r.drops as u64,
+            overflows: a.map_or_else(OverflowsView::default, |a| OverflowsView {
+                accept: a.overflow_accept,
+                syn: a.overflow_syn,
+                syncookies: a.syncookies,
+                final_ack_packets: a.overflow_packets,
+            }),
+            synack_retransmits: a.map_or(0, |a| a.synack_retransmits),
+        });
+    }
+    s.listeners
+        .sort_by(|a, b| (a.netns, a.port, &a.addr).cmp(&(b.netns, b.port, &b.addr)));
+
+    // TIME_WAIT from the inventory (exact), by local port and remote endpoint.
+    let tws: Vec<&SockRec> = input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::TimeWait)
+        .collect();
+    s.time_wait.total = tws.len() as u64;
+    s.time_wait.fin_wait2 = tws
+        .iter()
+        .filter(|r| r.substate == Some(TcpState::FinWait2))
+        .count() as u64;
+    let mut by_port: BTreeMap<(u32, u16), u64> = BTreeMap::new();
+    let mut by_remote: BTreeMap<(u32, IpAddr, u16), u64> = BTreeMap::new();
+    for r in &tws {
+        *by_port.entry((r.netns, r.local.port())).or_insert(0) += 1;
+        *by_remote
+            .entry((r.netns, r.remote.ip(), r.remote.port()))
+            .or_insert(0) += 1;
+    }
+    let mut ports: Vec<PortCount> = by_port
+        .into_iter()
+        .map(|((netns, port), count)| PortCount { netns, port, count })
+        .collect();
+    ports.sort_by(|a, b| b.count.cmp(&a.count).then(a.port.cmp(&b.port)));
+    ports.truncate(TOP);
+    s.time_wait.by_local_port = ports;
+    let mut remotes: Vec<RemoteCount> = by_remote
+        .into_iter()
+        .map(|((netns, ip, port), count)| RemoteCount {
+            netns,
+            addr: ip.to_string(),
+            port,
+            count,
+        })
+        .collect();
+    remotes.sort_by_key(|r| std::cmp::Reverse(r.count));
+    remotes.truncate(TOP);
+    s.time_wait.by_remote = remotes;
+    for n in &input.namespaces {
+        let tracked = agg.timewait.values().filter(|e| e.netns == n.inode).count() as u64;
+        s.time_wait.drift.push(Drift {
+            netns: n.inode,
+            sockstat: n.sockstat.tw,
+            tracked,
+        });
+    }
+    s.time_wait.entered = agg.totals.tw_enter;
+    for (i, r) in [
+        TwExitReason::Expired,
+        TwExitReason::Reused,
+        TwExitReason::Killed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        s.time_wait
+            .exited
+            .insert(r.name().to_string(), agg.totals.tw_exit[i]);
+    }
+
+    // Port headroom: connections from one local address to one remote endpoint each hold a
+    // local port, TIME_WAIT ones included.
+    // Only client-side sockets draw from the ephemeral range: a socket whose local port is a
+    // listener's is the server side.
+    let listening: std::collections::HashSet<(u32, u16)> = input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::Listen)
+        .map(|r| (r.netns, r.local.port()))
+        .collect();
+    let mut use_by: BTreeMap<(u32, IpAddr, IpAddr, u16), (u64, u64)> = BTreeMap::new();
+    for r in input
+        .inventory
+        .iter()
+        .filter(|r| !matches!(r.state, TcpState::Listen | TcpState::NewSynRecv))
+    {
+        if r.remote.port() == 0 || listening.contains(&(r.netns, r.local.port())) {
+            continue;
+        }
+        let e = use_by
+            .entry((r.netns, r.local.ip(), r.remote.ip(), r.remote.port()))
+            .or_insert((0, 0));
+        e.0 += 1;
+        if r.state == TcpState::TimeWait {
+            e.1 += 1;
+        }
+    }
+    for ((netns, laddr, raddr, rport), (in_use, tw)) in use_by {
+        let Some((lo, hi)) = crate::source::sysctl::port_range(sysctls_of(netns)) else {
+            continue;
+        };
+        let range = (hi.saturating_sub(lo) as u64) + 1;
+        if in_use < 16 {
+            continue;
+        }
+        s.time_wait.port_headroom.push(Headroom {
+            netns,
+            local_addr: laddr.to_string(),
+            remote_addr: raddr.to_string(),
+            remote_port: rport,
+            in_use,
+            time_wait: tw,
+            range,
+            free: range.saturating_sub(in_use),
+        });
+    }
+    s.time_wait
+        .port_headroom
+        .sort_by_key(|h| std::cmp::Reverse(h.in_use));
+    s.time_wait.port_headroom.truncate(TOP);
+
+    // Totals from events.
+    for (i, k) in ["syn", "synack", "data", "fin"].iter().enumerate() {
+        s.retransmits.insert(k, agg.totals.retrans[i]);
+    }
+    s.resets.insert("sent", agg.totals.resets_sent);
+    s.resets.insert("received", agg.totals.resets_received);
+    for (e, n) in &agg.totals.errors {
+        *s.errors.entry(errno_name(*e)).or_insert(0) += n;
+    }
+    s.histograms = Histograms {
+        handshake_us: (&agg.handshake_us).into(),
+        lifetime_ms: (&agg.lifetime_ms).into(),
+    };
+    let mut notable_socks: Vec<&Timeline> = agg.sockets().filter(|t| notable(t)).collect();
+    notable_socks.sort_by_key(|t| std::cmp::Reverse(t.last_ns));
+    s.sockets = notable_socks
+        .iter()
+        .take(200)
+        .map(|t| socket_view(t, now))
+        .collect();
+    s.loss = LossView {
+        kernel_dropped: input.loss.kernel_dropped,
+        kernel_dropped_by_type: input.loss.kernel_dropped_by_type.nonzero().collect(),
+        kernel_skipped: input.loss.kernel_skipped,
+        channel_dropped: input.loss.channel_dropped,
+        decode_errors: input.loss.decode_errors,
+        timelines_evicted: agg.totals.evicted,
+    };
+    s.findings = findings(agg, input, &s, &sysctls_of);
+    s
+}
+
+/// CLOSE_WAIT sockets of one owner: the sockets, the oldest idle time, the owner.
+type Leak<'a> = (Vec<&'a SockRec>, u64, Option<Owner>);
+
+fn findings<'a>(
+    agg: &Aggregator,
+    input: &Input<'_>,
+    s: &Snapshot,
+    sysctls_of: &dyn Fn(u32) -> &'a BTreeMap<String, String>,
+) -> Vec<Finding> {
+    let th = input.thresholds;
+    let now = input.now_ns;
+    let mut out = Vec::new();
+
+    // CLOSE_WAIT leaks, by owner: idle since the peer's FIN (the inventory's last-packet time,
+    // or the transition if it was seen).
+    let mut cw: BTreeMap<(u32, Option<u32>), Leak<'_>> = BTreeMap::new();
+    for r in input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::CloseWait)
+    {
+        let seen = agg
+            .sockets()
+            .find(|t| t.cookie == r.cookie && t.cookie != 0)
+            .map(|t| t.state_since_ns);
+        let since = seen.or((r.last_pkt_ns != 0).then_some(r.last_pkt_ns));
+        let Some(since) = since else { continue };
+        let age = now.saturating_sub(since);
+        if age < th.close_wait_secs * 1_000_000_000 {
+            continue;
+        }
+        let e = cw
+            .entry((r.netns, r.owner.map(|o| o.pid)))
+            .or_insert((Vec::new(), 0, r.owner));
+        e.0.push(r);
+        e.1 = e.1.max(age);
+    }
+    for ((netns, _), (socks, oldest, owner)) in cw {
+        let who = owner.map_or("an unknown process".to_string(), |o| {
+            format!("{} (pid {})", o.comm.to_string_lossy(), o.pid)
+        });
+        out.push(Finding {
+            id: "close_wait_leak",
+            severity: "warning",
+            netns,
+            what: format!(
+                "{} socket(s) in CLOSE_WAIT owned by {who}, the oldest idle for {} s",
+                socks.len(),
+                oldest / 1_000_000_000
+            ),
+            cause: "the peer closed its side and the application never called close() on these sockets: a descriptor leak in the owner's code".into(),
+            governed_by: vec![code("application code: close() after read() returns 0"), gov(sysctls_of(netns), "net.ipv4.tcp_keepalive_time")],
+            owner: owner.as_ref().map(OwnerView::from),
+            count: socks.len() as u64,
+            examples: socks.iter().take(5).map(|r| tuple(&r.local, &r.remote)).collect(),
+        });
+    }
+
+    // Orphaned FIN_WAIT2: timewait sockets waiting for the peer's FIN.
+    let mut fw2: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::TimeWait && r.substate == Some(TcpState::FinWait2))
+    {
+        *fw2.entry(r.netns).or_insert(0) += 1;
+    }
+    for (netns, n) in fw2 {
+        if n < 16 {
+            continue;
+        }
+        out.push(Finding {
+            id: "orphaned_fin_wait2",
+            severity: "info",
+            netns,
+            what: format!("{n} closed socket(s) waiting in FIN_WAIT2 for the peer's FIN"),
+            cause: "this side closed, the peer acknowledged but has not closed its end yet".into(),
+            governed_by: vec![gov(sysctls_of(netns), "net.ipv4.tcp_fin_timeout")],
+            owner: None,
+            count: n,
+            examples: vec![],
+        });
+    }
+
+    // SYN_SENT with SYN retransmits: the peer does not answer.
+    let stuck: Vec<&Timeline> = agg
+        .sockets()
+        .filter(|t| t.retransmits(RetransmitKind::Syn) > 0 && t.state == Some(TcpState::SynSent))
+        .collect();
+    let stuck_inv: Vec<&SockRec> = input
+        .inventory
+        .iter()
+        .filter(|r| r.state == TcpState::SynSent && r.retransmits > 0)
+        .collect();
+    let n = stuck.len().max(stuck_inv.len());
+    if n > 0 {
+        let netns = stuck
+            .first()
+            .map(|t| t.netns)
+            .or(stuck_inv.first().map(|r| r.netns))
+            .unwrap_or(0);
+        let sc = sysctls_of(netns);
+        let mut ex: Vec<String> = stuck
+            .iter()
+            .take(5)
+            .map(|t| tuple(&t.local, &t.remote))
+            .collect();
+        if ex.is_empty() {
+            ex = stuck_inv
+                .iter()
+                .take(5)
+                .map(|r| tuple(&r.local, &r.remote))
+                .collect();
+        }
+        out.push(Finding {
+            id: "syn_sent_stuck",
+            severity: "warning",
+            netns,
+            what: format!("{n} connection attempt(s) retransmitting their SYN"),
+            cause: "no SYN-ACK comes back: the peer or a firewall drops the SYN, the port is filtered, or the listener's queues are full".into(),
+            governed_by: vec![gov(sc, "net.ipv4.tcp_syn_retries"), gov(sc, "net.ipv4.tcp_syn_linear_timeouts")],
+            owner: stuck.first().and_then(|t| t.owner.as_ref()).map(OwnerView::from),
+            count: n as u64,
+            examples: ex,
+        });
+    }
+
+    // Listener overflows.
+    for l in &s.listeners {
+        let sc = sysctls_of(l.netns);
+        let somaxconn: Option<u32> = sc.get("net.core.somaxconn").and_then(|v| v.parse().ok());
+        if l.overflows.accept > 0 {
+            let limit = match somaxconn {
+                Some(m) if l.accept_queue.max >= m => format!(
+                    "the accept queue limit {} is net.core.somaxconn ({m}), which capped the application's listen() backlog",
+                    l.accept_queue.max
+                ),
+                Some(m) => format!(
+                    "the accept queue limit {} is the application's listen() backlog (net.core.somaxconn is {m}); the kernel holds limit + 1",
+                    l.accept_queue.max
+                ),
+                None => format!("the accept queue limit is {}", l.accept_queue.max),
+            };
+            out.push(Finding {
+                id: "accept_queue_overflow",
+                severity: "critical",
+                netns: l.netns,
+                what: format!(
+                    "listener {}:{} dropped {} connection(s): its accept queue was full (peak {}/{})",
+                    l.addr, l.port, l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
+                ),
+                cause: format!("the application does not call accept() fast enough; {limit}"),
+                governed_by: vec![
+                    code("listen() backlog in the application"),
+                    gov(sc, "net.core.somaxconn"),
+                    gov(sc, "net.ipv4.tcp_abort_on_overflow"),
+                ],
+                owner: l.owner.clone(),
+                count: l.overflows.accept,
+                examples: vec![format!("{}:{}", l.addr, l.port)],
+            });
+        }
+        if l.overflows.syn > 0 || l.overflows.syncookies > 0 {
+            let (what, sev) = if l.overflows.syn > 0 {
+                (
+                    format!(
+                        "listener {}:{} dropped {} SYN(s): its SYN queue was full (peak {}/{})",
+                        l.addr, l.port, l.overflows.syn, l.syn_queue.peak, l.syn_queue.max
+                    ),
+                    "critical",
+                )
+            } else {
+                (
+                    format!(
+                        "listener {}:{} answered {} SYN(s) with syncookies: its SYN queue was full",
+                        l.addr, l.port, l.overflows.syncookies
+                    ),
+                    "warning",
+                )
+            };
+            out.push(Finding {
+                id: "syn_queue_overflow",
+                severity: sev,
+                netns: l.netns,
+                what,
+                cause: "handshakes do not complete (final ACKs lost, a SYN flood, or slow clients) and requests pile up in the SYN queue".into(),
+                governed_by: vec![gov(sc, "net.ipv4.tcp_syncookies"), gov(sc, "net.ipv4.tcp_max_syn_backlog"), gov(sc, "net.core.somaxconn")],
+                owner: l.owner.clone(),
+                count: l.overflows.syn + l.overflows.syncookies,
+                examples: vec![format!("{}:{}", l.addr, l.port)],
+            });
+        }
+    }
+
+    // TIME_WAIT pressure: ephemeral ports toward one destination, and bucket overflow.
+    for h in &s.time_wait.port_headroom {
+        if (h.in_use as f64) < th.port_pressure * h.range as f64 {
+            continue;
+        }
+        let sc = sysctls_of(h.netns);
+        out.push(Finding {
+            id: "ephemeral_port_pressure",
+            severity: if h.free < h.range / 10 { "critical" } else { "warning" },
+            netns: h.netns,
+            what: format!(
+                "{} of {} ephemeral ports from {} to {}:{} in use ({} in TIME_WAIT)",
+                h.in_use, h.range, h.local_addr, h.remote_addr, h.remote_port, h.time_wait
+            ),
+            cause: "many short connections to one destination, each leaving a TIME_WAIT socket on the side that closed first".into(),
+            governed_by: vec![
+                gov(sc, "net.ipv4.ip_local_port_range"),
+                Governor { name: "net.ipv4.tcp_tw_reuse (helps connecting clients only)".into(), value: sc.get("net.ipv4.tcp_tw_reuse").cloned() },
+                gov(sc, "net.ipv4.tcp_max_tw_buckets"),
+            ],
+            owner: None,
+            count: h.in_use,
+            examples: vec![],
+        });
+    }
+    for n in &s.namespaces {
+        let over = n
+            .counters
+            .get("TcpExt:TCPTimeWaitOverflow")
+            .copied()
+            .unwrap_or(0);
+        if over > 0 {
+            let sc = sysctls_of(n.netns);
+            out.push(Finding {
+                id: "time_wait_bucket_overflow",
+                severity: "warning",
+                netns: n.netns,
+                what: format!("{over} socket(s) closed without TIME_WAIT: the timewait table was full"),
+                cause: "more TIME_WAIT sockets than net.ipv4.tcp_max_tw_buckets allows; late segments of those connections can now reach new ones".into(),
+                governed_by: vec![gov(sc, "net.ipv4.tcp_max_tw_buckets")],
+                owner: None,
+                count: over,
+                examples: vec![],
+            });
+        }
+    }
+
+    // Retransmit storms and aborts.
+    let storm: Vec<&Timeline> = agg
+        .sockets()
+        .filter(|t| t.retransmits(RetransmitKind::Data) >= th.retransmit_storm)
+        .collect();
+    if !storm.is_empty() {
+        let netns = storm[0].netns;
+        let sc = sysctls_of(netns);
+        let aborted = storm
+            .iter()
+            .filter(|t| t.errors.iter().any(|e| *e == libc::ETIMEDOUT))
+            .count();
+        out.push(Finding {
+            id: "retransmit_storm",
+            severity: if aborted > 0 { "critical" } else { "warning" },
+            netns,
+            what: format!("{} connection(s) retransmitting data ({} aborted with ETIMEDOUT)", storm.len(), aborted),
+            cause: "segments or their ACKs are lost on the path (or the peer is gone); the RTO doubles at each retry".into(),
+            governed_by: vec![gov(sc, "net.ipv4.tcp_retries2")],
+            owner: storm[0].owner.as_ref().map(OwnerView::from),
+            count: storm.len() as u64,
+            examples: storm.iter().take(5).map(|t| tuple(&t.local, &t.remote)).collect(),
+        });
+    }
+    let ka: Vec<&Timeline> = agg
+        .sockets()
+        .filter(|t| {
+            t.errors.iter().any(|e| *e == libc::ETIMEDOUT)
+                && t.retransmits(RetransmitKind::Data) == 0
+                && t.retransmits(RetransmitKind::Syn) == 0
+        })
+        .collect();
+    if !ka.is_empty() {
+        let netns = ka[0].netns;
+        let sc = sysctls_of(netns);
+        out.push(Finding {
+            id: "keepalive_abort",
+            severity: "warning",
+            netns,
+            what: format!("{} idle connection(s) aborted with ETIMEDOUT and no retransmits: keepalive probes went unanswered", ka.len()),
+            cause: "the peer vanished (host down, NAT or firewall state expired) while the connection was idle".into(),
+            governed_by: vec![
+                gov(sc, "net.ipv4.tcp_keepalive_time"),
+                gov(sc, "net.ipv4.tcp_keepalive_intvl"),
+                gov(sc, "net.ipv4.tcp_keepalive_probes"),
+                code("SO_KEEPALIVE / TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT in the application"),
+            ],
+            owner: ka[0].owner.as_ref().map(OwnerView::from),
+            count: ka.len() as u64,
+            examples: ka.iter().take(5).map(|t| tuple(&t.local, &t.remote)).collect(),
+        });
+    }
+
+    let lost = input.loss.total();
+    if lost > 0 {
+        out.push(Finding {
+            id: "events_lost",
+            severity: "warning",
+            netns: 0,
+            what: format!("{lost} event(s) were lost: counts from events are lower bounds"),
+            cause: "the ring buffers filled faster than tcpwatch drained them".into(),
+            governed_by: vec![code("tcpwatch --ring-mib")],
+            owner: None,
+            count: lost,
+            examples: vec![],
+        });
+    }
+    out
+}

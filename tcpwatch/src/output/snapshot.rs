@@ -1,0 +1,357 @@
+//! `tcpwatch snapshot`: the snapshot as readable tables, or as one JSON document.
+use std::io::{self, Write};
+
+use super::human_ns;
+use crate::model::snapshot::{QueueView, Snapshot};
+
+/// A queue as a 10-cell bar of `now` against `max` (the kernel holds `max + 1`).
+pub fn bar(q: &QueueView) -> String {
+    let cells = 10usize;
+    let filled = if q.max == 0 {
+        0
+    } else {
+        ((q.now as usize * cells).div_ceil(q.max as usize)).min(cells)
+    };
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(cells - filled))
+}
+
+pub fn write_json<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut w, s).map_err(io::Error::other)?;
+    writeln!(w)
+}
+
+fn owner(o: &Option<crate::model::snapshot::OwnerView>) -> String {
+    o.as_ref()
+        .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm))
+}
+
+pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
+    writeln!(
+        w,
+        "tcpwatch snapshot: {} (kernel {}), {}",
+        s.host,
+        s.kernel,
+        if s.window_s > 0.0 {
+            format!("{:.1} s of events", s.window_s)
+        } else {
+            "inventory only".into()
+        }
+    )?;
+    writeln!(w)?;
+    writeln!(w, "STATES")?;
+    let states: Vec<String> = s
+        .states
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    writeln!(
+        w,
+        "  {}",
+        if states.is_empty() {
+            "no TCP sockets".into()
+        } else {
+            states.join("  ")
+        }
+    )?;
+    writeln!(w)?;
+    writeln!(w, "LISTENERS ({})", s.listeners.len())?;
+    if !s.listeners.is_empty() {
+        writeln!(
+            w,
+            "  {:<11} {:<24} {:<18} {:<28} {:<14} {:>6} {:>16} {:>7}",
+            "NETNS",
+            "ADDRESS",
+            "OWNER",
+            "ACCEPT QUEUE now/max (peak)",
+            "SYN QUEUE",
+            "DROPS",
+            "OVFL acc/syn/ck",
+            "SYNACK"
+        )?;
+        for l in &s.listeners {
+            let addr = if l.addr.contains(':') {
+                format!("[{}]:{}", l.addr, l.port)
+            } else {
+                format!("{}:{}", l.addr, l.port)
+            };
+            writeln!(
+                w,
+                "  {:<11} {:<24} {:<18} {} {:>3}/{:<3} ({:>3})   {:>3} ({:>3})      {:>6} {:>16} {:>7}",
+                l.netns,
+                addr,
+                owner(&l.owner),
+                bar(&l.accept_queue),
+                l.accept_queue.now,
+                l.accept_queue.max,
+                l.accept_queue.peak,
+                l.syn_queue.now,
+                l.syn_queue.peak,
+                l.drops,
+                format!(
+                    "{}/{}/{}",
+                    l.overflows.accept, l.overflows.syn, l.overflows.syncookies
+                ),
+                l.synack_retransmits
+            )?;
+        }
+    }
+    writeln!(w)?;
+    let tw = &s.time_wait;
+    writeln!(
+        w,
+        "TIME_WAIT {} ({} in the FIN_WAIT2 substate); seen entering {}, leaving {}",
+        tw.total,
+        tw.fin_wait2,
+        tw.entered,
+        tw.exited
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    if !tw.by_remote.is_empty() {
+        let r: Vec<String> = tw
+            .by_remote
+            .iter()
+            .map(|r| format!("{}:{} {}", r.addr, r.port, r.count))
+            .collect();
+        writeln!(w, "  by remote endpoint: {}", r.join(", "))?;
+        let p: Vec<String> = tw
+            .by_local_port
+            .iter()
+            .map(|p| format!("{} {}", p.port, p.count))
+            .collect();
+        writeln!(w, "  by local port:      {}", p.join(", "))?;
+    }
+    for h in &tw.port_headroom {
+        writeln!(
+            w,
+            "  ports {} -> {}:{}: {} of {} in use ({} TIME_WAIT), {} free",
+            h.local_addr, h.remote_addr, h.remote_port, h.in_use, h.range, h.time_wait, h.free
+        )?;
+    }
+    for d in tw.drift.iter().filter(|d| d.sockstat != d.tracked) {
+        writeln!(
+            w,
+            "  netns {}: sockstat tw {} vs tracked {} (sockets the events did not show)",
+            d.netns, d.sockstat, d.tracked
+        )?;
+    }
+    writeln!(w)?;
+    let kv = |m: &std::collections::BTreeMap<&'static str, u64>| -> String {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(
+        w,
+        "EVENTS  retransmits: {}  resets: {}",
+        kv(&s.retransmits),
+        kv(&s.resets)
+    )?;
+    if !s.errors.is_empty() {
+        writeln!(w, "        socket errors: {}", kv(&s.errors))?;
+    }
+    let h = &s.histograms;
+    if h.handshake_us.count > 0 {
+        writeln!(
+            w,
+            "        handshake (client): p50 < {} p90 < {} p99 < {} ({} connections)",
+            human_ns(h.handshake_us.p50 * 1000),
+            human_ns(h.handshake_us.p90 * 1000),
+            human_ns(h.handshake_us.p99 * 1000),
+            h.handshake_us.count
+        )?;
+    }
+    if h.lifetime_ms.count > 0 {
+        writeln!(
+            w,
+            "        lifetime: p50 < {} p90 < {} p99 < {}",
+            human_ns(h.lifetime_ms.p50 * 1_000_000),
+            human_ns(h.lifetime_ms.p90 * 1_000_000),
+            human_ns(h.lifetime_ms.p99 * 1_000_000)
+        )?;
+    }
+    writeln!(w)?;
+    writeln!(w, "FINDINGS ({})", s.findings.len())?;
+    for f in &s.findings {
+        writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
+        writeln!(w, "      cause: {}", f.cause)?;
+        let g: Vec<String> = f
+            .governed_by
+            .iter()
+            .map(|g| match &g.value {
+                Some(v) => format!("{} = {v}", g.name),
+                None => g.name.clone(),
+            })
+            .collect();
+        writeln!(w, "      governed by: {}", g.join("; "))?;
+        if !f.examples.is_empty() {
+            writeln!(w, "      e.g. {}", f.examples.join(", "))?;
+        }
+    }
+    if !s.counters.is_empty() {
+        writeln!(w)?;
+        let c: Vec<String> = s
+            .counters
+            .iter()
+            .map(|(k, v)| format!("{k} +{v}"))
+            .collect();
+        writeln!(w, "COUNTERS {}", c.join(", "))?;
+    }
+    writeln!(w)?;
+    let l = &s.loss;
+    if l.kernel_dropped + l.kernel_skipped + l.channel_dropped + l.decode_errors == 0 {
+        writeln!(w, "LOSS none")?;
+    } else {
+        let by: Vec<String> = l
+            .kernel_dropped_by_type
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(
+            w,
+            "LOSS kernel ring full {} ({}), skipped by the kernel {}, undecodable {}",
+            l.kernel_dropped,
+            by.join(", "),
+            l.kernel_skipped,
+            l.decode_errors
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::snapshot::*;
+
+    fn sample() -> Snapshot {
+        let mut s = Snapshot {
+            version: 1,
+            host: "h".into(),
+            kernel: "6.18".into(),
+            window_s: 2.0,
+            ..Default::default()
+        };
+        s.states.insert("ESTABLISHED", 2);
+        s.states.insert("LISTEN", 1);
+        s.states.insert("SYN_SENT", 0);
+        s.listeners.push(ListenerView {
+            netns: 7,
+            addr: "127.0.0.1".into(),
+            port: 8080,
+            owner: Some(OwnerView {
+                pid: 42,
+                comm: "srv".into(),
+            }),
+            accept_queue: QueueView {
+                now: 3,
+                max: 2,
+                peak: 3,
+            },
+            syn_queue: QueueView {
+                now: 0,
+                max: 2,
+                peak: 1,
+            },
+            drops: 24,
+            overflows: OverflowsView {
+                accept: 24,
+                syn: 0,
+                syncookies: 0,
+                final_ack_packets: 0,
+            },
+            synack_retransmits: 0,
+        });
+        s.findings.push(Finding {
+            id: "accept_queue_overflow",
+            severity: "critical",
+            netns: 7,
+            what: "listener 127.0.0.1:8080 dropped 24 connection(s)".into(),
+            cause: "slow accept()".into(),
+            governed_by: vec![Governor {
+                name: "net.core.somaxconn".into(),
+                value: Some("4096".into()),
+            }],
+            owner: None,
+            count: 24,
+            examples: vec![],
+        });
+        s
+    }
+
+    #[test]
+    fn bars() {
+        assert_eq!(
+            bar(&QueueView {
+                now: 3,
+                max: 2,
+                peak: 3
+            }),
+            "[##########]"
+        );
+        assert_eq!(
+            bar(&QueueView {
+                now: 1,
+                max: 4,
+                peak: 1
+            }),
+            "[###.......]"
+        );
+        assert_eq!(
+            bar(&QueueView {
+                now: 0,
+                max: 0,
+                peak: 0
+            }),
+            "[..........]"
+        );
+    }
+
+    #[test]
+    fn text_tables() {
+        let mut out = Vec::new();
+        write_text(&mut out, &sample()).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("ESTABLISHED 2  LISTEN 1"), "{t}");
+        assert!(!t.contains("SYN_SENT"), "zero states are not listed: {t}");
+        assert!(
+            t.contains("127.0.0.1:8080")
+                && t.contains("42/srv")
+                && t.contains("[##########]")
+                && t.contains("24/0/0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("[critical] accept_queue_overflow")
+                && t.contains("net.core.somaxconn = 4096"),
+            "{t}"
+        );
+        assert!(t.contains("LOSS none"));
+    }
+
+    #[test]
+    fn json_document() {
+        let mut out = Vec::new();
+        write_json(&mut out, &sample()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["states"]["ESTABLISHED"], 2);
+        assert_eq!(v["listeners"][0]["accept_queue"]["now"], 3);
+        assert_eq!(v["listeners"][0]["owner"]["pid"], 42);
+        assert_eq!(v["findings"][0]["governed_by"][0]["value"], "4096");
+        for k in [
+            "states",
+            "listeners",
+            "time_wait",
+            "counters",
+            "sysctls",
+            "findings",
+            "loss",
+        ] {
+            assert!(!v[k].is_null(), "{k} is part of the contract");
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! `tcpwatch snapshot`: per-state counts equal `ss` on the same namespace; findings for S5
+//! (accept-queue overflow), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), and none
+//! on clean traffic.
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+pub const TESTS: &[crate::Test] = &[
+    ("snapshot_states_equal_ss", states_equal_ss),
+    ("snapshot_s5_accept_overflow_finding", s5_finding),
+    ("snapshot_s7_timewait_and_port_pressure", s7_finding),
+    ("snapshot_s8_close_wait_leak_finding", s8_finding),
+    ("snapshot_clean_traffic_has_no_findings", clean),
+];
+
+fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
+    let out = Command::new(TCPWATCH)
+        .args(["snapshot", "--json", "--netns", &ns.name])
+        .args(extra)
+        .output()
+        .expect("running tcpwatch snapshot");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `ss -tan` state counts, under tcpwatch's names.
+fn ss_states(ns: &Netns) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in ns.ss(&[]) {
+        let st = l.split_whitespace().next().unwrap_or("");
+        let name = match st {
+            "ESTAB" => "ESTABLISHED",
+            "SYN-SENT" => "SYN_SENT",
+            "SYN-RECV" => "SYN_RECV",
+            "FIN-WAIT-1" => "FIN_WAIT1",
+            "FIN-WAIT-2" => "FIN_WAIT2",
+            "TIME-WAIT" => "TIME_WAIT",
+            "CLOSE-WAIT" => "CLOSE_WAIT",
+            "LAST-ACK" => "LAST_ACK",
+            "LISTEN" => "LISTEN",
+            "CLOSING" => "CLOSING",
+            other => panic!("unexpected ss state {other}"),
+        };
+        *m.entry(name.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn assert_states(snap: &Value, ns: &Netns) {
+    let ss = ss_states(ns);
+    let states = snap["states"].as_object().unwrap();
+    for (k, v) in states {
+        assert_eq!(
+            v.as_u64().unwrap(),
+            ss.get(k).copied().unwrap_or(0),
+            "{k}: snapshot {v} vs ss {ss:?}"
+        );
+    }
+    for (k, v) in &ss {
+        assert_eq!(
+            states.get(k).and_then(Value::as_u64),
+            Some(*v),
+            "ss has {k}"
+        );
+    }
+}
+
+fn findings<'a>(snap: &'a Value, id: &str) -> Vec<&'a Value> {
+    snap["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["id"] == id)
+        .collect()
+}
+
+/// Every kind of socket at once: listeners, established pairs, CLOSE_WAIT, FIN_WAIT2 (full and
+/// timewait), TIME_WAIT, and a request socket (its final ACK held).
+fn states_equal_ss() {
+    let ns = Netns::new();
+    ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8111 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n");
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:8110 64");
+    server.ok("listen 127.0.0.1:8111 64");
+    server.ok("listen [::1]:8112 64");
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let c = client
+            .ok("connect 127.0.0.1:8110")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let a = server
+            .ok(&format!("accept {l}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        conns.push((c, a));
+    }
+    // CLOSE_WAIT on the server and FIN_WAIT2 (full socket) on the client: shutdown(SHUT_WR).
+    client.ok(&format!("shutdown {} wr", conns[0].0));
+    // TIME_WAIT on the client: close both, client first.
+    client.ok(&format!("close {}", conns[1].0));
+    server.ok(&format!("close {}", conns[1].1));
+    // A request socket (SYN-RECV) on 8111.
+    client.ok("connect_nb 127.0.0.1:8111 1");
+    std::thread::sleep(Duration::from_millis(300));
+    let snap = snapshot(&ns, &[]);
+    assert_states(&snap, &ns);
+    assert_eq!(snap["states"]["SYN_RECV"], 1);
+    assert_eq!(snap["states"]["TIME_WAIT"], 1);
+    assert_eq!(snap["states"]["CLOSE_WAIT"], 1);
+    let listeners = snap["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 3);
+    let l8111 = listeners.iter().find(|l| l["port"] == 8111).unwrap();
+    assert_eq!(
+        l8111["syn_queue"]["now"], 1,
+        "the held request is in its SYN queue"
+    );
+    assert_eq!(
+        l8111["owner"]["pid"].as_u64(),
+        Some(server.pid as u64),
+        "owner from /proc/*/fd"
+    );
+    assert_eq!(snap["time_wait"]["total"], 1);
+    assert_eq!(snap["window_s"], 0.0);
+}
+
+/// S5 in a snapshot window: the overflowing listener named, its limit explained, the count
+/// equal to the kernel's ListenDrops delta.
+fn s5_finding() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    let mut server = ns.peer("tw-server");
+    server.ok("listen 127.0.0.1:8113 2");
+    server.ok("listen 127.0.0.1:8114 64");
+    let drops0 = ns.counter("TcpExt", "ListenDrops");
+    let ns_name = ns.name.clone();
+    let snap = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let out = Command::new(TCPWATCH)
+                .args(["snapshot", "--json", "--duration", "5", "--netns", &ns_name])
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        let mut client = ns.peer("tw-client");
+        client.ok("connect_nb 127.0.0.1:8113 6");
+        h.join().unwrap()
+    });
+    let drops = ns.counter("TcpExt", "ListenDrops") - drops0;
+    assert!(drops > 0);
+    let f = findings(&snap, "accept_queue_overflow");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    let f = f[0];
+    assert_eq!(
+        f["count"].as_u64(),
+        Some(drops),
+        "the finding counts what the kernel dropped"
+    );
+    assert!(
+        f["what"].as_str().unwrap().contains("127.0.0.1:8113"),
+        "{f}"
+    );
+    assert!(
+        f["cause"].as_str().unwrap().contains("listen() backlog"),
+        "{f}"
+    );
+    let names: Vec<&str> = f["governed_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"net.core.somaxconn") && names.contains(&"net.ipv4.tcp_abort_on_overflow"),
+        "{names:?}"
+    );
+    assert_eq!(f["owner"]["pid"].as_u64(), Some(server.pid as u64));
+    let l = snap["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 8113)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            l["accept_queue"]["now"].as_u64(),
+            l["accept_queue"]["max"].as_u64()
+        ),
+        (Some(3), Some(2))
+    );
+    assert_eq!(l["overflows"]["accept"].as_u64(), Some(drops));
+    let other = snap["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 8114)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        other["overflows"]["accept"], 0,
+        "only the overflowing listener"
+    );
+    assert!(
+        snap["retransmits"]["syn"].as_u64().unwrap() >= 3,
+        "the refused clients retransmit"
+    );
+    assert_eq!(snap["counters"]["TcpExt:ListenDrops"].as_u64(), Some(drops));
+}
+
+/// S7: TIME_WAIT equal to ss, by remote endpoint; with a narrow ephemeral range, port pressure.
+fn s7_finding() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 42999");
+    let mut server = ns.peer("tw-server");
+    let l = server.ok("listen 127.0.0.1:8115 4096");
+    server.cmd_timeout(&format!("churn {l} 2000"), Duration::from_secs(120));
+    let snap = snapshot(&ns, &[]);
+    assert_states(&snap, &ns);
+    let tw = &snap["time_wait"];
+    assert_eq!(tw["total"], 2000);
+    assert_eq!(tw["by_remote"][0]["port"], 8115);
+    assert_eq!(tw["by_remote"][0]["count"], 2000);
+    assert_eq!(tw["drift"][0]["sockstat"], 2000);
+    assert_eq!(tw["port_headroom"][0]["in_use"], 2000);
+    assert_eq!(tw["port_headroom"][0]["range"], 3000);
+    let f = findings(&snap, "ephemeral_port_pressure");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    let names: Vec<&str> = f[0]["governed_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("net.ipv4.tcp_tw_reuse")),
+        "{names:?}"
+    );
+    let range = f[0]["governed_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "net.ipv4.ip_local_port_range")
+        .unwrap();
+    assert_eq!(
+        range["value"], "40000 42999",
+        "with its value in that namespace"
+    );
+}
+
+/// S8: a CLOSE_WAIT socket idle for over 2 s: the leak is named with its owner.
+fn s8_finding() {
+    let ns = Netns::new();
+    let mut server = ns.peer("tw-leaky");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:8116 16");
+    for _ in 0..2 {
+        let c = client
+            .ok("connect 127.0.0.1:8116")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        server.ok(&format!("accept {l}"));
+        client.ok(&format!("close {c}"));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let snap = snapshot(&ns, &["--close-wait-secs", "2"]);
+    assert_states(&snap, &ns);
+    let f = findings(&snap, "close_wait_leak");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    assert_eq!(f[0]["count"], 2);
+    assert_eq!(f[0]["owner"]["pid"].as_u64(), Some(server.pid as u64));
+    assert_eq!(f[0]["owner"]["comm"], "tw-leaky");
+    assert!(f[0]["cause"].as_str().unwrap().contains("close()"));
+    // Not yet old enough with the default 10 s threshold.
+    let snap = snapshot(&ns, &[]);
+    assert!(findings(&snap, "close_wait_leak").is_empty());
+}
+
+/// Normal traffic: connections opened and closed by both sides, no findings.
+fn clean() {
+    let ns = Netns::new();
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:8117 64");
+    let ns_name = ns.name.clone();
+    let snap = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let out = Command::new(TCPWATCH)
+                .args(["snapshot", "--json", "--duration", "2", "--netns", &ns_name])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        for _ in 0..20 {
+            let c = client
+                .ok("connect 127.0.0.1:8117")
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+            let a = server
+                .ok(&format!("accept {l}"))
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+            client.ok(&format!("send {c} 10"));
+            server.ok(&format!("recv {a} 10"));
+            client.ok(&format!("close {c}"));
+            server.ok(&format!("close {a}"));
+        }
+        h.join().unwrap()
+    });
+    assert!(
+        snap["findings"].as_array().unwrap().is_empty(),
+        "{:#}",
+        snap["findings"]
+    );
+    assert_eq!(snap["histograms"]["handshake_us"]["count"], 20);
+    assert_eq!(snap["time_wait"]["entered"], 20);
+    assert_eq!(snap["loss"]["kernel_dropped"], 0);
+}
