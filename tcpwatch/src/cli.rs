@@ -21,12 +21,47 @@ pub enum Command {
     /// Stream TCP events (state transitions) as they happen.
     #[command(after_help = EXAMPLES)]
     Trace(TraceArgs),
+    /// The interactive view: listeners and their queues, states over time, TIME_WAIT,
+    /// findings, connections with their timelines, the event log. Falls back to `snapshot`
+    /// when stdout is not a terminal.
+    #[command(after_help = TOP_EXAMPLES)]
+    Top(TopArgs),
     /// One-shot report: states, listeners and their queues, TIME_WAIT, kernel counters,
     /// sysctls and findings; with --duration also what happened in that window.
     #[command(after_help = SNAPSHOT_EXAMPLES)]
     Snapshot(SnapshotArgs),
     /// Check privileges and which hook serves each signal, then exit.
     Doctor(DoctorArgs),
+}
+
+const TOP_EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch top                          everything on this host, all namespaces
+    tcpwatch top --port 443               only connections with port 443 on either side
+    tcpwatch top --record cap.jsonl       also save the events (replayable, same as trace --json)
+    tcpwatch top --replay cap.jsonl       inspect a capture elsewhere, no root needed";
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Replay a capture (`trace --json` or `--record` output) instead of watching this host.
+    #[arg(long, value_name = "FILE", conflicts_with = "record")]
+    pub replay: Option<std::path::PathBuf>,
+    /// Replay speed: 0 shows the end at once, 1 replays in real time, 10 ten times faster.
+    #[arg(long, default_value_t = 0.0, requires = "replay")]
+    pub speed: f64,
+    /// Also write every event as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
+    /// Screen refreshes per second.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub refresh: u32,
+    /// A CLOSE_WAIT socket idle this long is reported as a leak.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub close_wait_secs: u64,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 const SNAPSHOT_EXAMPLES: &str = "\

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, DoctorArgs, SnapshotArgs, TraceArgs};
+use crate::cli::{Cli, Command, DoctorArgs, SnapshotArgs, TopArgs, TraceArgs};
 use crate::collect::EventSource;
 use crate::ebpf::{Probe, caps};
 use crate::model::Loss;
@@ -47,6 +47,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Trace(a) => trace(a),
         Command::Snapshot(a) => snapshot(a),
+        Command::Top(a) => top(a),
         Command::Doctor(a) => doctor(a),
     }
 }
@@ -350,7 +351,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
         host: hostname(),
         kernel: kernel_release(),
         hooks: hook_views(&src),
-        inventory: &inventory,
+        inventory: Some(&inventory),
         namespaces,
         loss: src.loss,
         home_netns: settings::own_netns(),
@@ -396,4 +397,248 @@ pub fn feed(agg: &mut Aggregator, src: &mut EventSource, batch: &mut Vec<Event>)
         );
     }
     agg.tick(now);
+}
+
+/// Timelines for the connections table: every one the aggregator keeps, most recent first.
+pub fn conn_views(agg: &Aggregator, now: u64) -> Vec<crate::model::snapshot::SocketView> {
+    let mut v: Vec<&crate::model::aggregate::Timeline> = agg.sockets().collect();
+    v.sort_by_key(|t| std::cmp::Reverse(t.last_ns));
+    v.into_iter()
+        .take(5000)
+        .map(|t| crate::model::snapshot::socket_view(t, now))
+        .collect()
+}
+
+fn top(a: TopArgs) -> anyhow::Result<i32> {
+    use std::io::IsTerminal as _;
+    if !io::stdout().is_terminal() {
+        if a.replay.is_some() {
+            anyhow::bail!("--replay needs a terminal");
+        }
+        eprintln!(
+            "tcpwatch: stdout is not a terminal: printing a snapshot instead of the interactive view"
+        );
+        return snapshot(SnapshotArgs {
+            json: false,
+            duration: 0.0,
+            close_wait_secs: a.close_wait_secs,
+            filters: a.filters,
+            probe: a.probe,
+        });
+    }
+    match &a.replay {
+        Some(p) => top_replay(&a, p),
+        None => top_live(&a),
+    }
+}
+
+struct Screen {
+    term: ratatui::DefaultTerminal,
+}
+
+impl Screen {
+    fn new() -> anyhow::Result<Screen> {
+        Ok(Screen {
+            term: ratatui::try_init()
+                .map_err(|e| anyhow::anyhow!("starting the terminal UI: {e}"))?,
+        })
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        ratatui::restore();
+    }
+}
+
+/// Reads keys until `deadline`; returns false when the user quits.
+fn ui_wait(app: &mut crate::output::tui::App, deadline: Instant) -> anyhow::Result<bool> {
+    use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind};
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !event::poll(left)? {
+            return Ok(!app.quit);
+        }
+        if let TermEvent::Key(k) = event::read()?
+            && k.kind != KeyEventKind::Release
+        {
+            app.key(k);
+            if app.quit {
+                return Ok(false);
+            }
+            // Redraw right away after a key.
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(true);
+        }
+    }
+}
+
+fn text_line(clock: &crate::output::Clock, home: u32, e: &Event) -> String {
+    let mut w = TraceWriter::new(Vec::new(), false, *clock, home);
+    let _ = w.event(e);
+    String::from_utf8_lossy(&w.into_inner())
+        .trim_end()
+        .to_string()
+}
+
+fn top_live(a: &TopArgs) -> anyhow::Result<i32> {
+    let filters = Filters::from_args(&a.filters)?;
+    require_privileges()?;
+    let stop = install_stop_signals();
+    let cfg = settings::probe_config(&a.probe, &filters);
+    let mut src = EventSource::start(&cfg, filters)?;
+    src.take_inventory();
+    let mut agg = Aggregator::new(AggConfig::default());
+    seed_aggregator(&mut agg, &src.inventory);
+    let mut record = match &a.record {
+        Some(p) => Some(TraceWriter::new(
+            BufWriter::new(
+                std::fs::File::create(p)
+                    .map_err(|e| anyhow::anyhow!("--record {}: {e}", p.display()))?,
+            ),
+            true,
+            clock(),
+            0,
+        )),
+        None => None,
+    };
+    let clk = clock();
+    let home = settings::own_netns();
+    let mut app = crate::output::tui::App::new(format!("host {}", hostname()));
+    let mut screen = Screen::new()?;
+    let t0 = monotonic_ns();
+    let refresh = Duration::from_millis(1000 / a.refresh as u64);
+    let mut inventory: Vec<SockRec> = Vec::new();
+    let mut namespaces = Vec::new();
+    let mut last_inv = Instant::now() - Duration::from_secs(10);
+    let mut batch = Vec::with_capacity(4096);
+    let mut prev_loss = Loss::default();
+    let (mut rate_t, mut rate_n) = (Instant::now(), src.events);
+    loop {
+        let tick = Instant::now() + refresh;
+        // Drain events until the next screen refresh.
+        while Instant::now() < tick && !stop.load(Ordering::SeqCst) {
+            src.poll(Duration::from_millis(20), false, &mut batch);
+            for e in &batch {
+                if let Some(w) = record.as_mut() {
+                    w.event(e)?;
+                }
+                app.log(text_line(&clk, home, e));
+            }
+            if let Some(w) = record.as_mut() {
+                w.flush()?;
+            }
+            feed(&mut agg, &mut src, &mut batch);
+            if !ui_wait(&mut app, Instant::now())? {
+                return Ok(EXIT_OK);
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        src.refresh_loss(&mut prev_loss);
+        if last_inv.elapsed() >= Duration::from_secs(1) {
+            (inventory, namespaces) = src.fresh_inventory();
+            last_inv = Instant::now();
+        }
+        let now = monotonic_ns();
+        let input = SnapInput {
+            now_ns: now,
+            window_ns: now - t0,
+            host: hostname(),
+            kernel: kernel_release(),
+            hooks: hook_views(&src),
+            inventory: Some(&inventory),
+            namespaces: namespaces.clone(),
+            loss: src.loss,
+            home_netns: home,
+            thresholds: Thresholds {
+                close_wait_secs: a.close_wait_secs,
+                ..Thresholds::default()
+            },
+        };
+        let snap = crate::model::snapshot::build(&agg, &input);
+        let el = rate_t.elapsed().as_secs_f64();
+        let rate = (src.events - rate_n) as f64 / el.max(1e-3);
+        (rate_t, rate_n) = (Instant::now(), src.events);
+        app.update(snap, conn_views(&agg, now), rate);
+        screen
+            .term
+            .draw(|f| crate::output::tui::draw::draw(f, &app))?;
+    }
+    Ok(EXIT_OK)
+}
+
+fn top_replay(a: &TopArgs, path: &std::path::Path) -> anyhow::Result<i32> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("--replay {}: {e}", path.display()))?;
+    let (events, skipped) = crate::source::replay::read(io::BufReader::new(f))
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let filters = Filters::from_args(&a.filters)?;
+    let events: Vec<Event> = events
+        .into_iter()
+        .filter(|e| filters.kernel_accepts(e) && filters.accepts(e))
+        .collect();
+    let clk = crate::output::Clock {
+        offset_ns: 0,
+        utc_offset_s: 0,
+    };
+    let mut app = crate::output::tui::App::new(format!(
+        "replay {} ({} events, {skipped} other lines)",
+        path.display(),
+        events.len()
+    ));
+    let mut agg = Aggregator::new(AggConfig::default());
+    let mut screen = Screen::new()?;
+    let first = events.first().map_or(0, |e| e.ts_ns);
+    let wall0 = Instant::now();
+    let mut i = 0;
+    let refresh = Duration::from_millis(1000 / a.refresh as u64);
+    loop {
+        // Everything up to the replay clock (all at once at speed 0).
+        let replay_now = if a.speed <= 0.0 {
+            u64::MAX
+        } else {
+            first + (wall0.elapsed().as_nanos() as f64 * a.speed) as u64
+        };
+        let before = i;
+        while i < events.len() && events[i].ts_ns <= replay_now {
+            agg.apply(&events[i]);
+            app.log(text_line(&clk, 0, &events[i]));
+            i += 1;
+        }
+        let now = if i > 0 { events[i - 1].ts_ns } else { first };
+        agg.tick(now);
+        if i != before || app.snap.version == 0 {
+            let input = SnapInput {
+                now_ns: now,
+                window_ns: now - first,
+                host: String::new(),
+                kernel: "(replay)".into(),
+                hooks: Vec::new(),
+                inventory: None,
+                namespaces: Vec::new(),
+                loss: Loss::default(),
+                home_netns: 0,
+                thresholds: Thresholds {
+                    close_wait_secs: a.close_wait_secs,
+                    ..Thresholds::default()
+                },
+            };
+            let snap = crate::model::snapshot::build(&agg, &input);
+            app.update(
+                snap,
+                conn_views(&agg, now),
+                (i - before) as f64 / refresh.as_secs_f64(),
+            );
+        }
+        screen
+            .term
+            .draw(|f| crate::output::tui::draw::draw(f, &app))?;
+        if !ui_wait(&mut app, Instant::now() + refresh)? {
+            return Ok(EXIT_OK);
+        }
+    }
 }

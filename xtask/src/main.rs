@@ -72,7 +72,7 @@ fn run(extra: &[String]) -> anyhow::Result<()> {
         bail!("tcpwatch needs root (or CAP_BPF + CAP_PERFMON): run `sudo -E cargo xtask run`");
     }
     let args: Vec<String> = if extra.is_empty() {
-        vec!["trace".into()]
+        vec!["top".into()]
     } else {
         extra.to_vec()
     };

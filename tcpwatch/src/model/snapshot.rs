@@ -20,8 +20,9 @@ pub struct Input<'a> {
     pub host: String,
     pub kernel: String,
     pub hooks: Vec<HookView>,
-    /// The inventory taken at `now_ns`.
-    pub inventory: &'a [SockRec],
+    /// The inventory taken at `now_ns`; `None` when there is none (a replay): states and
+    /// listeners then come from the events alone.
+    pub inventory: Option<&'a [SockRec]>,
     pub namespaces: Vec<NsInput>,
     pub loss: Loss,
     /// tcpwatch's own namespace: its sysctls and counters are the top-level ones unless
@@ -30,6 +31,7 @@ pub struct Input<'a> {
     pub thresholds: Thresholds,
 }
 
+#[derive(Clone)]
 pub struct NsInput {
     pub inode: u32,
     pub counters_now: Counters,
@@ -320,7 +322,7 @@ fn tuple(local: &SocketAddr, remote: &SocketAddr) -> String {
     format!("{local} -> {remote}")
 }
 
-fn socket_view(t: &Timeline, now: u64) -> SocketView {
+pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
     let names = ["syn", "synack", "data", "fin"];
     SocketView {
         cookie: t.cookie,
@@ -391,8 +393,28 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
             s.states.insert(st.name(), 0);
         }
     }
-    for r in input.inventory {
-        *s.states.entry(ss_state(r).name()).or_insert(0) += 1;
+    let inv: &[SockRec] = input.inventory.unwrap_or(&[]);
+    if input.inventory.is_some() {
+        for r in inv {
+            *s.states.entry(ss_state(r).name()).or_insert(0) += 1;
+        }
+    } else {
+        // From the events: every timeline that has not ended, by its current state, and the
+        // timewait registry by substate.
+        for t in agg
+            .sockets()
+            .filter(|t| t.ended_ns().is_none() && t.state != Some(TcpState::Close))
+        {
+            if let Some(st) = t.state {
+                *s.states.entry(st.name()).or_insert(0) += 1;
+            }
+        }
+        for e in agg.timewait.values() {
+            *s.states
+                .entry(e.substate.unwrap_or(TcpState::TimeWait).name())
+                .or_insert(0) += 1;
+        }
+        *s.states.entry(TcpState::Listen.name()).or_insert(0) += agg.listeners.len() as u64;
     }
 
     // Namespaces: the top-level counters and sysctls are the watched one's when only one is
@@ -430,11 +452,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     };
 
     // Listeners: the inventory's now, the aggregator's window.
-    for r in input
-        .inventory
-        .iter()
-        .filter(|r| r.state == TcpState::Listen)
-    {
+    for r in inv.iter().filter(|r| r.state == TcpState::Listen) {
         let a = agg.listeners.get(&(r.netns, r.local));
         s.listeners.push(ListenerView {
             netns: r.netns,
@@ -469,8 +487,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
         .sort_by(|a, b| (a.netns, a.port, &a.addr).cmp(&(b.netns, b.port, &b.addr)));
 
     // TIME_WAIT from the inventory (exact), by local port and remote endpoint.
-    let tws: Vec<&SockRec> = input
-        .inventory
+    let tws: Vec<&SockRec> = inv
         .iter()
         .filter(|r| r.state == TcpState::TimeWait)
         .collect();
@@ -532,15 +549,13 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     // local port, TIME_WAIT ones included.
     // Only client-side sockets draw from the ephemeral range: a socket whose local port is a
     // listener's is the server side.
-    let listening: std::collections::HashSet<(u32, u16)> = input
-        .inventory
+    let listening: std::collections::HashSet<(u32, u16)> = inv
         .iter()
         .filter(|r| r.state == TcpState::Listen)
         .map(|r| (r.netns, r.local.port()))
         .collect();
     let mut use_by: BTreeMap<(u32, IpAddr, IpAddr, u16), (u64, u64)> = BTreeMap::new();
-    for r in input
-        .inventory
+    for r in inv
         .iter()
         .filter(|r| !matches!(r.state, TcpState::Listen | TcpState::NewSynRecv))
     {
@@ -622,16 +637,13 @@ fn findings<'a>(
 ) -> Vec<Finding> {
     let th = input.thresholds;
     let now = input.now_ns;
+    let inv: &[SockRec] = input.inventory.unwrap_or(&[]);
     let mut out = Vec::new();
 
     // CLOSE_WAIT leaks, by owner: idle since the peer's FIN (the inventory's last-packet time,
     // or the transition if it was seen).
     let mut cw: BTreeMap<(u32, Option<u32>), Leak<'_>> = BTreeMap::new();
-    for r in input
-        .inventory
-        .iter()
-        .filter(|r| r.state == TcpState::CloseWait)
-    {
+    for r in inv.iter().filter(|r| r.state == TcpState::CloseWait) {
         let seen = agg
             .sockets()
             .find(|t| t.cookie == r.cookie && t.cookie != 0)
@@ -671,8 +683,7 @@ fn findings<'a>(
 
     // Orphaned FIN_WAIT2: timewait sockets waiting for the peer's FIN.
     let mut fw2: BTreeMap<u32, u64> = BTreeMap::new();
-    for r in input
-        .inventory
+    for r in inv
         .iter()
         .filter(|r| r.state == TcpState::TimeWait && r.substate == Some(TcpState::FinWait2))
     {
@@ -700,8 +711,7 @@ fn findings<'a>(
         .sockets()
         .filter(|t| t.retransmits(RetransmitKind::Syn) > 0 && t.state == Some(TcpState::SynSent))
         .collect();
-    let stuck_inv: Vec<&SockRec> = input
-        .inventory
+    let stuck_inv: Vec<&SockRec> = inv
         .iter()
         .filter(|r| r.state == TcpState::SynSent && r.retransmits > 0)
         .collect();

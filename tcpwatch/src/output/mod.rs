@@ -3,6 +3,7 @@
 pub mod json;
 pub mod snapshot;
 pub mod trace;
+pub mod tui;
 
 static RST_REASONS: std::sync::OnceLock<Vec<(u32, &'static str)>> = std::sync::OnceLock::new();
 

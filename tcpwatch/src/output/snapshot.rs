@@ -6,7 +6,11 @@ use crate::model::snapshot::{QueueView, Snapshot};
 
 /// A queue as a 10-cell bar of `now` against `max` (the kernel holds `max + 1`).
 pub fn bar(q: &QueueView) -> String {
-    let cells = 10usize;
+    bar_n(q, 10)
+}
+
+/// The same bar in `cells` cells.
+pub fn bar_n(q: &QueueView, cells: usize) -> String {
     let filled = if q.max == 0 {
         0
     } else {

@@ -4,4 +4,5 @@ pub mod inventory;
 pub mod netns;
 pub mod procfd;
 pub mod procnet;
+pub mod replay;
 pub mod sysctl;

@@ -8,6 +8,7 @@ mod peer;
 mod signals;
 mod snapshot;
 mod states;
+mod tui;
 
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
@@ -19,6 +20,7 @@ fn all() -> Vec<Test> {
     v.extend_from_slice(states::TESTS);
     v.extend_from_slice(signals::TESTS);
     v.extend_from_slice(snapshot::TESTS);
+    v.extend_from_slice(tui::TESTS);
     v
 }
 
