@@ -370,18 +370,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let which: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["churn", "aggregator", "snapshot"].contains(a))
+        .filter(|a| ["churn", "aggregator", "snapshot", "tui"].contains(a))
         .collect();
     let rest: Vec<String> = args
         .iter()
-        .filter(|a| !["churn", "aggregator", "snapshot"].contains(&a.as_str()))
+        .filter(|a| !["churn", "aggregator", "snapshot", "tui"].contains(&a.as_str()))
         .cloned()
         .collect();
     let all = which.is_empty();
     if all || which.contains(&"aggregator") {
         aggregator_bench()?;
     }
-    if all || which.contains(&"snapshot") || which.contains(&"churn") {
+    if all
+        || which
+            .iter()
+            .any(|w| ["snapshot", "churn", "tui"].contains(w))
+    {
         if !crate::is_root() {
             bail!(
                 "the churn and snapshot benchmarks attach eBPF programs and make namespaces: run them as root"
@@ -394,10 +398,71 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if all || which.contains(&"snapshot") {
         snapshot_bench(&bin)?;
     }
+    if all || which.contains(&"tui") {
+        tui_bench(&bin)?;
+    }
     if all || which.contains(&"churn") {
         churn_bench(&bin, &rest)?;
     }
     Ok(())
+}
+
+/// Idle cost of `tcpwatch top`: the real binary in a real terminal (tmux), watching every
+/// namespace of this host at the default 4 Hz, CPU from /proc/PID/stat over 20 s.
+fn tui_bench(bin: &str) -> anyhow::Result<()> {
+    let session = format!("tcpwatch-bench-{}", std::process::id());
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output();
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-P",
+        "-F",
+        "#{pane_pid}",
+        bin,
+        "top",
+    ])
+    .context("starting tmux (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("tmux: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let result = (|| {
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("tmux pane pid")?;
+        // Let it attach, take the inventory and settle before measuring.
+        std::thread::sleep(Duration::from_secs(4));
+        let screen = tmux(&["capture-pane", "-p", "-t", &session])?;
+        if !String::from_utf8_lossy(&screen.stdout).contains("events/s") {
+            bail!(
+                "top did not start: {}",
+                String::from_utf8_lossy(&screen.stdout).trim()
+            );
+        }
+        let hz = 100.0; // USER_HZ on Linux
+        let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+        std::thread::sleep(Duration::from_secs(20));
+        let (el, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid));
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .map(|l| l.trim_start_matches("VmRSS:").trim().to_string())
+            .unwrap_or_default();
+        let pct = (c1 - c0) as f64 / hz / el * 100.0;
+        println!(
+            "tui: tcpwatch top idle at 4 Hz, 120x40, all namespaces: {pct:.2} % of one core over {el:.0} s, RSS {rss}"
+        );
+        Ok(())
+    })();
+    let _ = tmux(&["kill-session", "-t", &session]);
+    result
 }
 
 fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ commands:
     setup     install what building and testing need (idempotent)
     run       setup, build, and start tcpwatch on this host (as root)
     test      setup, then every test: unit, CLI and privileged (as root)
-    bench     loopback connection-churn benchmark, untraced vs traced (as root)
+    bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate";
 
 fn main() -> ExitCode {
