@@ -30,8 +30,95 @@ pub enum Command {
     /// sysctls and findings; with --duration also what happened in that window.
     #[command(after_help = SNAPSHOT_EXAMPLES)]
     Snapshot(SnapshotArgs),
+    /// Run a command under observation (CI smoke tests): report what its sockets did and
+    /// exit non-zero when an assertion fails.
+    #[command(after_help = CHECK_EXAMPLES)]
+    Check(CheckArgs),
     /// Check privileges and which hook serves each signal, then exit.
     Doctor(DoctorArgs),
+}
+
+const CHECK_EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch check --no-listen-overflow --max-retransmits syn=0 -- ./run-integration-tests
+    tcpwatch check --close-wait-leak 5 --junit tcp.xml -- make test
+    tcpwatch check --any-process --port 8080 --max-resets 0 -- ./load-test.sh
+
+EXIT STATUS:
+    0  every assertion held, no event was lost, the command succeeded
+    1  an assertion failed (lost events cannot undo a failure)
+    2  usage or runtime error (tcpwatch could not observe)
+    3  the assertions held but the command failed (non-zero exit or a signal)
+    4  inconclusive: events were lost and --allow-loss was not given";
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// At most N retransmits in all, or of one kind with KIND=N (syn, synack, data, fin). Repeatable.
+    #[arg(long = "max-retransmits", value_name = "[KIND=]N", value_parser = parse_retransmit_limit)]
+    pub max_retransmits: Vec<(Option<crate::model::event::RetransmitKind>, u64)>,
+    /// No listener may overflow its SYN or accept queue.
+    #[arg(long)]
+    pub no_listen_overflow: bool,
+    /// At most N resets, sent and received together.
+    #[arg(long, value_name = "N")]
+    pub max_resets: Option<u64>,
+    /// At most N of the command's sockets in TIME_WAIT at the same time.
+    #[arg(long, value_name = "N")]
+    pub max_time_wait: Option<u64>,
+    /// Fail when a socket stays in CLOSE_WAIT this long (the application did not close it).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub close_wait_leak: Option<f64>,
+    /// Fail when a connect stays in SYN_SENT longer than this.
+    #[arg(long, value_name = "MS")]
+    pub max_syn_sent_ms: Option<u64>,
+    /// Keep observing this long after the command exits (late resets, TIME_WAIT, overflows).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_secs)]
+    pub grace: f64,
+    /// Judge every process's sockets (still narrowed by the filters), not only the command's
+    /// process tree: for a service started outside the command.
+    #[arg(long)]
+    pub any_process: bool,
+    /// Lost events do not make the run inconclusive.
+    #[arg(long)]
+    pub allow_loss: bool,
+    /// Also write the report as JSON to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+    /// Also write the report as JUnit XML to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+fn parse_retransmit_limit(
+    s: &str,
+) -> Result<(Option<crate::model::event::RetransmitKind>, u64), String> {
+    use crate::model::event::RetransmitKind as K;
+    let (kind, n) = match s.split_once('=') {
+        Some((k, n)) => {
+            let kind = match k {
+                "syn" => K::Syn,
+                "synack" => K::SynAck,
+                "data" => K::Data,
+                "fin" => K::Fin,
+                _ => {
+                    return Err(format!(
+                        "`{k}` is not a retransmit kind (syn, synack, data, fin)"
+                    ));
+                }
+            };
+            (Some(kind), n)
+        }
+        None => (None, s),
+    };
+    let n = n.parse().map_err(|_| format!("`{n}` is not a count"))?;
+    Ok((kind, n))
 }
 
 const TOP_EXAMPLES: &str = "\

@@ -409,10 +409,12 @@ impl EventSource {
             .values()
             .map(|r| ListenerDelta {
                 skaddr: r.skaddr,
+                // A listener missing from the previous sample (or the inventory) was created
+                // since: every drop it has counted happened in this window.
                 drops: st
                     .listeners
                     .get(&r.skaddr)
-                    .map_or(0, |p| r.drops.saturating_sub(p.drops) as u64),
+                    .map_or(r.drops as u64, |p| r.drops.saturating_sub(p.drops) as u64),
                 syn_queue: r.syn_queue,
                 accept_max: r.accept_max,
             })

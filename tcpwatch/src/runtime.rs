@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, DoctorArgs, SnapshotArgs, TopArgs, TraceArgs};
+use crate::cli::{CheckArgs, Cli, Command, DoctorArgs, SnapshotArgs, TopArgs, TraceArgs};
 use crate::collect::EventSource;
 use crate::ebpf::{Probe, caps};
 use crate::model::Loss;
 use crate::model::aggregate::{Aggregator, Config as AggConfig, ListenerSample, TwEntry};
-use crate::model::event::Event;
 use crate::model::event::TcpState;
+use crate::model::event::{Event, EventKind};
 use crate::model::snapshot::{HookView, Input as SnapInput, Thresholds};
 use crate::output::Clock;
 use crate::output::trace::TraceWriter;
@@ -49,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Snapshot(a) => snapshot(a),
         Command::Top(a) => top(a),
         Command::Doctor(a) => doctor(a),
+        Command::Check(a) => check(a),
     }
 }
 
@@ -373,6 +374,247 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
         }
         _ => Ok(EXIT_OK),
     }
+}
+
+/// Opens a report file before the command runs, so a bad path fails early (`-` is stdout).
+fn report_file(p: &Option<std::path::PathBuf>) -> anyhow::Result<Option<Box<dyn io::Write>>> {
+    use anyhow::Context as _;
+    Ok(match p {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
+        Some(p) => Some(Box::new(BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?,
+        ))),
+    })
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<i32> {
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+
+    use anyhow::Context as _;
+
+    use crate::model::check::{Checker, CommandExit, Limits, Report, Verdict};
+    use crate::source::scope::RunScope;
+
+    let filters = Filters::from_args(&a.filters)?;
+    let limits = Limits {
+        retransmits: a.max_retransmits.clone(),
+        no_listen_overflow: a.no_listen_overflow,
+        max_resets: a.max_resets,
+        max_time_wait: a.max_time_wait,
+        close_wait_leak_ns: a.close_wait_leak.map(|s| (s * 1e9) as u64),
+        max_syn_sent_ns: a.max_syn_sent_ms.map(|ms| ms * 1_000_000),
+    };
+    require_privileges()?;
+    let mut json_out = report_file(&a.json)?;
+    let mut junit_out = report_file(&a.junit)?;
+    let stop = install_stop_signals();
+    let mut src = EventSource::start(&settings::probe_config(&a.probe, &filters), filters)?;
+    let mut warnings: Vec<String> = src
+        .status()
+        .iter()
+        .filter(|s| s.hook.is_none())
+        .map(|s| {
+            format!(
+                "{} unavailable on this kernel: {}",
+                s.signal,
+                s.note.as_deref().unwrap_or("no hook")
+            )
+        })
+        .collect();
+    src.take_inventory();
+    let mut scope = if a.any_process {
+        RunScope::any()
+    } else {
+        RunScope::for_command()
+    };
+    let join = scope.join_path();
+    let mut cmd = std::process::Command::new(&a.cmd[0]);
+    cmd.args(&a.cmd[1..]);
+    // SAFETY: only async-signal-safe calls between fork and exec: sigprocmask, open, write, close.
+    unsafe {
+        cmd.pre_exec(move || {
+            // tcpwatch blocks these for its signal thread; the command must get them.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            if let Some(p) = &join {
+                // A failure here shows in RunScope::adopt, which falls back to the pid tree.
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
+    }
+    eprintln!("tcpwatch: watching; running {}", a.cmd.join(" "));
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let t_start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", a.cmd[0]))?;
+    scope.adopt(child.id());
+    warnings.extend(
+        scope
+            .warning
+            .iter()
+            .map(|w| format!("{w}: judging by process tree instead")),
+    );
+
+    let mut checker = Checker::new();
+    let mut agg = Aggregator::new(AggConfig::default());
+    let grace = Duration::from_secs_f64(a.grace);
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    let mut terminated: Option<Instant> = None;
+    let mut batch = Vec::with_capacity(4096);
+    let mut our_listeners = std::collections::HashSet::new();
+    let t0 = monotonic_ns();
+    loop {
+        if exited.is_none()
+            && let Some(st) = child.try_wait().context("waiting for the command")?
+        {
+            exited = Some((st, Instant::now()));
+        }
+        let signalled = stop.load(Ordering::SeqCst);
+        if signalled && exited.is_none() {
+            // Pass SIGTERM on (a terminal's Ctrl-C already reached the whole process group).
+            let sig = match terminated {
+                None => {
+                    terminated = Some(Instant::now());
+                    Some(libc::SIGTERM)
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(10) => Some(libc::SIGKILL),
+                _ => None,
+            };
+            if let Some(sig) = sig {
+                // SAFETY: signalling our own child, which has not been reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+            }
+        }
+        let done = exited.is_some_and(|(_, t)| signalled || t.elapsed() >= grace);
+        src.poll(
+            if done {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(20)
+            },
+            done,
+            &mut batch,
+        );
+        if done {
+            src.final_sample(&mut batch);
+        }
+        for e in batch.drain(..) {
+            if scope.owner_in(&e.owner) {
+                if matches!(
+                    e.kind,
+                    EventKind::State {
+                        new: TcpState::Listen,
+                        ..
+                    } | EventKind::Overflow { .. }
+                ) {
+                    our_listeners.insert((e.netns, e.local));
+                }
+                checker.apply(&e);
+                agg.apply(&e);
+            }
+        }
+        let now = monotonic_ns();
+        for l in std::mem::take(&mut src.listener_samples) {
+            // Samples carry no owner for listeners made after start: the LISTEN event did.
+            if our_listeners.contains(&(l.netns, l.local)) || scope.owner_in(&l.owner) {
+                agg.observe_listener(
+                    &ListenerSample {
+                        netns: l.netns,
+                        local: l.local,
+                        cookie: l.cookie,
+                        owner: l.owner,
+                        accept_now: l.accept_queue,
+                        accept_max: l.accept_max,
+                        syn_now: l.syn_queue,
+                        drops: l.drops as u64,
+                    },
+                    now,
+                );
+            }
+        }
+        agg.tick(now);
+        if done {
+            break;
+        }
+    }
+    let mut prev = Loss::default();
+    src.refresh_loss(&mut prev);
+    let now = monotonic_ns();
+    let (status, _) = exited.expect("the loop ends after the command exits");
+    let left_running = scope.remaining();
+    let (_, namespaces) = src.fresh_inventory();
+    let snap = crate::model::snapshot::build(
+        &agg,
+        &SnapInput {
+            now_ns: now,
+            window_ns: now - t0,
+            host: hostname(),
+            kernel: kernel_release(),
+            hooks: hook_views(&src),
+            inventory: None,
+            namespaces,
+            loss: src.loss,
+            home_netns: settings::own_netns(),
+            thresholds: Thresholds {
+                close_wait_secs: a.close_wait_leak.map_or(10, |s| s.ceil() as u64),
+                ..Thresholds::default()
+            },
+        },
+    );
+    let (observed, assertions) = checker.finish(&limits, now);
+    let verdict = Verdict::decide(&assertions, &src.loss, a.allow_loss, status.success());
+    let report = Report {
+        version: 1,
+        verdict,
+        exit_code: verdict.exit_code(),
+        command: a.cmd.clone(),
+        command_exit: CommandExit {
+            code: status.code(),
+            signal: status.signal(),
+            success: status.success(),
+        },
+        started_unix_s,
+        duration_s: t_start.elapsed().as_secs_f64(),
+        grace_s: a.grace,
+        scope: scope.describe(),
+        host: snap.host.clone(),
+        kernel: snap.kernel.clone(),
+        hooks: snap.hooks.clone(),
+        assertions,
+        observed,
+        findings: snap.findings.clone(),
+        loss: snap.loss.clone(),
+        allow_loss: a.allow_loss,
+        left_running,
+        warnings,
+    };
+    drop(scope);
+    crate::output::check::write_text(io::stderr().lock(), &report)
+        .context("writing the summary")?;
+    if let Some(w) = json_out.as_mut() {
+        crate::output::check::write_json(&mut *w, &report)
+            .and_then(|_| w.flush())
+            .context("writing the JSON report")?;
+    }
+    if let Some(w) = junit_out.as_mut() {
+        crate::output::check::write_junit(&mut *w, &report)
+            .and_then(|_| w.flush())
+            .context("writing the JUnit report")?;
+    }
+    Ok(report.exit_code)
 }
 
 /// Moves a batch of events and listener samples into the aggregator.

@@ -42,6 +42,11 @@ fn usage_errors_exit_two() {
         &["trace", "--ring-mib", "3"],
         &["nosuchcommand"],
         &[],
+        &["check", "--no-listen-overflow"],
+        &["check", "--max-retransmits", "rst=1", "--", "true"],
+        &["check", "--max-retransmits", "-1", "--", "true"],
+        &["check", "--close-wait-leak", "soon", "--", "true"],
+        &["check", "--grace", "-1", "--", "true"],
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -59,6 +64,12 @@ fn bad_values_get_one_line() {
     assert!(
         e.starts_with("tcpwatch: --netns no-such-namespace-here: no such namespace"),
         "{e}"
+    );
+    let o = run(&["check", "--max-retransmits", "rst=1", "--", "true"]);
+    assert!(
+        stderr(&o).contains("`rst` is not a retransmit kind (syn, synack, data, fin)"),
+        "{}",
+        stderr(&o)
     );
     let o = run(&["trace", "--comm", "a-name-longer-than-15"]);
     assert_eq!(o.status.code(), Some(2));
@@ -87,7 +98,7 @@ fn unprivileged(args: &[&str]) -> Output {
 
 #[test]
 fn unprivileged_user_gets_the_capability_named() {
-    for cmd in [&["trace"][..], &["doctor"]] {
+    for cmd in [&["trace"][..], &["doctor"], &["check", "--", "true"]] {
         let o = unprivileged(cmd);
         assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", stderr(&o));
         let e = stderr(&o);

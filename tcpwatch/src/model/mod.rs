@@ -1,5 +1,6 @@
 //! The pure side of tcpwatch: decoded events, owner resolution, and (later) aggregation.
 pub mod aggregate;
+pub mod check;
 pub mod event;
 pub mod overflow;
 pub mod owners;

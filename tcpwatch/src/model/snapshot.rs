@@ -483,6 +483,36 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
             synack_retransmits: a.map_or(0, |a| a.synack_retransmits),
         });
     }
+    if input.inventory.is_none() {
+        // A replay or a check run: the listeners the window's events and samples saw, with
+        // their last sampled queues.
+        for a in agg.listeners.values() {
+            s.listeners.push(ListenerView {
+                netns: a.netns,
+                addr: a.local.ip().to_string(),
+                port: a.local.port(),
+                owner: a.owner.as_ref().map(OwnerView::from),
+                accept_queue: QueueView {
+                    now: a.accept_now,
+                    max: a.accept_max,
+                    peak: a.accept_peak,
+                },
+                syn_queue: QueueView {
+                    now: a.syn_now,
+                    max: a.accept_max,
+                    peak: a.syn_peak,
+                },
+                drops: a.drops,
+                overflows: OverflowsView {
+                    accept: a.overflow_accept,
+                    syn: a.overflow_syn,
+                    syncookies: a.syncookies,
+                    final_ack_packets: a.overflow_packets,
+                },
+                synack_retransmits: a.synack_retransmits,
+            });
+        }
+    }
     s.listeners
         .sort_by(|a, b| (a.netns, a.port, &a.addr).cmp(&(b.netns, b.port, &b.addr)));
 

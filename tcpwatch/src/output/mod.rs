@@ -1,5 +1,6 @@
 //! Writers that turn model events and snapshots into text, JSON and exit codes. Pure: they never
 //! touch aya, netlink or /proc.
+pub mod check;
 pub mod json;
 pub mod snapshot;
 pub mod trace;

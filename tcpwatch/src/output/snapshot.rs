@@ -29,6 +29,25 @@ fn owner(o: &Option<crate::model::snapshot::OwnerView>) -> String {
         .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm))
 }
 
+/// One finding: what, cause, governing sysctls with their values, examples.
+pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::snapshot::Finding) -> io::Result<()> {
+    writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
+    writeln!(w, "      cause: {}", f.cause)?;
+    let g: Vec<String> = f
+        .governed_by
+        .iter()
+        .map(|g| match &g.value {
+            Some(v) => format!("{} = {v}", g.name),
+            None => g.name.clone(),
+        })
+        .collect();
+    writeln!(w, "      governed by: {}", g.join("; "))?;
+    if !f.examples.is_empty() {
+        writeln!(w, "      e.g. {}", f.examples.join(", "))?;
+    }
+    Ok(())
+}
+
 pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     writeln!(
         w,
@@ -181,20 +200,7 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     writeln!(w)?;
     writeln!(w, "FINDINGS ({})", s.findings.len())?;
     for f in &s.findings {
-        writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
-        writeln!(w, "      cause: {}", f.cause)?;
-        let g: Vec<String> = f
-            .governed_by
-            .iter()
-            .map(|g| match &g.value {
-                Some(v) => format!("{} = {v}", g.name),
-                None => g.name.clone(),
-            })
-            .collect();
-        writeln!(w, "      governed by: {}", g.join("; "))?;
-        if !f.examples.is_empty() {
-            writeln!(w, "      e.g. {}", f.examples.join(", "))?;
-        }
+        write_finding(&mut w, f)?;
     }
     if !s.counters.is_empty() {
         writeln!(w)?;

@@ -5,4 +5,5 @@ pub mod netns;
 pub mod procfd;
 pub mod procnet;
 pub mod replay;
+pub mod scope;
 pub mod sysctl;

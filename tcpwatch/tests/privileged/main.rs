@@ -3,6 +3,7 @@
 //! `cargo test -p tcpwatch --features privileged-tests --test privileged [-- FILTER]`.
 //! A custom harness runs tests one at a time (they attach system-wide hooks) and lets the same
 //! binary act as the scripted TCP peer (`privileged peer NAME`).
+mod check;
 mod harness;
 mod peer;
 mod signals;
@@ -21,6 +22,7 @@ fn all() -> Vec<Test> {
     v.extend_from_slice(signals::TESTS);
     v.extend_from_slice(snapshot::TESTS);
     v.extend_from_slice(tui::TESTS);
+    v.extend_from_slice(check::TESTS);
     v
 }
 

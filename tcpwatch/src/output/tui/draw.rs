@@ -373,10 +373,12 @@ fn connections(f: &mut Frame, app: &App, area: Rect) {
         .style(style)
     });
     let widths = [
+        // 72 columns plus 6 gaps fit in 80: an unsatisfiable set would leave the solver's
+        // choice (and the rendering) to chance.
         Constraint::Length(11),
-        Constraint::Min(16),
-        Constraint::Min(16),
-        Constraint::Length(16),
+        Constraint::Min(15),
+        Constraint::Min(15),
+        Constraint::Length(14),
         Constraint::Length(9),
         Constraint::Length(4),
         Constraint::Length(4),

@@ -1,0 +1,272 @@
+//! Which sockets belong to `check`'s command: a cgroup v2 made for the run (every descendant
+//! stays in it, however short-lived), or the process tree by parent pid where cgroup v2 is
+//! not available. Owners carry the cgroup id recorded in task context, so softirq events of
+//! the command's sockets are attributed too.
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::model::event::Owner;
+
+enum Kind {
+    /// Every process.
+    Any,
+    Cgroup {
+        dir: PathBuf,
+        /// The cgroup's path as /proc/PID/cgroup shows it.
+        rel: String,
+        ids: HashSet<u64>,
+        scanned: Instant,
+    },
+    /// Descendants of this pid.
+    Tree(u32),
+}
+
+pub struct RunScope {
+    kind: Kind,
+    /// Per pid: in scope or not (for owners without a cgroup id, and the pid fallback).
+    pids: HashMap<u32, bool>,
+    /// Why the cgroup could not be used, when it could not.
+    pub warning: Option<String>,
+}
+
+/// The cgroup v2 mount point and this process's cgroup under it.
+fn own_cgroup() -> Result<(PathBuf, String), String> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let mount = mi
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| {
+                let f: Vec<&str> = pre.split_whitespace().collect();
+                (
+                    f.get(3).copied().unwrap_or("/").to_string(),
+                    f.get(4).copied().unwrap_or("").to_string(),
+                )
+            })
+        })
+        .ok_or("no cgroup2 file system is mounted")?;
+    let cg = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let path = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is not in a cgroup v2 hierarchy")?
+        .trim()
+        .to_string();
+    // Inside a container the mount's root is this process's cgroup namespace root.
+    let under = path
+        .strip_prefix(mount.0.trim_end_matches('/'))
+        .unwrap_or(&path);
+    Ok((
+        PathBuf::from(mount.1).join(under.trim_start_matches('/')),
+        path,
+    ))
+}
+
+fn inode(p: &Path) -> Option<u64> {
+    std::fs::metadata(p).ok().map(|m| m.ino())
+}
+
+/// Every cgroup at or below `dir`, deepest first.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(subtree(&e.path()));
+            }
+        }
+    }
+    out.push(dir.to_path_buf());
+    out
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cgroup_of(pid: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+impl RunScope {
+    pub fn any() -> RunScope {
+        RunScope {
+            kind: Kind::Any,
+            pids: HashMap::new(),
+            warning: None,
+        }
+    }
+
+    /// A fresh cgroup below this process's own (so resource accounting stays where it was);
+    /// `None` kind falls back to the pid tree once the child exists.
+    pub fn for_command() -> RunScope {
+        let mut s = RunScope {
+            kind: Kind::Tree(0),
+            pids: HashMap::new(),
+            warning: None,
+        };
+        match Self::make_cgroup() {
+            Ok(k) => s.kind = k,
+            Err(e) => s.warning = Some(e),
+        }
+        s
+    }
+
+    fn make_cgroup() -> Result<Kind, String> {
+        let (parent, rel_parent) = own_cgroup()?;
+        let name = format!("tcpwatch-check-{}", std::process::id());
+        let dir = parent.join(&name);
+        std::fs::create_dir(&dir).map_err(|e| format!("creating cgroup {}: {e}", dir.display()))?;
+        let id = inode(&dir).ok_or("cgroup vanished")?;
+        Ok(Kind::Cgroup {
+            rel: format!("{}/{name}", rel_parent.trim_end_matches('/')),
+            dir,
+            ids: HashSet::from([id]),
+            scanned: Instant::now(),
+        })
+    }
+
+    /// `cgroup.procs` of the run's cgroup, for the child to join before exec.
+    pub fn join_path(&self) -> Option<CString> {
+        match &self.kind {
+            Kind::Cgroup { dir, .. } => {
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// Called once the child runs: checks it landed in the cgroup, else follows its pid tree.
+    pub fn adopt(&mut self, child: u32) {
+        match &self.kind {
+            Kind::Cgroup { rel, .. } => {
+                if cgroup_of(child).as_deref() != Some(rel.as_str()) {
+                    self.warning = Some(format!("the command did not join cgroup {rel}"));
+                    self.release();
+                    self.kind = Kind::Tree(child);
+                }
+            }
+            Kind::Tree(_) => self.kind = Kind::Tree(child),
+            Kind::Any => {}
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Any => "every process".into(),
+            Kind::Cgroup { rel, .. } => format!("the command's process tree (cgroup {rel})"),
+            Kind::Tree(p) => format!(
+                "the command's process tree (descendants of pid {p}; processes that exit within a few ms may be missed)"
+            ),
+        }
+    }
+
+    fn pid_in(&mut self, pid: u32) -> bool {
+        if let Some(&v) = self.pids.get(&pid) {
+            return v;
+        }
+        let v = match &self.kind {
+            Kind::Any => true,
+            Kind::Cgroup { rel, .. } => {
+                cgroup_of(pid).is_some_and(|c| c == *rel || c.starts_with(&format!("{rel}/")))
+            }
+            Kind::Tree(root) => {
+                let mut p = pid;
+                let mut hit = false;
+                for _ in 0..64 {
+                    if p == *root {
+                        hit = true;
+                        break;
+                    }
+                    match parent_pid(p) {
+                        Some(pp) if pp > 1 => p = pp,
+                        _ => break,
+                    }
+                }
+                hit
+            }
+        };
+        self.pids.insert(pid, v);
+        v
+    }
+
+    /// Whether a socket with this owner belongs to the run. Sockets whose owner is unknown
+    /// do not, except when every process is watched.
+    pub fn owner_in(&mut self, o: &Option<Owner>) -> bool {
+        let Some(o) = o else {
+            return matches!(self.kind, Kind::Any);
+        };
+        match &mut self.kind {
+            Kind::Any => true,
+            Kind::Cgroup {
+                dir, ids, scanned, ..
+            } if o.cgroup_id != 0 => {
+                if ids.contains(&o.cgroup_id) {
+                    return true;
+                }
+                // The command may have made cgroups of its own below ours.
+                if scanned.elapsed() > Duration::from_millis(100) {
+                    *scanned = Instant::now();
+                    ids.extend(subtree(dir).iter().filter_map(|p| inode(p)));
+                }
+                ids.contains(&o.cgroup_id)
+            }
+            _ => self.pid_in(o.pid),
+        }
+    }
+
+    /// Processes of the run still alive.
+    pub fn remaining(&self) -> Vec<u32> {
+        match &self.kind {
+            Kind::Cgroup { dir, .. } => subtree(dir)
+                .iter()
+                .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+                .flat_map(|s| {
+                    s.lines()
+                        .filter_map(|l| l.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Removes the cgroup; processes left running move to the parent cgroup, untouched.
+    pub fn release(&mut self) {
+        if let Kind::Cgroup { dir, .. } = &self.kind {
+            let parent_procs = dir.parent().map(|p| p.join("cgroup.procs"));
+            for d in subtree(dir) {
+                if let (Ok(s), Some(pp)) = (
+                    std::fs::read_to_string(d.join("cgroup.procs")),
+                    &parent_procs,
+                ) {
+                    for pid in s.lines() {
+                        let _ = std::fs::write(pp, pid);
+                    }
+                }
+                let _ = std::fs::remove_dir(&d);
+            }
+        }
+    }
+}
+
+impl Drop for RunScope {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
