@@ -20,6 +20,15 @@ use crate::output::trace::TraceWriter;
 use crate::settings::{self, Filters};
 use crate::source::inventory::SockRec;
 
+/// `eprintln!` that cannot panic: with stderr closed (`2>&-`, a reader that went away) the
+/// line is lost, not the run.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// Exit codes (DESIGN §4).
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_ASSERTION: i32 = 1;
@@ -37,7 +46,7 @@ pub fn main_entry() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tcpwatch: {e:#}");
+            note!("tcpwatch: {e:#}");
             EXIT_ERROR
         }
     }
@@ -156,10 +165,10 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     let stop = install_stop_signals();
     let mut src = EventSource::start(&settings::probe_config(&a.probe, &filters), filters)?;
     for s in src.status() {
-        eprintln!("tcpwatch: {}", s.line());
+        note!("tcpwatch: {}", s.line());
     }
     src.take_inventory();
-    eprintln!("tcpwatch: tracing; Ctrl-C to stop");
+    note!("tcpwatch: tracing; Ctrl-C to stop");
 
     let (tx, rx) = sync_channel::<Msg>(256);
     let json = a.json;
@@ -195,7 +204,7 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             last_loss_check = Instant::now();
             let delta = src.refresh_loss(&mut prev);
             if delta.total() > 0 {
-                eprintln!(
+                note!(
                     "tcpwatch: lost {} events (kernel ring full {}, skipped by the kernel {}, undecodable {}); {} so far",
                     delta.total(),
                     delta.kernel_dropped,
@@ -223,9 +232,9 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     let res = writer
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
-    eprintln!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
+    note!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
     if let Some(line) = src.cost_line() {
-        eprintln!("tcpwatch: kernel cost: {line}");
+        note!("tcpwatch: kernel cost: {line}");
     }
     res.map_err(|e| anyhow::anyhow!("writing output: {e}"))?;
     Ok(EXIT_OK)
@@ -316,7 +325,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
     seed_aggregator(&mut agg, &src.inventory);
     let t0 = monotonic_ns();
     if a.duration > 0.0 {
-        eprintln!(
+        note!(
             "tcpwatch: watching for {:.1} s; Ctrl-C to stop early",
             a.duration
         );
@@ -451,7 +460,7 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
             Ok(())
         });
     }
-    eprintln!("tcpwatch: watching; running {}", a.cmd.join(" "));
+    note!("tcpwatch: watching; running {}", a.cmd.join(" "));
     let started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -657,7 +666,7 @@ fn top(a: TopArgs) -> anyhow::Result<i32> {
         if a.replay.is_some() {
             anyhow::bail!("--replay needs a terminal");
         }
-        eprintln!(
+        note!(
             "tcpwatch: stdout is not a terminal: printing a snapshot instead of the interactive view"
         );
         return snapshot(SnapshotArgs {

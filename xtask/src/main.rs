@@ -2,6 +2,8 @@
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
 mod setup;
+mod vm;
+mod vmguest;
 
 use std::process::{Command, ExitCode};
 
@@ -14,6 +16,7 @@ commands:
     run       setup, build, and start tcpwatch on this host (as root)
     test      setup, then every test: unit, CLI and privileged (as root)
     bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
+    vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate";
 
 fn main() -> ExitCode {
@@ -24,6 +27,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("lint") => lint(),
+        Some("vm-test") => vm::run(&args[1..]),
+        // Run inside the VMs by vm-test (and on the host in a namespace); not for people.
+        Some("vm-guest") => vmguest::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -107,6 +113,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ]);
     cmd.args(extra);
     status(&mut cmd)?;
+    // A filter narrows the privileged tests only; the full run includes the kernel matrix.
+    if extra.is_empty() {
+        vm::run(&[])?;
+    }
     Ok(())
 }
 

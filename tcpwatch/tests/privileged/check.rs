@@ -236,7 +236,10 @@ fn overflow() {
             .unwrap()
             .iter()
             .any(|f| f["id"] == "accept_queue_overflow"
-                && f["what"].as_str().unwrap().ends_with("its accept queue was full (peak 3/2)")),
+                && f["what"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("its accept queue was full (peak 3/2)")),
         "the snapshot's finding names the sysctl: {}",
         r.json["findings"]
     );

@@ -1,0 +1,409 @@
+//! `xtask vm-guest TCPWATCH`: the smoke suite that runs inside each VM (and on the host, in a
+//! namespace): every hook strategy the kernel offers loads and attaches, and S1, S3, S5 and S7
+//! in short form give the exact events the kernel's counters agree with. One `vm-case:` line
+//! per case, parsed by `xtask vm-test`.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read as _};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// One attached `tcpwatch trace --json`, collecting its output.
+struct Trace {
+    child: Child,
+    status: Vec<String>,
+    out: std::thread::JoinHandle<Vec<Value>>,
+}
+
+impl Trace {
+    fn start(bin: &str, extra: &[&str]) -> anyhow::Result<Trace> {
+        let t0 = Instant::now();
+        let mut child = Command::new(bin)
+            .args(["trace", "--json", "--netns", "/proc/self/ns/net"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let out = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str(&l).ok())
+                .collect()
+        });
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().context("stderr")?;
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // The closing summary lines matter too: echo everything.
+                eprintln!("  tcpwatch: {l}");
+                // Keep draining (and echoing) once start() stops listening.
+                let _ = tx.send(l);
+            }
+        });
+        let mut status = Vec::new();
+        // Under software emulation start-up (BTF, verifier) takes seconds.
+        let deadline = t0 + Duration::from_secs(150);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("tracing;") => break,
+                Ok(l) => status.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    bail!("tcpwatch trace did not attach: {}", status.join(" | "));
+                }
+            }
+        }
+        println!(
+            "vm-info: trace {} attached in {:.1} s",
+            extra.join(" "),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(Trace { child, status, out })
+    }
+
+    fn has(&self, signal: &str) -> bool {
+        self.status
+            .iter()
+            .any(|l| l.contains(&format!("{signal}: ")) && !l.contains("UNAVAILABLE"))
+    }
+
+    fn stop(self) -> anyhow::Result<Vec<Value>> {
+        // The reader drains in-flight events on SIGTERM.
+        std::thread::sleep(Duration::from_millis(600));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let mut child = self.child;
+        let st = child.wait()?;
+        if !st.success() {
+            bail!("tcpwatch trace exited with {st}");
+        }
+        self.out
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))
+    }
+}
+
+/// A MIB counter from /proc/net/netstat or snmp, e.g. ("TcpExt", "ListenOverflows").
+fn counter(group: &str, name: &str) -> u64 {
+    for f in ["/proc/net/netstat", "/proc/net/snmp"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for p in lines.chunks(2) {
+            if p.len() == 2 && p[0].starts_with(&format!("{group}:")) {
+                let names = p[0].split_whitespace().skip(1);
+                let vals = p[1].split_whitespace().skip(1);
+                for (n, v) in names.zip(vals) {
+                    if n == name {
+                        return v.parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    0
+}
+
+fn sockstat_tw() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let line = s.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    w.iter()
+        .position(|x| *x == "tw")
+        .and_then(|i| w.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn u(e: &Value, k: &str) -> u64 {
+    e[k].as_u64().unwrap_or(0)
+}
+
+/// The `(old, new)` transitions of one socket, in order. The kernel reuses socket memory
+/// at once, so the address alone does not name a socket: the port does the rest.
+fn transitions(evs: &[Value], sk: &str, port: u16) -> Vec<(String, String)> {
+    evs.iter()
+        .filter(|e| e["type"] == "state" && e["sk"] == sk && on_port(e, port))
+        .map(|e| {
+            (
+                e["old"].as_str().unwrap_or("").to_string(),
+                e["new"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn on_port(e: &Value, port: u16) -> bool {
+    u(e, "sport") == port as u64 || u(e, "dport") == port as u64
+}
+
+fn seq(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// S1: one connection from connect to TIME_WAIT, with the right owner for every transition.
+fn s1(evs: &[Value], port: u16, tw: bool) -> anyhow::Result<String> {
+    let me = std::process::id() as u64;
+    let first = |pred: &dyn Fn(&Value) -> bool| -> anyhow::Result<String> {
+        evs.iter()
+            .find(|e| pred(e))
+            .and_then(|e| e["sk"].as_str().map(str::to_string))
+            .context("socket not seen")
+    };
+    let client =
+        first(&|e| e["type"] == "state" && e["new"] == "SYN_SENT" && u(e, "dport") == port as u64)?;
+    let server =
+        first(&|e| e["type"] == "state" && e["old"] == "LISTEN" && u(e, "sport") == port as u64)?;
+    let c = transitions(evs, &client, port);
+    let want_c = seq(&[
+        ("CLOSE", "SYN_SENT"),
+        ("SYN_SENT", "ESTABLISHED"),
+        ("ESTABLISHED", "FIN_WAIT1"),
+        ("FIN_WAIT1", "FIN_WAIT2"),
+        ("FIN_WAIT2", "CLOSE"),
+    ]);
+    if c != want_c {
+        bail!("client transitions {c:?}");
+    }
+    let s = transitions(evs, &server, port);
+    let want_s = seq(&[
+        ("LISTEN", "SYN_RECV"),
+        ("SYN_RECV", "ESTABLISHED"),
+        ("ESTABLISHED", "CLOSE_WAIT"),
+        ("CLOSE_WAIT", "LAST_ACK"),
+        ("LAST_ACK", "CLOSE"),
+    ]);
+    if s != want_s {
+        bail!("server transitions {s:?}");
+    }
+    for e in evs
+        .iter()
+        .filter(|e| on_port(e, port) && (e["sk"] == client.as_str() || e["sk"] == server.as_str()))
+    {
+        if u(e, "pid") != me {
+            bail!("owner of {e} is not pid {me}");
+        }
+    }
+    if tw {
+        let enters: Vec<&Value> = evs
+            .iter()
+            .filter(|e| {
+                e["type"] == "timewait" && e["event"] == "enter" && u(e, "dport") == port as u64
+            })
+            .collect();
+        if enters.len() != 1 || u(enters[0], "pid") != me {
+            bail!("timewait enter events {enters:?}");
+        }
+        return Ok("client and server sequences exact, owners right, TIME_WAIT entered".into());
+    }
+    Ok("client and server sequences exact, owners right (no TIME_WAIT hook)".into())
+}
+
+/// S3 + S5: a listener with backlog 1 that never accepts, five clients. The kernel drops the
+/// SYNs of the three that do not fit and they retransmit them.
+fn s3_s5(bin: &str, extra: &[&str], port: u16) -> anyhow::Result<String> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_syn_retries", "1").context("tcp_syn_retries")?;
+    let t = Trace::start(bin, extra)?;
+    let (retrans, synack) = (t.has("retransmits"), t.has("SYN-ACK retransmits"));
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    // SAFETY: shrink the backlog of our own listening socket.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1) };
+    let (lo0, sr0) = (
+        counter("TcpExt", "ListenOverflows"),
+        counter("TcpExt", "TCPSynRetrans"),
+    );
+    let clients: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || TcpStream::connect(("127.0.0.1", port)).ok()))
+        .collect();
+    let conns: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().ok().flatten())
+        .collect();
+    // The listener's drop counter is sampled at 4 Hz.
+    std::thread::sleep(Duration::from_millis(700));
+    let evs = t.stop()?;
+    drop(conns);
+    drop(l);
+    let (lo, sr) = (
+        counter("TcpExt", "ListenOverflows") - lo0,
+        counter("TcpExt", "TCPSynRetrans") - sr0,
+    );
+    let ov: u64 = evs
+        .iter()
+        .filter(|e| e["type"] == "overflow" && e["listener"]["port"] == port)
+        .map(|e| u(e, "count"))
+        .sum();
+    if lo == 0 || ov != lo {
+        bail!("overflows counted {ov}, kernel ListenOverflows +{lo}");
+    }
+    if !retrans {
+        return Ok(format!(
+            "{ov} overflows = ListenOverflows (no retransmit hook)"
+        ));
+    }
+    let rt = evs
+        .iter()
+        .filter(|e| {
+            e["type"] == "retransmit"
+                && (e["kind"] == "syn" && u(e, "dport") == port as u64
+                    || e["kind"] == "synack" && u(e, "sport") == port as u64)
+        })
+        .count() as u64;
+    if sr == 0 || rt != sr {
+        bail!(
+            "SYN + SYN-ACK retransmits {rt}, kernel TCPSynRetrans +{sr} (SYN-ACK hook: {synack})"
+        );
+    }
+    Ok(format!(
+        "{ov} overflows = ListenOverflows, {rt} SYN/SYN-ACK retransmits = TCPSynRetrans"
+    ))
+}
+
+/// S7: twenty client-closed connections: twenty TIME_WAIT enters, sockstat up by twenty.
+fn s7(evs: &[Value], port: u16, tw0: u64, n: u64) -> anyhow::Result<String> {
+    let enters = evs
+        .iter()
+        .filter(|e| {
+            e["type"] == "timewait" && e["event"] == "enter" && u(e, "dport") == port as u64
+        })
+        .count() as u64;
+    let tw = sockstat_tw() - tw0;
+    if enters != n || tw != n {
+        bail!("{enters} TIME_WAIT enters, sockstat tw +{tw}, expected {n}");
+    }
+    Ok(format!("{n} TIME_WAIT enters = sockstat tw"))
+}
+
+fn lifecycle(port: u16) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    let c = TcpStream::connect(("127.0.0.1", port))?;
+    let (mut s, _) = l.accept()?;
+    drop(c);
+    let mut buf = [0u8; 16];
+    let _ = s.read(&mut buf);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+fn churn(port: u16, n: u64) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    for _ in 0..n {
+        let c = TcpStream::connect(("127.0.0.1", port))?;
+        let (mut s, _) = l.accept()?;
+        drop(c);
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf);
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let bin = args
+        .first()
+        .context("usage: xtask vm-guest TCPWATCH")?
+        .clone();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut results: BTreeMap<String, Result<String, String>> = BTreeMap::new();
+    let mut record = |name: &str, r: anyhow::Result<String>| {
+        match &r {
+            Ok(d) => println!("vm-case: ok {name}: {d}"),
+            Err(e) => {
+                let m = format!("{e:#}");
+                let cut: String = m.chars().take(400).collect();
+                println!("vm-case: FAIL {name}: {cut}");
+            }
+        }
+        results.insert(name.to_string(), r.map_err(|e| format!("{e:#}")));
+    };
+    println!("vm-info: kernel {kernel}");
+
+    // Every strategy the kernel supports loads and attaches; what it lacks is named.
+    let doctor = (|| {
+        let out = Command::new(&bin).arg("doctor").output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in text.lines() {
+            println!("vm-info: doctor: {l}");
+        }
+        if !out.status.success() {
+            bail!(
+                "doctor failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let missing: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("UNAVAILABLE"))
+            .map(|l| l.split(':').next().unwrap_or(l))
+            .collect();
+        if !text.contains("state: tp_btf/inet_sock_set_state") {
+            bail!("the BTF state hook did not attach");
+        }
+        Ok(if missing.is_empty() {
+            "every signal has a hook".to_string()
+        } else {
+            format!("degraded, named: {}", missing.join(", "))
+        })
+    })();
+    record("doctor", doctor);
+
+    for (mode, extra, base) in [
+        ("tp_btf", &[][..], 7100u16),
+        ("classic", &["--disable-hook", "tp_btf"][..], 7200),
+    ] {
+        let r = (|| {
+            let t = Trace::start(&bin, extra)?;
+            let tw = t.has("TIME_WAIT");
+            let tw0 = sockstat_tw();
+            lifecycle(base + 1)?;
+            churn(base + 3, 20)?;
+            let evs = t.stop()?;
+            let a = s1(&evs, base + 1, tw)?;
+            let b = if tw {
+                s7(&evs, base + 3, tw0 + 1, 20)?
+            } else {
+                "TIME_WAIT unavailable with this strategy (named by doctor)".into()
+            };
+            Ok::<_, anyhow::Error>((a, b))
+        })();
+        match r {
+            Ok((a, b)) => {
+                record(&format!("{mode}/s1_lifecycle"), Ok(a));
+                record(&format!("{mode}/s7_time_wait"), Ok(b));
+            }
+            Err(e) => {
+                let m = format!("{e:#}");
+                record(&format!("{mode}/s1_lifecycle"), Err(anyhow::anyhow!("{m}")));
+                record(&format!("{mode}/s7_time_wait"), Err(anyhow::anyhow!("{m}")));
+            }
+        }
+        record(
+            &format!("{mode}/s3_s5_overflow_retransmits"),
+            s3_s5(&bin, extra, base + 2),
+        );
+    }
+    let failed = results.values().filter(|r| r.is_err()).count();
+    println!(
+        "vm-info: {kernel}: {} passed, {failed} failed",
+        results.len() - failed
+    );
+    if failed > 0 {
+        bail!("{failed} case(s) failed");
+    }
+    Ok(())
+}
