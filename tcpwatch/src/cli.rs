@@ -34,8 +34,34 @@ pub enum Command {
     /// exit non-zero when an assertion fails.
     #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
+    /// Serve metrics in the Prometheus text format over HTTP (/metrics), for fleets.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
     /// Check privileges and which hook serves each signal, then exit.
     Doctor(DoctorArgs),
+}
+
+const SERVE_EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch serve                          http://127.0.0.1:9924/metrics, every namespace
+    tcpwatch serve --listen 0.0.0.0:9924    reachable from other hosts (an explicit choice)
+    tcpwatch serve --max-listeners 20       fewer per-listener series";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to serve /metrics and /healthz on. Binding beyond loopback is your choice.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9924")]
+    pub listen: std::net::SocketAddr,
+    /// Listeners exposed one by one (the most troubled first); the rest are summed into addr="other".
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10000))]
+    pub max_listeners: u16,
+    /// A CLOSE_WAIT socket idle this long counts as a leak finding.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub close_wait_secs: u64,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 const CHECK_EXAMPLES: &str = "\

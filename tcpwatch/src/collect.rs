@@ -283,34 +283,20 @@ impl EventSource {
     /// A fresh full read of every watched namespace (for a snapshot): every socket with its
     /// owner, and each namespace's counters, sysctls and sockstat.
     pub fn fresh_inventory(&mut self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
-        let owners = procfd::socket_owners();
-        let mut socks = Vec::new();
-        let mut nss = Vec::new();
-        let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
-        for ns in list {
-            let Ok((s, counters, sockstat, sysctls)) = read_namespace(&self.probe, &ns, true)
-            else {
-                continue;
-            };
-            let mut s = s.unwrap_or_default();
-            for r in &mut s {
-                r.owner = owners.get(&r.ino).copied();
-            }
-            socks.extend(s);
-            let start = self
+        self.inventory_reader().read()
+    }
+
+    /// What a full inventory read needs, to run it on another thread (`serve`, so the rings
+    /// keep draining meanwhile).
+    pub fn inventory_reader(&self) -> InventoryReader {
+        InventoryReader {
+            probe: self.probe.clone(),
+            namespaces: self
                 .namespaces
-                .get(&ns.inode)
-                .map(|n| n.counters_at_start.clone())
-                .unwrap_or_default();
-            nss.push(crate::model::snapshot::NsInput {
-                inode: ns.inode,
-                counters_now: counters.unwrap_or_default(),
-                counters_start: start,
-                sysctls,
-                sockstat: sockstat.unwrap_or_default(),
-            });
+                .values()
+                .map(|n| (n.ns.clone(), n.counters_at_start.clone()))
+                .collect(),
         }
-        (socks, nss)
     }
 
     /// One last sample of every namespace, on this thread, so drops since the sampler's
@@ -566,5 +552,38 @@ impl Drop for EventSource {
         if let Some(h) = self.sampler.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// A full read of the watched namespaces: every socket with its owner, counters, sysctls.
+pub struct InventoryReader {
+    probe: SharedProbe,
+    namespaces: Vec<(NetnsRef, Counters)>,
+}
+
+impl InventoryReader {
+    pub fn read(&self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
+        let owners = procfd::socket_owners();
+        let mut socks = Vec::new();
+        let mut nss = Vec::new();
+        for (ns, start) in &self.namespaces {
+            let Ok((s, counters, sockstat, sysctls)) = read_namespace(&self.probe, ns, true) else {
+                continue;
+            };
+            let mut s = s.unwrap_or_default();
+            for r in &mut s {
+                r.owner = owners.get(&r.ino).copied();
+            }
+            socks.extend(s);
+            let start = start.clone();
+            nss.push(crate::model::snapshot::NsInput {
+                inode: ns.inode,
+                counters_now: counters.unwrap_or_default(),
+                counters_start: start,
+                sysctls,
+                sockstat: sockstat.unwrap_or_default(),
+            });
+        }
+        (socks, nss)
     }
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 
-use crate::cli::{CheckArgs, Cli, Command, DoctorArgs, SnapshotArgs, TopArgs, TraceArgs};
+use crate::cli::{
+    CheckArgs, Cli, Command, DoctorArgs, ServeArgs, SnapshotArgs, TopArgs, TraceArgs,
+};
 use crate::collect::EventSource;
 use crate::ebpf::{Probe, caps};
 use crate::model::Loss;
@@ -59,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Top(a) => top(a),
         Command::Doctor(a) => doctor(a),
         Command::Check(a) => check(a),
+        Command::Serve(a) => serve(a),
     }
 }
 
@@ -624,6 +627,253 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
             .context("writing the JUnit report")?;
     }
     Ok(report.exit_code)
+}
+
+/// What the reader thread of `serve` sends up.
+enum Up {
+    Batch(Vec<Event>, Vec<SockRec>),
+    /// Answer to a state request: what a snapshot needs from the source.
+    State {
+        inventory: crate::collect::InventoryReader,
+        hooks: Vec<HookView>,
+        loss: Loss,
+        events: u64,
+    },
+    /// A scrape waiting for the exposition.
+    Want(SyncSender<String>),
+}
+
+/// Events queued between `serve`'s reader and main thread at most (about 130 MB).
+const SERVE_QUEUE_EVENTS: usize = 1 << 20;
+
+/// `serve`: a reader thread drains the rings and never waits for anything else; the main
+/// thread keeps the aggregator and, when scraped, reads the inventory, builds the snapshot
+/// and renders it (at most once a second, cached), so a scrape never stalls event reading.
+/// Batches the main thread cannot take in time are dropped and counted, never silent.
+fn serve(a: ServeArgs) -> anyhow::Result<i32> {
+    let filters = Filters::from_args(&a.filters)?;
+    require_privileges()?;
+    // Signals first: tiny_http starts threads, which must inherit the blocked mask.
+    let stop = install_stop_signals();
+    let server = Arc::new(
+        tiny_http::Server::http(a.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?,
+    );
+    let mut src = EventSource::start(&settings::probe_config(&a.probe, &filters), filters)?;
+    for s in src.status() {
+        note!("tcpwatch: {}", s.line());
+    }
+    src.take_inventory();
+    let mut agg = Aggregator::new(AggConfig::default());
+    seed_aggregator(&mut agg, &src.inventory);
+    // Bounded by events queued (SERVE_QUEUE_EVENTS), not by batches; beyond that batches are
+    // dropped and counted.
+    let (up_tx, up_rx) = sync_channel::<Up>(4096);
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let http = {
+        let server = server.clone();
+        let want_tx = up_tx.clone();
+        std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || http_loop(&server, &want_tx))
+            .expect("spawning the HTTP thread")
+    };
+    let (state_tx, state_rx) = sync_channel::<()>(4);
+    let rstop = stop.clone();
+    let rqueued = queued.clone();
+    let reader = std::thread::Builder::new()
+        .name("reader".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(4096);
+            let mut prev_loss = Loss::default();
+            let mut last_loss = Instant::now();
+            while !rstop.load(Ordering::SeqCst) {
+                src.poll(Duration::from_millis(20), false, &mut batch);
+                let samples = std::mem::take(&mut src.listener_samples);
+                if !batch.is_empty() || !samples.is_empty() {
+                    let b = std::mem::replace(&mut batch, Vec::with_capacity(4096));
+                    let n = b.len();
+                    if rqueued.load(Ordering::Relaxed) + n > SERVE_QUEUE_EVENTS {
+                        src.loss.channel_dropped += n as u64;
+                    } else {
+                        rqueued.fetch_add(n, Ordering::Relaxed);
+                        match up_tx.try_send(Up::Batch(b, samples)) {
+                            Ok(()) => {}
+                            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                                rqueued.fetch_sub(n, Ordering::Relaxed);
+                                src.loss.channel_dropped += n as u64;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                if last_loss.elapsed() >= Duration::from_secs(1) {
+                    last_loss = Instant::now();
+                    let d = src.refresh_loss(&mut prev_loss);
+                    if d.total() > 0 {
+                        note!(
+                            "tcpwatch: lost {} events; {} so far",
+                            d.total(),
+                            src.loss.total()
+                        );
+                    }
+                }
+                if state_rx.try_recv().is_ok() {
+                    src.refresh_loss(&mut prev_loss);
+                    let st = Up::State {
+                        inventory: src.inventory_reader(),
+                        hooks: hook_views(&src),
+                        loss: src.loss,
+                        events: src.events,
+                    };
+                    if up_tx.send(st).is_err() {
+                        break;
+                    }
+                }
+            }
+            note!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
+        })
+        .expect("spawning the reader thread");
+    note!(
+        "tcpwatch: serving http://{}/metrics; Ctrl-C to stop",
+        a.listen
+    );
+    let t0 = monotonic_ns();
+    let home = settings::own_netns();
+    let (host, kernel) = (hostname(), kernel_release());
+    let mut cache: Option<(Instant, String)> = None;
+    let mut build_seconds = 0.0;
+    let apply = |agg: &mut Aggregator, evs: Vec<Event>, samples: Vec<SockRec>| {
+        queued.fetch_sub(evs.len(), Ordering::Relaxed);
+        for e in &evs {
+            agg.apply(e);
+        }
+        let now = monotonic_ns();
+        for l in samples {
+            agg.observe_listener(
+                &ListenerSample {
+                    netns: l.netns,
+                    local: l.local,
+                    cookie: l.cookie,
+                    owner: l.owner,
+                    accept_now: l.accept_queue,
+                    accept_max: l.accept_max,
+                    syn_now: l.syn_queue,
+                    drops: l.drops as u64,
+                },
+                now,
+            );
+        }
+        agg.tick(now);
+    };
+    let mut wants: Vec<SyncSender<String>> = Vec::new();
+    'main: while !stop.load(Ordering::SeqCst) {
+        match up_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Up::Batch(evs, samples)) => apply(&mut agg, evs, samples),
+            Ok(Up::Want(reply)) => wants.push(reply),
+            Ok(Up::State { .. }) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+        for reply in std::mem::take(&mut wants) {
+            if cache
+                .as_ref()
+                .is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(1))
+            {
+                let t = Instant::now();
+                if state_tx.send(()).is_err() {
+                    break 'main;
+                }
+                // Events that arrive meanwhile still go into the aggregator first.
+                let (inv, hooks, loss, events) = loop {
+                    match up_rx.recv_timeout(Duration::from_secs(5)) {
+                        Ok(Up::Batch(evs, samples)) => apply(&mut agg, evs, samples),
+                        Ok(Up::Want(r)) => wants.push(r),
+                        Ok(Up::State {
+                            inventory,
+                            hooks,
+                            loss,
+                            events,
+                        }) => break (inventory, hooks, loss, events),
+                        Err(_) => break 'main,
+                    }
+                };
+                let (inventory, namespaces) = inv.read();
+                let now = monotonic_ns();
+                let snap = crate::model::snapshot::build(
+                    &agg,
+                    &SnapInput {
+                        now_ns: now,
+                        window_ns: now - t0,
+                        host: host.clone(),
+                        kernel: kernel.clone(),
+                        hooks,
+                        inventory: Some(&inventory),
+                        namespaces,
+                        loss,
+                        home_netns: home,
+                        thresholds: Thresholds {
+                            close_wait_secs: a.close_wait_secs,
+                            ..Thresholds::default()
+                        },
+                    },
+                );
+                let text = crate::output::prometheus::render(
+                    &snap,
+                    &crate::output::prometheus::Extras {
+                        events,
+                        build_seconds,
+                        max_listeners: a.max_listeners as usize,
+                    },
+                );
+                agg.reset_listener_peaks();
+                build_seconds = t.elapsed().as_secs_f64();
+                cache = Some((Instant::now(), text));
+            }
+            if let Some((_, text)) = &cache {
+                let _ = reply.send(text.clone());
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    drop(up_rx);
+    let _ = reader.join();
+    server.unblock();
+    let _ = http.join();
+    Ok(EXIT_OK)
+}
+
+fn http_loop(server: &tiny_http::Server, want: &SyncSender<Up>) {
+    use tiny_http::{Header, Response};
+    let header =
+        |v: &str| Header::from_bytes(&b"Content-Type"[..], v.as_bytes()).expect("static header");
+    for rq in server.incoming_requests() {
+        let path = rq.url().split('?').next().unwrap_or("").to_string();
+        let res = match (rq.method(), path.as_str()) {
+            (tiny_http::Method::Get, "/metrics") => {
+                let (tx, rx) = sync_channel(1);
+                if want.send(Up::Want(tx)).is_err() {
+                    break;
+                }
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(body) => rq.respond(
+                        Response::from_string(body)
+                            .with_header(header("text/plain; version=0.0.4; charset=utf-8")),
+                    ),
+                    Err(_) => rq.respond(
+                        Response::from_string("metrics not ready\n").with_status_code(503),
+                    ),
+                }
+            }
+            (tiny_http::Method::Get, "/healthz") => rq.respond(Response::from_string("ok\n")),
+            (tiny_http::Method::Get, "/") => rq.respond(
+                Response::from_string("tcpwatch: metrics at /metrics, health at /healthz\n")
+                    .with_header(header("text/plain; charset=utf-8")),
+            ),
+            _ => rq.respond(Response::from_string("not found\n").with_status_code(404)),
+        };
+        let _ = res;
+    }
 }
 
 /// Moves a batch of events and listener samples into the aggregator.

@@ -204,7 +204,7 @@ fn start_tracer(
         if err.read_line(&mut line)? == 0 {
             bail!("tracer exited before attaching");
         }
-        if line.contains("tracing;") || line.contains("watching;") {
+        if line.contains("tracing;") || line.contains("watching;") || line.contains("serving") {
             return Ok((child, err));
         }
     }
@@ -258,23 +258,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Connection pairs and listeners kept open by `populate`.
+type Held = (Vec<(TcpStream, TcpStream)>, Vec<TcpListener>);
+
 /// Holds `n` established connections inside `ns` (the returned threads keep them open until
 /// `stop`), plus `tw` client-side TIME_WAIT sockets left behind by short connections.
 fn populate(
     ns: &Netns,
     established: usize,
     tw: u64,
+    listeners: u16,
 ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let nsname = Netns(ns.0.clone());
     let s = stop.clone();
     let h = std::thread::spawn(move || {
-        let r = (|| -> anyhow::Result<Vec<(TcpStream, TcpStream)>> {
+        let r = (|| -> anyhow::Result<Held> {
             let r = nsname.enter();
             std::mem::forget(nsname);
             r?;
             let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7100))?;
+            // First, before the clients take ephemeral ports (the range starts at 1024 here).
+            let more = (0..listeners)
+                .map(|i| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7200 + i)))
+                .collect::<Result<Vec<_>, _>>()?;
             // SAFETY: listen(2) again on our own socket only raises its backlog.
             unsafe { libc::listen(l.as_raw_fd(), 4096) };
             let mut held = Vec::with_capacity(established / 2);
@@ -291,7 +299,7 @@ fn populate(
                 let mut b = [0u8; 1];
                 let _ = std::io::Read::read(&mut a, &mut b);
             }
-            Ok(held)
+            Ok((held, more))
         })();
         match r {
             Ok(held) => {
@@ -326,7 +334,7 @@ fn time_cmd(cmd: &mut Command, runs: usize) -> anyhow::Result<f64> {
 /// `tcpwatch snapshot` against `ss -tan` on 20 k TIME_WAIT + 5 k established sockets.
 fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
     let ns = Netns::new("snap")?;
-    let (stop, h) = populate(&ns, 5_000, 20_000)?;
+    let (stop, h) = populate(&ns, 5_000, 20_000, 0)?;
     let path = format!("--net=/run/netns/{}", ns.0);
     let count = Command::new("nsenter")
         .args([path.as_str(), "ss", "-tanH"])
@@ -370,11 +378,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let which: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["churn", "aggregator", "snapshot", "tui"].contains(a))
+        .filter(|a| ["churn", "aggregator", "snapshot", "tui", "serve"].contains(a))
         .collect();
     let rest: Vec<String> = args
         .iter()
-        .filter(|a| !["churn", "aggregator", "snapshot", "tui"].contains(&a.as_str()))
+        .filter(|a| !["churn", "aggregator", "snapshot", "tui", "serve"].contains(&a.as_str()))
         .cloned()
         .collect();
     let all = which.is_empty();
@@ -384,7 +392,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if all
         || which
             .iter()
-            .any(|w| ["snapshot", "churn", "tui"].contains(w))
+            .any(|w| ["snapshot", "churn", "tui", "serve"].contains(w))
     {
         if !crate::is_root() {
             bail!(
@@ -398,6 +406,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if all || which.contains(&"snapshot") {
         snapshot_bench(&bin)?;
     }
+    if all || which.contains(&"serve") {
+        serve_bench(&bin)?;
+    }
     if all || which.contains(&"tui") {
         tui_bench(&bin)?;
     }
@@ -405,6 +416,134 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         churn_bench(&bin, &rest)?;
     }
     Ok(())
+}
+
+fn scrape(port: u16) -> anyhow::Result<(f64, String)> {
+    use std::io::{Read as _, Write as _};
+    let t = Instant::now();
+    let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut body = String::new();
+    c.read_to_string(&mut body)?;
+    Ok((t.elapsed().as_secs_f64() * 1e3, body))
+}
+
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `tcpwatch serve` on 20 k TIME_WAIT + 5 k established sockets and 101 listeners: the time
+/// of a scrape that rebuilds the exposition, while connection churn runs in the namespace.
+fn serve_bench(bin: &str) -> anyhow::Result<()> {
+    let ns = Netns::new("serve")?;
+    // Ephemeral ports above the fixed ones the listeners and the churn server use.
+    status(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.0,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=10000 65535",
+    ]))?;
+    let (stop, h) = populate(&ns, 5_000, 20_000, 100)?;
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--netns",
+            &ns.0,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut err = BufReader::new(child.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            bail!("serve exited");
+        }
+    }
+    std::thread::spawn(move || err.lines().map_while(Result::ok).count());
+    let res = (|| {
+        let (_, first) = scrape(port)?;
+        let sockets = metric(&first, "tcpwatch_sockets{");
+        let listeners = metric(&first, "tcpwatch_listeners ");
+        // 1. Scrapes of the quiet namespace, each older than the 1 s cache so each rebuilds.
+        let (mut times, mut builds) = (Vec::new(), Vec::new());
+        for _ in 0..11 {
+            std::thread::sleep(Duration::from_millis(1100));
+            let (ms, body) = scrape(port)?;
+            times.push(ms);
+            builds.push(metric(&body, "tcpwatch_snapshot_build_seconds") * 1e3);
+        }
+        let max = times.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "serve: {sockets:.0} sockets, {listeners:.0} listeners; scrape (rebuilding) median {:.1} ms, max {max:.1} ms; build median {:.1} ms",
+            median(times),
+            median(builds),
+        );
+        // 2. The same scrapes during connection churn in that namespace. TIME_WAIT is capped at
+        // what is there, so the socket count stays put while events flow.
+        let tw = metric(&first, "tcpwatch_sockets{state=\"TIME_WAIT\"}") as u64;
+        status(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.0,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.tcp_max_tw_buckets={tw}"),
+        ]))?;
+        let (_, before) = scrape(port)?;
+        let (ev0, lost0) = (
+            metric(&before, "tcpwatch_events_total "),
+            metric(&before, "tcpwatch_events_lost_total{"),
+        );
+        let ns2 = Netns(ns.0.clone());
+        let churner = std::thread::spawn(move || {
+            let r = churn(&ns2, 10.0, 2);
+            std::mem::forget(ns2);
+            r
+        });
+        let mut times = Vec::new();
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(1100));
+            times.push(scrape(port)?.0);
+        }
+        let conns = churner
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn panicked"))??;
+        std::thread::sleep(Duration::from_millis(1100));
+        let (_, last) = scrape(port)?;
+        let lost = metric(&last, "tcpwatch_events_lost_total{") - lost0;
+        let events = metric(&last, "tcpwatch_events_total ") - ev0;
+        let socks = metric(&last, "tcpwatch_sockets{");
+        for l in last
+            .lines()
+            .filter(|l| l.starts_with("tcpwatch_events_lost_total{"))
+        {
+            println!("  {l}");
+        }
+        println!(
+            "serve under churn: {:.0} conn/s for 10 s, {events:.0} events, {lost:.0} lost; scrape median {:.1} ms; {socks:.0} sockets at the end",
+            conns as f64 / 10.0,
+            median(times),
+        );
+        Ok(())
+    })();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
+    stop.store(true, Ordering::Relaxed);
+    let _ = h.join();
+    res
 }
 
 /// Idle cost of `tcpwatch top`: the real binary in a real terminal (tmux), watching every

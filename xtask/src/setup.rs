@@ -23,6 +23,7 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "tmux",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -34,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
         .collect())?;
     nightly_rust_src()?;
     bpf_linker()?;
+    prometheus()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -88,6 +90,52 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     }
     eprintln!("xtask: adding rust-src to nightly");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// Where the unpacked Prometheus server and promtool live (the serve test starts its own).
+pub fn prometheus_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/prometheus")
+}
+
+/// Debian's Prometheus, downloaded and unpacked, not installed: installing the package would
+/// start a Prometheus service on this host.
+fn prometheus() -> anyhow::Result<()> {
+    let root = prometheus_root();
+    if root.join("usr/bin/prometheus").exists() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        // Only the privileged tests use it, and they run as root.
+        return Ok(());
+    }
+    let dl = root.with_extension("debs");
+    std::fs::create_dir_all(&dl)?;
+    eprintln!(
+        "xtask: fetching Debian's prometheus package into {}",
+        root.display()
+    );
+    let get = || {
+        Command::new("apt-get")
+            .current_dir(&dl)
+            .args(["download", "-q", "prometheus"])
+            .stdout(Stdio::null())
+            .status()
+    };
+    if !get()?.success() {
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        if !get()?.success() {
+            bail!("apt-get download prometheus failed");
+        }
+    }
+    let deb = std::fs::read_dir(&dl)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("prometheus_"))
+        })
+        .context("no prometheus .deb downloaded")?;
+    status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -198,8 +198,8 @@ fn parse(what: &str, text: &str, secs: f64) -> Outcome {
     }
     let exit = text
         .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("VMTEST_EXIT="))
-        .last()
+        .rev()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("VMTEST_EXIT="))
         .map(str::to_string);
     if o.passed.is_empty() && o.failed.is_empty() {
         o.failed.push(format!(

@@ -376,6 +376,14 @@ impl Aggregator {
         l.last_ns = now;
     }
 
+    /// Starts a new peak window for every listener (after a scrape: peaks since the last one).
+    pub fn reset_listener_peaks(&mut self) {
+        for l in self.listeners.values_mut() {
+            l.accept_peak = l.accept_now;
+            l.syn_peak = l.syn_now;
+        }
+    }
+
     /// Forgets listeners not seen since `before` (closed).
     pub fn drop_listeners_before(&mut self, before: u64) {
         self.listeners.retain(|_, l| l.last_ns >= before);

@@ -392,7 +392,7 @@ impl Checker {
                 .insert(k.name(), self.retrans[kind_index(k)]);
         }
         obs.overflows = self.overflows.values().cloned().collect();
-        obs.overflows.sort_by(|a, b| b.count.cmp(&a.count));
+        obs.overflows.sort_by_key(|o| std::cmp::Reverse(o.count));
         obs.close_wait_longest = cw;
         obs.syn_sent_longest = ss;
 
@@ -420,7 +420,7 @@ impl Checker {
                 })
                 .filter(|w| w.0 > 0)
                 .collect();
-            worst.sort_by(|a, b| b.0.cmp(&a.0));
+            worst.sort_by_key(|w| std::cmp::Reverse(w.0));
             out.push(Assertion {
                 name,
                 limit: format!("at most {max}"),

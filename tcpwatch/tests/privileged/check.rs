@@ -272,8 +272,7 @@ fn leak() {
     let d = a["details"][0].as_str().unwrap();
     // The command's exit closes the socket: CLOSE_WAIT lasted the 2.5 s of sleep.
     assert!(
-        d.starts_with(&format!("127.0.0.1:8132 -> 127.0.0.1:"))
-            && d.contains(&format!("({pid}/tw-app) 2.")),
+        d.starts_with("127.0.0.1:8132 -> 127.0.0.1:") && d.contains(&format!("({pid}/tw-app) 2.")),
         "{d}"
     );
     assert!(d.contains("s in CLOSE_WAIT: the peer closed"), "{d}");

@@ -6,6 +6,7 @@
 mod check;
 mod harness;
 mod peer;
+mod serve;
 mod signals;
 mod snapshot;
 mod states;
@@ -23,6 +24,7 @@ fn all() -> Vec<Test> {
     v.extend_from_slice(snapshot::TESTS);
     v.extend_from_slice(tui::TESTS);
     v.extend_from_slice(check::TESTS);
+    v.extend_from_slice(serve::TESTS);
     v
 }
 

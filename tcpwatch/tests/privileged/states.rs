@@ -627,7 +627,11 @@ fn exits() {
     drop(err);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM with stderr closed");
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "SIGTERM with stderr closed"
+    );
 }
 
 /// `ip netns exec` remounts /sys without tracefs: tcpwatch mounts it and still sees events.
