@@ -542,19 +542,7 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
         for l in std::mem::take(&mut src.listener_samples) {
             // Samples carry no owner for listeners made after start: the LISTEN event did.
             if our_listeners.contains(&(l.netns, l.local)) || scope.owner_in(&l.owner) {
-                agg.observe_listener(
-                    &ListenerSample {
-                        netns: l.netns,
-                        local: l.local,
-                        cookie: l.cookie,
-                        owner: l.owner,
-                        accept_now: l.accept_queue,
-                        accept_max: l.accept_max,
-                        syn_now: l.syn_queue,
-                        drops: l.drops as u64,
-                    },
-                    now,
-                );
+                agg.observe_listener(&listener_sample(&l), now);
             }
         }
         agg.tick(now);
@@ -750,19 +738,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         }
         let now = monotonic_ns();
         for l in samples {
-            agg.observe_listener(
-                &ListenerSample {
-                    netns: l.netns,
-                    local: l.local,
-                    cookie: l.cookie,
-                    owner: l.owner,
-                    accept_now: l.accept_queue,
-                    accept_max: l.accept_max,
-                    syn_now: l.syn_queue,
-                    drops: l.drops as u64,
-                },
-                now,
-            );
+            agg.observe_listener(&listener_sample(&l), now);
         }
         agg.tick(now);
     };
@@ -876,6 +852,20 @@ fn http_loop(server: &tiny_http::Server, want: &SyncSender<Up>) {
     }
 }
 
+/// A sampled listener record as the aggregator takes it.
+fn listener_sample(l: &SockRec) -> ListenerSample {
+    ListenerSample {
+        netns: l.netns,
+        local: l.local,
+        cookie: l.cookie,
+        owner: l.owner,
+        accept_now: l.accept_queue,
+        accept_max: l.accept_max,
+        syn_now: l.syn_queue,
+        drops: l.drops as u64,
+    }
+}
+
 /// Moves a batch of events and listener samples into the aggregator.
 pub fn feed(agg: &mut Aggregator, src: &mut EventSource, batch: &mut Vec<Event>) {
     for e in batch.drain(..) {
@@ -883,19 +873,7 @@ pub fn feed(agg: &mut Aggregator, src: &mut EventSource, batch: &mut Vec<Event>)
     }
     let now = monotonic_ns();
     for l in src.listener_samples.drain(..) {
-        agg.observe_listener(
-            &ListenerSample {
-                netns: l.netns,
-                local: l.local,
-                cookie: l.cookie,
-                owner: l.owner,
-                accept_now: l.accept_queue,
-                accept_max: l.accept_max,
-                syn_now: l.syn_queue,
-                drops: l.drops as u64,
-            },
-            now,
-        );
+        agg.observe_listener(&listener_sample(&l), now);
     }
     agg.tick(now);
 }
