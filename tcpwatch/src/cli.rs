@@ -52,7 +52,7 @@ pub struct ServeArgs {
     /// Address to serve /metrics and /healthz on. Binding beyond loopback is your choice.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9924")]
     pub listen: std::net::SocketAddr,
-    /// Listeners exposed one by one (the most troubled first); the rest are summed into addr="other".
+    /// Listening addresses exposed one by one (the most troubled first); the queue gauges of the rest are summed into addr="other".
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10000))]
     pub max_listeners: u16,
     /// A CLOSE_WAIT socket idle this long counts as a leak finding.

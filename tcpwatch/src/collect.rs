@@ -397,9 +397,12 @@ impl EventSource {
                 skaddr: r.skaddr,
                 // A listener missing from the previous sample (or the inventory) was created
                 // since: every drop it has counted happened in this window.
+                // The kernel reuses socket memory at once: the same address with another
+                // cookie is another listener.
                 drops: st
                     .listeners
                     .get(&r.skaddr)
+                    .filter(|p| p.cookie == r.cookie)
                     .map_or(r.drops as u64, |p| r.drops.saturating_sub(p.drops) as u64),
                 syn_queue: r.syn_queue,
                 accept_max: r.accept_max,

@@ -508,6 +508,8 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
             if let Some(sig) = sig {
                 // SAFETY: signalling our own child, which has not been reaped yet.
                 unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+                // And the rest of its tree, which the cgroup knows.
+                scope.signal_all(sig);
             }
         }
         let done = exited.is_some_and(|(_, t)| signalled || t.elapsed() >= grace);
@@ -524,7 +526,11 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
             src.final_sample(&mut batch);
         }
         for e in batch.drain(..) {
-            if scope.owner_in(&e.owner) {
+            // Counter-based overflows may be resolved before the listener's LISTEN event
+            // left the reorder hold: the listener, once known, vouches for them.
+            let ours = matches!(e.kind, EventKind::Overflow { .. })
+                && our_listeners.contains(&(e.netns, e.local));
+            if ours || scope.owner_in(&e.owner) {
                 if matches!(
                     e.kind,
                     EventKind::State {
@@ -602,8 +608,7 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
         warnings,
     };
     drop(scope);
-    crate::output::check::write_text(io::stderr().lock(), &report)
-        .context("writing the summary")?;
+    // The report files first: a closed stderr must not cost them.
     if let Some(w) = json_out.as_mut() {
         crate::output::check::write_json(&mut *w, &report)
             .and_then(|_| w.flush())
@@ -614,6 +619,7 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
             .and_then(|_| w.flush())
             .context("writing the JUnit report")?;
     }
+    let _ = crate::output::check::write_text(io::stderr().lock(), &report);
     Ok(report.exit_code)
 }
 
@@ -743,7 +749,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         agg.tick(now);
     };
     let mut wants: Vec<SyncSender<String>> = Vec::new();
+    // Set when serving cannot go on: the process then exits non-zero (a supervisor restarts it).
+    let mut failed: Option<&str> = None;
     'main: while !stop.load(Ordering::SeqCst) {
+        if reader.is_finished() {
+            failed = Some("the reader thread ended");
+            break;
+        }
         match up_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(Up::Batch(evs, samples)) => apply(&mut agg, evs, samples),
             Ok(Up::Want(reply)) => wants.push(reply),
@@ -758,6 +770,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
             {
                 let t = Instant::now();
                 if state_tx.send(()).is_err() {
+                    failed = Some("the reader thread ended");
                     break 'main;
                 }
                 // Events that arrive meanwhile still go into the aggregator first.
@@ -771,7 +784,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
                             loss,
                             events,
                         }) => break (inventory, hooks, loss, events),
-                        Err(_) => break 'main,
+                        Err(_) => {
+                            failed = Some("the reader thread did not answer within 5 s");
+                            break 'main;
+                        }
                     }
                 };
                 let (inventory, namespaces) = inv.read();
@@ -813,10 +829,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     }
     stop.store(true, Ordering::SeqCst);
     drop(up_rx);
-    let _ = reader.join();
+    let panicked = reader.join().is_err();
     server.unblock();
     let _ = http.join();
-    Ok(EXIT_OK)
+    match (failed, panicked) {
+        (_, true) => anyhow::bail!("the reader thread panicked; metrics stopped"),
+        (Some(why), _) => anyhow::bail!("{why}; metrics stopped"),
+        _ => Ok(EXIT_OK),
+    }
 }
 
 fn http_loop(server: &tiny_http::Server, want: &SyncSender<Up>) {
@@ -991,7 +1011,7 @@ fn top_live(a: &TopArgs) -> anyhow::Result<i32> {
     let refresh = Duration::from_millis(1000 / a.refresh as u64);
     let mut inventory: Vec<SockRec> = Vec::new();
     let mut namespaces = Vec::new();
-    let mut last_inv = Instant::now() - Duration::from_secs(10);
+    let mut last_inv: Option<Instant> = None;
     let mut batch = Vec::with_capacity(4096);
     let mut prev_loss = Loss::default();
     let (mut rate_t, mut rate_n) = (Instant::now(), src.events);
@@ -1018,9 +1038,9 @@ fn top_live(a: &TopArgs) -> anyhow::Result<i32> {
             break;
         }
         src.refresh_loss(&mut prev_loss);
-        if last_inv.elapsed() >= Duration::from_secs(1) {
+        if last_inv.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             (inventory, namespaces) = src.fresh_inventory();
-            last_inv = Instant::now();
+            last_inv = Some(Instant::now());
         }
         let now = monotonic_ns();
         let input = SnapInput {

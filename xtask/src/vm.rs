@@ -201,11 +201,15 @@ fn parse(what: &str, text: &str, secs: f64) -> Outcome {
         .rev()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix("VMTEST_EXIT="))
         .map(str::to_string);
-    if o.passed.is_empty() && o.failed.is_empty() {
-        o.failed.push(format!(
-            "no result (exit marker {}): the guest did not run the suite",
-            exit.as_deref().unwrap_or("missing")
-        ));
+    // A suite that stopped early (a panic, a timeout) printed some cases but not its status.
+    match exit.as_deref() {
+        Some("0") => {}
+        _ if !o.failed.is_empty() => {}
+        other => o.failed.push(format!(
+            "the suite did not finish (exit status {}) after {} case(s)",
+            other.unwrap_or("missing"),
+            o.passed.len()
+        )),
     }
     o
 }
@@ -264,7 +268,14 @@ fn host_leg(guest: &Path, tcpwatch: &Path) -> anyhow::Result<String> {
             .arg(tcpwatch)
             .stderr(Stdio::inherit())
             .output()?;
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        // The same status marker the guests print.
+        Ok(format!(
+            "{}\nVMTEST_EXIT={}\n",
+            String::from_utf8_lossy(&o.stdout),
+            o.status
+                .code()
+                .map_or("signal".to_string(), |c| c.to_string())
+        ))
     })();
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     res

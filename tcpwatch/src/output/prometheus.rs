@@ -1,6 +1,6 @@
 //! `tcpwatch serve`'s exposition: the snapshot in the Prometheus text format (0.0.4), with
 //! label cardinality bounded: states and kinds are fixed sets, listeners are the top N by
-//! trouble with the rest summed into `addr="other"`, TIME_WAIT ports the top 10 plus "other".
+//! trouble with the gauges of the rest summed into `addr="other"`, TIME_WAIT the top 10 plus "other".
 use std::fmt::Write as _;
 
 use crate::model::snapshot::{ListenerView, Snapshot};
@@ -128,8 +128,10 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
         w.sample("tcpwatch_sockets", &[("state", st.to_string())], n as f64);
     }
 
-    // Listeners: the most troubled first, the rest summed.
-    let mut ls: Vec<&ListenerView> = s.listeners.iter().collect();
+    // Listeners: one series per address (SO_REUSEPORT groups merged), the most troubled
+    // first; the gauges of the rest summed.
+    let merged = merge_reuseport(&s.listeners);
+    let mut ls: Vec<&ListenerView> = merged.iter().collect();
     ls.sort_by(|a, b| {
         trouble(b)
             .cmp(&trouble(a))
@@ -196,17 +198,12 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
             |l| l.overflows.syncookies,
         ),
     ];
+    // Counters get no "other" series: its members change from scrape to scrape, so a sum
+    // would go down, which Prometheus reads as a reset.
     for (name, help, f) in counters {
         w.head(name, "counter", help);
         for l in top {
             w.sample(name, &listener_labels(l), f(l) as f64);
-        }
-        if !rest.is_empty() {
-            w.sample(
-                name,
-                &other_labels(),
-                rest.iter().map(|l| f(l)).sum::<u64>() as f64,
-            );
         }
     }
     let name = "tcpwatch_listener_overflows_total";
@@ -224,18 +221,13 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
             lb.push(("queue", q.to_string()));
             w.sample(name, &lb, f(l) as f64);
         }
-        if !rest.is_empty() {
-            let mut lb = other_labels();
-            lb.push(("queue", q.to_string()));
-            w.sample(name, &lb, rest.iter().map(|l| f(l)).sum::<u64>() as f64);
-        }
     }
     w.head(
         "tcpwatch_listeners",
         "gauge",
-        "Listening sockets watched (all of them, also those summed into addr=\"other\").",
+        "Listening addresses watched (SO_REUSEPORT groups count once), also those beyond --max-listeners.",
     );
-    w.sample("tcpwatch_listeners", &[], s.listeners.len() as f64);
+    w.sample("tcpwatch_listeners", &[], merged.len() as f64);
 
     w.head(
         "tcpwatch_retransmits_total",
@@ -401,6 +393,37 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     w.out
 }
 
+/// SO_REUSEPORT listeners share an address: one view each would give identical label sets
+/// (Prometheus keeps one). Queues and drops are per socket and add up; the limit is the
+/// largest; overflow counts come from the aggregator per address, so every member already
+/// carries the group's total.
+fn merge_reuseport(ls: &[ListenerView]) -> Vec<ListenerView> {
+    let mut out: Vec<ListenerView> = Vec::with_capacity(ls.len());
+    let mut at: std::collections::HashMap<(u32, &str, u16), usize> =
+        std::collections::HashMap::new();
+    for l in ls {
+        match at.get(&(l.netns, l.addr.as_str(), l.port)) {
+            Some(&i) => {
+                let m = &mut out[i];
+                m.accept_queue.now += l.accept_queue.now;
+                m.accept_queue.peak += l.accept_queue.peak;
+                m.accept_queue.max = m.accept_queue.max.max(l.accept_queue.max);
+                m.syn_queue.now += l.syn_queue.now;
+                m.syn_queue.peak += l.syn_queue.peak;
+                m.drops += l.drops;
+                if m.owner.is_none() {
+                    m.owner = l.owner.clone();
+                }
+            }
+            None => {
+                at.insert((l.netns, l.addr.as_str(), l.port), out.len());
+                out.push(l.clone());
+            }
+        }
+    }
+    out
+}
+
 fn other_labels() -> Vec<(&'static str, String)> {
     vec![
         ("netns", String::new()),
@@ -521,6 +544,46 @@ mod tests {
     }
 
     #[test]
+    fn reuseport_groups_are_one_series() {
+        let mut s = snap();
+        s.listeners = vec![listener(8080, 24, 24), listener(8080, 6, 24)];
+        let t = render(
+            &s,
+            &Extras {
+                events: 0,
+                build_seconds: 0.0,
+                max_listeners: 100,
+            },
+        );
+        check_format(&t);
+        let lb =
+            "{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\",owner=\"we\\\"ird\\\\srv\"}";
+        let series = |name: &str| {
+            t.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .count()
+        };
+        assert_eq!(series("tcpwatch_listener_drops_total"), 1, "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l == format!("tcpwatch_listener_drops_total{lb} 30")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l == format!("tcpwatch_listener_accept_queue{lb} 6")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l == format!("tcpwatch_listener_accept_queue_max{lb} 2")),
+            "{t}"
+        );
+        assert!(t.lines().any(|l| l.starts_with("tcpwatch_listener_overflows_total{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\"") && l.ends_with("queue=\"accept\"} 24")), "{t}");
+        assert!(t.lines().any(|l| l == "tcpwatch_listeners 1"), "{t}");
+    }
+
+    #[test]
     fn listeners_beyond_the_cap_are_summed() {
         let t = render(
             &snap(),
@@ -537,7 +600,18 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("port=\"9000\""));
-        assert!(t.lines().any(|l| l == "tcpwatch_listener_drops_total{netns=\"\",addr=\"other\",port=\"\",owner=\"\"} 5"), "{t}");
+        // Counters have no "other" series (its members change, a sum would go down).
+        assert!(
+            !t.lines()
+                .any(|l| l.starts_with("tcpwatch_listener_drops_total{netns=\"\",addr=\"other\"")),
+            "{t}"
+        );
+        assert!(
+            !t.lines()
+                .any(|l| l
+                    .starts_with("tcpwatch_listener_overflows_total{netns=\"\",addr=\"other\"")),
+            "{t}"
+        );
         assert!(t.lines().any(|l| l == "tcpwatch_listener_accept_queue{netns=\"\",addr=\"other\",port=\"\",owner=\"\"} 6"), "{t}");
         assert!(t.lines().any(|l| l == "tcpwatch_listener_accept_queue_max{netns=\"\",addr=\"other\",port=\"\",owner=\"\"} 2"), "{t}");
     }

@@ -19,6 +19,8 @@ enum Kind {
         /// The cgroup's path as /proc/PID/cgroup shows it.
         rel: String,
         ids: HashSet<u64>,
+        /// Ids seen and found outside after a rescan.
+        outside: HashSet<u64>,
         scanned: Instant,
     },
     /// Descendants of this pid.
@@ -137,6 +139,7 @@ impl RunScope {
             rel: format!("{}/{name}", rel_parent.trim_end_matches('/')),
             dir,
             ids: HashSet::from([id]),
+            outside: HashSet::new(),
             scanned: Instant::now(),
         })
     }
@@ -214,19 +217,37 @@ impl RunScope {
         match &mut self.kind {
             Kind::Any => true,
             Kind::Cgroup {
-                dir, ids, scanned, ..
+                dir,
+                ids,
+                outside,
+                scanned,
+                ..
             } if o.cgroup_id != 0 => {
                 if ids.contains(&o.cgroup_id) {
                     return true;
                 }
-                // The command may have made cgroups of its own below ours.
-                if scanned.elapsed() > Duration::from_millis(100) {
+                // The command may have made cgroups of its own below ours: an id never seen
+                // before rescans at once; one already found outside at most every 100 ms.
+                let fresh = !outside.contains(&o.cgroup_id);
+                if fresh || scanned.elapsed() > Duration::from_millis(100) {
                     *scanned = Instant::now();
                     ids.extend(subtree(dir).iter().filter_map(|p| inode(p)));
                 }
-                ids.contains(&o.cgroup_id)
+                let inside = ids.contains(&o.cgroup_id);
+                if !inside {
+                    outside.insert(o.cgroup_id);
+                }
+                inside
             }
             _ => self.pid_in(o.pid),
+        }
+    }
+
+    /// Sends `sig` to every process of the run (the cgroup's, at every depth).
+    pub fn signal_all(&self, sig: i32) {
+        for pid in self.remaining() {
+            // SAFETY: kill(2) on pids read from our own cgroup.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
         }
     }
 
