@@ -216,8 +216,12 @@ fn owner_view(o: &Option<Owner>) -> Option<OwnerView> {
 }
 
 fn who(o: &Option<Owner>) -> String {
+    who_view(&owner_view(o))
+}
+
+fn who_view(o: &Option<OwnerView>) -> String {
     match o {
-        Some(o) => format!("{}/{}", o.pid, o.comm.to_string_lossy()),
+        Some(o) => format!("{}/{}", o.pid, o.comm),
         None => "owner unknown".into(),
     }
 }
@@ -463,12 +467,7 @@ impl Checker {
                         format!(
                             "listener {} ({}): {} {} queue overflow(s){q}, {}",
                             o.listener,
-                            o.owner
-                                .as_ref()
-                                .map_or("owner unknown".to_string(), |w| format!(
-                                    "{}/{}",
-                                    w.pid, w.comm
-                                )),
+                            who_view(&o.owner),
                             o.count,
                             o.queue,
                             o.action
@@ -525,12 +524,7 @@ impl Checker {
                             "{} -> {} ({}) {:.1} s in CLOSE_WAIT: the peer closed, {}",
                             d.local,
                             d.remote,
-                            d.owner
-                                .as_ref()
-                                .map_or("owner unknown".to_string(), |w| format!(
-                                    "{}/{}",
-                                    w.pid, w.comm
-                                )),
+                            who_view(&d.owner),
                             d.ms / 1e3,
                             if d.ongoing {
                                 "the application has not called close()"
@@ -563,7 +557,7 @@ impl Checker {
                             "connect {} -> {} ({}) {:.1} ms in SYN_SENT with {} SYN retransmit(s){}",
                             d.local,
                             d.remote,
-                            d.owner.as_ref().map_or("owner unknown".to_string(), |w| format!("{}/{}", w.pid, w.comm)),
+                            who_view(&d.owner),
                             d.ms,
                             d.syn_retransmits.unwrap_or(0),
                             if d.ongoing { ", still connecting" } else { "" }

@@ -42,6 +42,25 @@ struct W {
 }
 
 impl W {
+    /// A gauge family of the first 10 rows (largest first, as given) and one `other` series
+    /// for what is left of `total`.
+    fn top_with_other<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: impl Iterator<Item = (Vec<(&'a str, String)>, u64)>,
+        total: u64,
+        other: &[(&str, String)],
+    ) {
+        self.head(name, "gauge", help);
+        let mut left = total;
+        for (labels, n) in rows.take(10) {
+            left = left.saturating_sub(n);
+            self.sample(name, &labels, n as f64);
+        }
+        self.sample(name, other, left as f64);
+    }
+
     fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
@@ -267,52 +286,35 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     }
 
     let tw = &s.time_wait;
-    w.head(
+    let by_port = tw.by_local_port.iter().map(|p| {
+        let labels = vec![("netns", p.netns.to_string()), ("port", p.port.to_string())];
+        (labels, p.count)
+    });
+    w.top_with_other(
         "tcpwatch_time_wait_by_local_port",
-        "gauge",
         "TIME_WAIT sockets by local port: the top 10, the rest as port=\"other\".",
-    );
-    let mut other = tw.total;
-    for p in tw.by_local_port.iter().take(10) {
-        other = other.saturating_sub(p.count);
-        w.sample(
-            "tcpwatch_time_wait_by_local_port",
-            &[("netns", p.netns.to_string()), ("port", p.port.to_string())],
-            p.count as f64,
-        );
-    }
-    w.sample(
-        "tcpwatch_time_wait_by_local_port",
+        by_port,
+        tw.total,
         &[("netns", String::new()), ("port", "other".into())],
-        other as f64,
     );
-    let name = "tcpwatch_time_wait_by_remote";
-    w.head(
-        name,
-        "gauge",
+    let by_remote = tw.by_remote.iter().map(|r| {
+        let labels = vec![
+            ("netns", r.netns.to_string()),
+            ("addr", r.addr.clone()),
+            ("port", r.port.to_string()),
+        ];
+        (labels, r.count)
+    });
+    w.top_with_other(
+        "tcpwatch_time_wait_by_remote",
         "TIME_WAIT sockets by remote endpoint: the top 10, the rest as addr=\"other\".",
-    );
-    let mut other = tw.total;
-    for r in tw.by_remote.iter().take(10) {
-        other = other.saturating_sub(r.count);
-        w.sample(
-            name,
-            &[
-                ("netns", r.netns.to_string()),
-                ("addr", r.addr.clone()),
-                ("port", r.port.to_string()),
-            ],
-            r.count as f64,
-        );
-    }
-    w.sample(
-        name,
+        by_remote,
+        tw.total,
         &[
             ("netns", String::new()),
             ("addr", "other".into()),
             ("port", String::new()),
         ],
-        other as f64,
     );
     w.head(
         "tcpwatch_time_wait_entered_total",
