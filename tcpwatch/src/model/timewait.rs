@@ -60,7 +60,15 @@ impl TwMachine {
                 }
             }
             TwOp::Start => {
-                if self.pending.remove(&tw).is_some() {
+                let rearm = match self.pending.remove(&tw) {
+                    Some(cancel) if same_socket(&cancel, &ev) => true,
+                    Some(cancel) => {
+                        self.deschedule(cancel, out);
+                        false
+                    }
+                    None => false,
+                };
+                if rearm {
                     let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
                     out.push(Event {
                         owner,
@@ -155,6 +163,17 @@ impl TwMachine {
             ..ev
         });
     }
+}
+
+/// Whether a cancel and the start that follows it on one timer are the same timewait socket.
+/// A re-arm keeps the socket, so both carry its cookie (fixed when it was allocated); a new
+/// socket in the memory of one just descheduled (tcp_tw_reuse: the slab hands the freed
+/// object straight back) has its own. Without cookies the tuple must match.
+fn same_socket(cancel: &Event, start: &Event) -> bool {
+    if cancel.cookie != 0 || start.cookie != 0 {
+        return cancel.cookie == start.cookie;
+    }
+    (cancel.netns, cancel.local, cancel.remote) == (start.netns, start.local, start.remote)
 }
 
 /// Whether `state` is a substate a timewait socket can be in.
@@ -292,6 +311,49 @@ mod tests {
         m.apply(tw(5_000_000, 1, TwOp::Start, TcpState::TimeWait), &mut out);
         assert_eq!(kinds(&out), vec!["enter", "exit:killed", "enter"]);
         assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn tw_reuse_then_a_new_socket_in_the_same_memory_at_once_is_no_rearm() {
+        // connect() takes a TIME_WAIT tuple (the cancel, in its task), and the new connection
+        // closes and lands in the freed object well within the follow-up window.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut c = tw(2_000_000_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        c.softirq = false;
+        m.apply(c, &mut out);
+        let mut next = tw(2_000_200_000, 1, TwOp::Start, TcpState::FinWait2);
+        next.cookie = 10;
+        m.apply(next, &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:reused", "enter"]);
+        assert_eq!(out[2].cookie, 10);
+        assert_eq!(m.live(), 1);
+        // A seeded socket has no cookie; the new one has: still two sockets.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.seed(1, None);
+        let mut c = tw(100, 1, TwOp::Cancel, TcpState::TimeWait);
+        (c.cookie, c.softirq) = (0, false);
+        m.apply(c, &mut out);
+        m.apply(tw(200, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        assert_eq!(kinds(&out), vec!["exit:reused", "enter"]);
+        // Neither has a cookie: the tuple decides.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        let mut a = tw(100, 1, TwOp::Cancel, TcpState::TimeWait);
+        a.cookie = 0;
+        let mut b = tw(150, 1, TwOp::Start, TcpState::TimeWait);
+        b.cookie = 0;
+        m.apply(a, &mut out);
+        m.apply(b, &mut out);
+        assert_eq!(kinds(&out), vec!["rearm:TIME_WAIT"]);
+        a.ts_ns = 200;
+        b.ts_ns = 250;
+        b.local = "127.0.0.1:40001".parse().unwrap();
+        m.apply(a, &mut out);
+        m.apply(b, &mut out);
+        assert_eq!(kinds(&out), vec!["rearm:TIME_WAIT", "exit:killed", "enter"]);
     }
 
     #[test]

@@ -472,9 +472,18 @@ fn tw_live(evs: &[Value]) -> i64 {
         .sum()
 }
 
+fn tw_exits<'a>(evs: &'a [Value], reason: &str) -> Vec<&'a Value> {
+    of_type(evs, "timewait")
+        .into_iter()
+        .filter(|e| e["event"] == "exit" && e["reason"] == reason)
+        .collect()
+}
+
 /// S7: thousands of short client connections; at several samples the live timewait count
 /// equals `ss state time-wait` and sockstat `tw`, and falls to zero when the timers expire
-/// (TIME_WAIT lasts TCP_TIMEWAIT_LEN, 60 s).
+/// (TIME_WAIT lasts TCP_TIMEWAIT_LEN, 60 s). Loopback has tcp_tw_reuse (2) on: when a round
+/// starts more than a second after a TIME_WAIT began, connect() may take that tuple, which the
+/// kernel counts as TWRecycled and tcpwatch must report as a `reused` exit, not a re-arm.
 fn s7_timewait_pileup() {
     let ns = Netns::new();
     let tracer = Tracer::start(&ns, &[]);
@@ -483,38 +492,51 @@ fn s7_timewait_pileup() {
     for round in 1..=3 {
         server.ok_timeout(&format!("churn {l} 1000"));
         let want = round * 1000;
-        tracer.wait_for("every timewait enter", W, |evs| tw_live(evs) >= want as i64);
+        let recycled = ns.counter("TcpExt", "TWRecycled") as i64;
+        tracer.wait_for("every timewait enter and reuse", W, |evs| {
+            tw_live(evs) + tw_exits(evs, "reused").len() as i64 >= want as i64
+                && tw_exits(evs, "reused").len() as i64 >= recycled
+        });
         std::thread::sleep(Duration::from_millis(300));
-        let live = tw_live(&tracer.events());
+        let evs = tracer.events();
+        let live = tw_live(&evs);
         let ss = ns.ss(&["state", "time-wait"]).len();
         let tw = ns.sockstat_tw();
-        assert_eq!(live, want as i64, "round {round}");
+        assert_eq!(
+            tw_exits(&evs, "reused").len() as i64,
+            recycled,
+            "reused exits = TWRecycled, round {round}"
+        );
+        assert_eq!(live, want as i64 - recycled, "round {round}");
         assert_eq!(ss as i64, live, "ss state time-wait, round {round}");
         assert_eq!(tw as i64, live, "sockstat tw, round {round}");
+        assert_eq!(tw_exits(&evs, "killed").len(), 0);
+        assert_eq!(tw_exits(&evs, "expired").len(), 0);
     }
-    // By remote endpoint: all 3000 toward the listener; by local port: 3000 distinct.
+    // By remote endpoint: all 3000 toward the listener; by local port: one per connection,
+    // less those a reuse took again.
     let evs = tracer.events();
+    let recycled = tw_exits(&evs, "reused").len();
     let enters: Vec<&Value> = of_type(&evs, "timewait")
         .into_iter()
         .filter(|e| e["event"] == "enter")
         .collect();
+    assert_eq!(enters.len(), 3000);
     assert!(
         enters
             .iter()
             .all(|e| e["dport"] == 8096 && e["daddr"] == "127.0.0.1")
     );
     let ports: std::collections::HashSet<u64> = enters.iter().map(|e| u(e, "sport")).collect();
-    assert_eq!(ports.len(), 3000);
+    assert_eq!(ports.len(), 3000 - recycled);
+    let cookies: std::collections::HashSet<u64> = enters.iter().map(|e| u(e, "cookie")).collect();
+    assert_eq!(cookies.len(), 3000, "each timewait socket its own timeline");
     // Expiry: 60 s after the last round, every one has left.
     tracer.wait_for("expiry", Duration::from_secs(80), |evs| tw_live(evs) == 0);
     let evs = tracer.stop();
-    let exits: Vec<&Value> = of_type(&evs, "timewait")
-        .into_iter()
-        .filter(|e| e["event"] == "exit")
-        .collect();
-    assert_eq!(exits.len(), 3000);
+    let exits = tw_exits(&evs, "expired");
+    assert_eq!(exits.len(), 3000 - recycled);
     for e in &exits {
-        assert_eq!(e["reason"], "expired");
         // TCP_TIMEWAIT_LEN is 60 s; a timer that far out sits in a coarse timer-wheel level and
         // fires late by up to that level's granularity (4096 jiffies at most), never early.
         let d = u(e, "duration_ns");

@@ -427,8 +427,13 @@ fn s16_reused_tuple() {
         ports.push(p);
     }
     assert_eq!(ports, vec![40001, 40001]);
-    tracer.wait_for("two server closes", W, |evs| {
+    tracer.wait_for("two server closes and three timewait events", W, |evs| {
         evs.iter().filter(|e| is(e, "LAST_ACK", "CLOSE")).count() == 2
+            && evs
+                .iter()
+                .filter(|e| e["type"] == "timewait" && e["sport"] == 40001)
+                .count()
+                == 3
     });
     let evs = tracer.stop();
     let starts: Vec<u64> = of_type(&evs, "state")
@@ -460,6 +465,42 @@ fn s16_reused_tuple() {
         .collect();
     assert_eq!(children.len(), 2);
     assert_ne!(sock_key(children[0]), sock_key(children[1]));
+    // The first socket's timewait left by that reuse; the second entered its own, often in
+    // the very memory the first was freed from: never mistaken for a re-arm.
+    let closers: Vec<&Value> = of_type(&evs, "state")
+        .into_iter()
+        .filter(|e| is(e, "FIN_WAIT2", "CLOSE") && e["sport"] == 40001)
+        .collect();
+    let mut tw: Vec<&Value> = of_type(&evs, "timewait")
+        .into_iter()
+        .filter(|e| e["sport"] == 40001)
+        .collect();
+    tw.sort_by_key(|e| e["ts_ns"].as_u64());
+    let seen: Vec<(&str, &str, &Value)> = tw
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or("-"),
+                &e["cookie"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("enter", "-", &closers[0]["cookie"]),
+            ("exit", "reused", &closers[0]["cookie"]),
+            ("enter", "-", &closers[1]["cookie"]),
+        ]
+    );
+    assert_eq!(
+        tw[1]["pid"].as_u64(),
+        Some(client.pid as u64),
+        "the client owns the timewait socket it reused"
+    );
+    assert_eq!(ns.counter("TcpExt", "TWRecycled"), 1);
+    assert_eq!(ns.sockstat_tw(), 1);
 }
 
 /// --port, --pid and -6 are applied in the kernel: nothing else reaches the output.
