@@ -292,7 +292,22 @@ impl Tracer {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; events: {:#?}", self.events());
+                let evs = self.events();
+                let tail: Vec<String> = evs
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .rev()
+                    .map(|e| e.to_string())
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; {} events by kind: {}; tcpwatch stderr: {:?}; \
+                     last: {}",
+                    evs.len(),
+                    census(&evs),
+                    self.stderr(),
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -443,4 +458,21 @@ pub fn near(what: &str, got: u64, want: u64, tol: u64) {
         want as f64 / 1e9,
         tol as f64 / 1e9
     );
+}
+
+/// Counts by `type` (and `event`/`kind` where present), the first thing to read when a wait
+/// times out: it tells lost, late and never-emitted events apart.
+pub fn census(evs: &[Value]) -> String {
+    let mut n: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in evs {
+        let mut k = e["type"].as_str().unwrap_or("?").to_string();
+        for sub in ["event", "kind"] {
+            if let Some(v) = e[sub].as_str() {
+                k = format!("{k}/{v}");
+            }
+        }
+        *n.entry(k).or_default() += 1;
+    }
+    let parts: Vec<String> = n.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.join(" ")
 }

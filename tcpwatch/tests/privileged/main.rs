@@ -53,9 +53,9 @@ fn main() {
         let secs = t.elapsed().as_secs_f64();
         match res {
             Ok(()) => println!("test {name} ... ok ({secs:.1}s)"),
-            Err(_) => {
+            Err(payload) => {
                 println!("test {name} ... FAILED ({secs:.1}s)");
-                failed.push(*name);
+                failed.push((*name, panic_text(payload.as_ref())));
             }
         }
     }
@@ -66,7 +66,32 @@ fn main() {
         failed.len()
     );
     if !failed.is_empty() {
-        println!("failures: {}", failed.join(", "));
+        // Repeated here because a CI log is often cut to its tail: the reason must survive.
+        for (name, why) in &failed {
+            println!("failed: {name}: {why}");
+        }
+        let names: Vec<&str> = failed.iter().map(|(n, _)| *n).collect();
+        println!("failures: {}", names.join(", "));
         std::process::exit(1);
     }
+}
+
+/// The first lines of a panic's message (assertion text with its left/right values).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(non-text panic)");
+    let lines: Vec<&str> = text.lines().take(6).collect();
+    let mut out = lines.join(" | ");
+    if out.len() > 600 {
+        let mut cut = 600;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
 }
