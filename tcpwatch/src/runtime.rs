@@ -162,6 +162,9 @@ enum Msg {
     },
 }
 
+/// Batches (one per 20 ms poll) between the ring reader and the writer.
+const TRACE_QUEUE_BATCHES: usize = 8;
+
 fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     let filters = Filters::from_args(&a.filters)?;
     require_privileges()?;
@@ -173,7 +176,9 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     src.take_inventory();
     note!("tcpwatch: tracing; Ctrl-C to stop");
 
-    let (tx, rx) = sync_channel::<Msg>(256);
+    // A stalled stdout must back up into the kernel ring, where every lost record is counted,
+    // not into this process's memory: a few polls' worth of events wait here, no more.
+    let (tx, rx) = sync_channel::<Msg>(TRACE_QUEUE_BATCHES);
     let json = a.json;
     let wstop = stop.clone();
     let writer = std::thread::Builder::new()
