@@ -1,6 +1,7 @@
 //! Userspace owner resolution for what the kernel side cannot know: sockets and listeners that
 //! existed before tcpwatch attached (seeded from the inventory) and children of such listeners.
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -15,10 +16,28 @@ pub struct OwnerBook {
     /// Owners of sockets on their way to TIME_WAIT (FIN_WAIT1/2, CLOSING), for the timewait
     /// socket that takes over: it carries the same cookie but no owner, and its timer is armed
     /// just *before* the full socket's last transition to CLOSE.
-    closing: HashMap<u64, Owner>,
-    /// Cookies of sockets that reached CLOSE, with the time: dropped from `closing` after a
-    /// grace period.
-    closed_order: VecDeque<(u64, u64)>,
+    closing: HashMap<SockId, Owner>,
+    /// Sockets that reached CLOSE, with the time: dropped from `closing` after a grace period.
+    closed_order: VecDeque<(u64, SockId)>,
+}
+
+/// A socket by cookie, or by netns and 4-tuple where no cookie was taken (the classic state
+/// tracepoint has no cookie helper; its timewait socket then has none either). A 4-tuple is
+/// unique among live sockets of a namespace, which is all the closing book needs.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum SockId {
+    Cookie(u64),
+    Tuple(u32, SocketAddr, SocketAddr),
+}
+
+impl SockId {
+    fn of(ev: &Event) -> SockId {
+        if ev.cookie != 0 {
+            SockId::Cookie(ev.cookie)
+        } else {
+            SockId::Tuple(ev.netns, ev.local, ev.remote)
+        }
+    }
 }
 
 /// How long a closed socket's owner is kept for a timewait socket that appears late.
@@ -69,8 +88,7 @@ impl OwnerBook {
         if let EventKind::TwTimer {
             op: TwOp::Start, ..
         } = ev.kind
-            && ev.cookie != 0
-            && let Some(o) = self.closing.remove(&ev.cookie)
+            && let Some(o) = self.closing.remove(&SockId::of(ev))
         {
             ev.owner.get_or_insert(o);
         }
@@ -78,10 +96,9 @@ impl OwnerBook {
             if matches!(
                 new,
                 TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing
-            ) && ev.cookie != 0
-                && let Some(o) = ev.owner
+            ) && let Some(o) = ev.owner
             {
-                self.closing.insert(ev.cookie, o);
+                self.closing.insert(SockId::of(ev), o);
             }
             if new == TcpState::Listen
                 && let Some(o) = ev.owner
@@ -89,8 +106,9 @@ impl OwnerBook {
                 self.listeners.insert(key, o);
             }
             if new == TcpState::Close {
-                if self.closing.contains_key(&ev.cookie) {
-                    self.closed_order.push_back((ev.ts_ns, ev.cookie));
+                let id = SockId::of(ev);
+                if self.closing.contains_key(&id) {
+                    self.closed_order.push_back((ev.ts_ns, id));
                 }
                 self.by_cookie.remove(&ev.cookie);
                 if old == TcpState::Listen {
@@ -101,12 +119,12 @@ impl OwnerBook {
     }
 
     fn expire_closed(&mut self, now: u64) {
-        while let Some(&(ts, cookie)) = self.closed_order.front() {
+        while let Some(&(ts, id)) = self.closed_order.front() {
             if ts.saturating_add(CLOSING_KEEP_NS) >= now {
                 break;
             }
             self.closed_order.pop_front();
-            self.closing.remove(&cookie);
+            self.closing.remove(&id);
         }
     }
 
@@ -231,6 +249,36 @@ mod tests {
         e.netns = 8;
         b.resolve(&mut e);
         assert_eq!(e.owner, None);
+    }
+
+    #[test]
+    fn without_cookies_the_timewait_socket_is_matched_by_its_tuple() {
+        // The classic state tracepoint gives no cookie; fentry timewait records then have none.
+        let mut b = OwnerBook::new();
+        let mut c = state(
+            0,
+            "10.0.0.1:40000",
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(owner(42, "curl")),
+        );
+        b.resolve(&mut c);
+        let tw = |local: &str| {
+            let mut t = state(0, local, TcpState::Close, TcpState::Close, None);
+            t.kind = EventKind::TwTimer {
+                op: TwOp::Start,
+                substate: Some(TcpState::FinWait2),
+                kworker: false,
+            };
+            t
+        };
+        let mut other = tw("10.0.0.1:40001");
+        b.resolve(&mut other);
+        assert_eq!(other.owner, None, "another tuple is another socket");
+        let mut t = tw("10.0.0.1:40000");
+        b.resolve(&mut t);
+        assert_eq!(t.owner.unwrap().pid, 42);
+        assert_eq!(b.len(), 0);
     }
 
     #[test]
