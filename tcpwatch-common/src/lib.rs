@@ -39,6 +39,10 @@ pub mod kind {
     /// listener, the remote side the dropped packet's source, `arg0` = accept queue length,
     /// `arg1` = its max, `arg2` = SYN queue length.
     pub const LISTEN_OVERFLOW: u8 = 10;
+    /// A timewait socket's timer was re-armed, seen at the function that does it
+    /// (`__inet_twsk_schedule` with `rearm`, fentry strategy): the peer's FIN turned the
+    /// FIN_WAIT2 substate into TIME_WAIT, or a FIN was retransmitted. `new_state` = substate.
+    pub const TW_REARM: u8 = 11;
 }
 
 /// Bits of [`RawEvent::flags`].

@@ -1,12 +1,16 @@
-//! TIME_WAIT from the timer tracepoints: every timewait socket arms `tw_timer` and leaves only
-//! by that timer firing or being shut down. These hooks see every kernel timer, so a non-tw
-//! timer costs one load and one compare. Expiry, re-arm and deschedule are told apart in
-//! userspace from the order of start/cancel/expire records on one CPU.
+//! TIME_WAIT, two ways. Timer tracepoints: every timewait socket arms `tw_timer` and leaves
+//! only by that timer firing or being shut down; these hooks see every kernel timer, so a
+//! non-tw timer costs one load and one compare. Where the kernel has BPF trampolines, fentry
+//! on the timewait functions themselves runs for timewait sockets only. Both emit the same
+//! start/cancel/expire records; userspace tells expiry, re-arm and deschedule apart from their
+//! order on one CPU.
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    Global, helpers::generated::bpf_get_current_comm, macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    Global,
+    helpers::generated::bpf_get_current_comm,
+    macros::{btf_tracepoint, fentry},
+    programs::{BtfTracePointContext, FEntryContext},
 };
 use tcpwatch_common::{flags, kind};
 
@@ -102,5 +106,47 @@ pub fn tw_expire_btf(ctx: BtfTracePointContext) -> i32 {
     if let Some(tw) = tw_of(&ctx) {
         tw_event(kind::TW_EXPIRE, tw);
     }
+    0
+}
+
+// The fentry strategy. Entering: the socket is fully set up (substate, ports, cookie) before
+// it is hashed. Named `inet_twsk_hashdance` before 6.9, when it did not yet arm the timer.
+#[fentry(function = "inet_twsk_hashdance_schedule")]
+pub fn tw_enter_fentry(ctx: FEntryContext) -> i32 {
+    tw_event(kind::TW_START, ctx.arg(0));
+    0
+}
+
+#[fentry(function = "inet_twsk_hashdance")]
+pub fn tw_enter_old_fentry(ctx: FEntryContext) -> i32 {
+    tw_event(kind::TW_START, ctx.arg(0));
+    0
+}
+
+/// `__inet_twsk_schedule(tw, timeo, rearm)` with `rearm`: the peer's FIN, a retransmitted
+/// FIN. One record: a cancel/start pair would let an interrupt between them split it. The
+/// first arm (`rearm` false) is already reported on entering, and may be inlined there.
+#[fentry(function = "__inet_twsk_schedule")]
+pub fn tw_rearm_fentry(ctx: FEntryContext) -> i32 {
+    let rearm: u64 = ctx.arg(2);
+    if rearm & 0xff != 0 {
+        tw_event(kind::TW_REARM, ctx.arg(0));
+    }
+    0
+}
+
+/// The timer firing: expiry.
+#[fentry(function = "tw_timer_handler")]
+pub fn tw_expire_fentry(ctx: FEntryContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    tw_event(kind::TW_EXPIRE, timer - OFF_TW_TIMER.load() as u64);
+    0
+}
+
+/// Taken off early: connect() reusing the tuple, a RST, netns teardown. A cancel with no
+/// follow-up, like the timer hooks give.
+#[fentry(function = "inet_twsk_deschedule_put")]
+pub fn tw_deschedule_fentry(ctx: FEntryContext) -> i32 {
+    tw_event(kind::TW_CANCEL, ctx.arg(0));
     0
 }

@@ -127,7 +127,7 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up
 echo "vm-info: userspace at uptime $(cut -d' ' -f1 /proc/uptime) s"
-/bin/vm-guest vm-guest /bin/tcpwatch
+/bin/vm-guest vm-guest /bin/tcpwatch --expect-fentry
 echo "VMTEST_EXIT=$?"
 sync
 poweroff -f

@@ -69,6 +69,17 @@ impl Trace {
         Ok(Trace { child, status, out })
     }
 
+    /// The hook a signal's status line names (`fentry/...`, `tp_btf/...`).
+    fn hook(&self, signal: &str) -> Option<String> {
+        let prefix = format!("{signal}: ");
+        self.status.iter().find_map(|l| {
+            let at = l.find(&prefix)?;
+            let rest = &l[at + prefix.len()..];
+            (!rest.starts_with("UNAVAILABLE"))
+                .then(|| rest.split(' ').next().unwrap_or("").to_string())
+        })
+    }
+
     fn has(&self, signal: &str) -> bool {
         self.status
             .iter()
@@ -151,7 +162,7 @@ fn seq(v: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// S1: one connection from connect to TIME_WAIT, with the right owner for every transition.
-fn s1(evs: &[Value], port: u16, tw: bool) -> anyhow::Result<String> {
+fn s1(evs: &[Value], port: u16, tw: Option<&str>) -> anyhow::Result<String> {
     let me = std::process::id() as u64;
     let first = |pred: &dyn Fn(&Value) -> bool| -> anyhow::Result<String> {
         evs.iter()
@@ -193,17 +204,56 @@ fn s1(evs: &[Value], port: u16, tw: bool) -> anyhow::Result<String> {
             bail!("owner of {e} is not pid {me}");
         }
     }
-    if tw {
-        let enters: Vec<&Value> = evs
+    if let Some(hook) = tw {
+        let tw_evs: Vec<&Value> = evs
             .iter()
-            .filter(|e| {
-                e["type"] == "timewait" && e["event"] == "enter" && u(e, "dport") == port as u64
+            .filter(|e| e["type"] == "timewait" && u(e, "dport") == port as u64)
+            .collect();
+        let seen: Vec<(String, String)> = tw_evs
+            .iter()
+            .map(|e| {
+                (
+                    e["event"].as_str().unwrap_or("?").to_string(),
+                    e["substate"].as_str().unwrap_or("?").to_string(),
+                )
             })
             .collect();
-        if enters.len() != 1 || u(enters[0], "pid") != me {
-            bail!("timewait enter events {enters:?}");
+        // The client closed first: its timewait socket starts in the FIN_WAIT2 substate and
+        // the server's FIN re-arms it as TIME_WAIT. Trampolines see every re-arm; the timer
+        // hooks only one that moves the timer to another wheel bucket: both timeouts are
+        // 60 s, 100 ms apart, so now and then a bucket boundary falls between them.
+        let full = seq(&[("enter", "FIN_WAIT2"), ("rearm", "TIME_WAIT")]);
+        let ok = if hook.starts_with("fentry/") {
+            seen == full
+        } else {
+            seen == full[..1] || seen == full
+        };
+        let want = full;
+        if !ok || tw_evs.iter().any(|e| u(e, "pid") != me) {
+            let brief: Vec<String> = tw_evs
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}/{} pid {} sport {} t {}",
+                        e["event"].as_str().unwrap_or("?"),
+                        e["substate"].as_str().unwrap_or("?"),
+                        e["reason"].as_str().unwrap_or("-"),
+                        e["pid"],
+                        e["sport"],
+                        e["ts_ns"]
+                    )
+                })
+                .collect();
+            bail!("timewait events with {hook}: {}", brief.join(", "));
         }
-        return Ok("client and server sequences exact, owners right, TIME_WAIT entered".into());
+        let what = if seen.len() == want.len() {
+            "entered and re-armed"
+        } else {
+            "entered"
+        };
+        return Ok(format!(
+            "client and server sequences exact, owners right, TIME_WAIT {what} ({hook})"
+        ));
     }
     Ok("client and server sequences exact, owners right (no TIME_WAIT hook)".into())
 }
@@ -280,7 +330,7 @@ fn s3_s5(bin: &str, extra: &[&str], port: u16) -> anyhow::Result<String> {
 }
 
 /// S7: twenty client-closed connections: twenty TIME_WAIT enters, sockstat up by twenty.
-fn s7(evs: &[Value], port: u16, tw0: u64, n: u64) -> anyhow::Result<String> {
+fn s7(evs: &[Value], port: u16, tw0: u64, tw_now: u64, n: u64) -> anyhow::Result<String> {
     let enters = evs
         .iter()
         .filter(|e| {
@@ -288,7 +338,7 @@ fn s7(evs: &[Value], port: u16, tw0: u64, n: u64) -> anyhow::Result<String> {
         })
         .count() as u64;
     // Older TIME_WAIT sockets may expire meanwhile: a shortfall shows as a mismatch.
-    let tw = sockstat_tw().saturating_sub(tw0);
+    let tw = tw_now.saturating_sub(tw0);
     if enters != n || tw != n {
         bail!("{enters} TIME_WAIT enters, sockstat tw +{tw}, expected {n}");
     }
@@ -322,11 +372,158 @@ fn churn(port: u16, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connection from 127.0.0.1:`local` (SO_REUSEADDR, so a tuple in TIME_WAIT can be taken
+/// again) to 127.0.0.1:`port`.
+fn connect_from(local: u16, port: u16) -> anyhow::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let addr = |p: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: p.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; the addresses live on
+    // the stack for the duration of each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let a = addr(local);
+        if libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len) != 0 {
+            bail!("bind :{local}: {}", std::io::Error::last_os_error());
+        }
+        let b = addr(port);
+        if libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len) != 0 {
+            bail!("connect :{port}: {}", std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
+fn set_sysctl(name: &str, v: &str) -> anyhow::Result<String> {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    let old = std::fs::read_to_string(&path)?.trim().to_string();
+    std::fs::write(&path, v).with_context(|| format!("writing {path}"))?;
+    Ok(old)
+}
+
+/// The two early ends of a timewait socket, as load: one left in the FIN_WAIT2 substate
+/// (the peer never closes) expires after tcp_fin_timeout = 1 s; one in TIME_WAIT is taken by
+/// a connect() from the same port (tcp_tw_reuse = 1, once it is a second old).
+fn tw_exits_load(port: u16, client_port: u16) -> anyhow::Result<()> {
+    let fin = set_sysctl("tcp_fin_timeout", "1")?;
+    let reuse = set_sysctl("tcp_tw_reuse", "1")?;
+    let res = (|| {
+        let l = TcpListener::bind(("127.0.0.1", port))?;
+        let c = TcpStream::connect(("127.0.0.1", port))?;
+        let (held, _) = l.accept()?;
+        drop(c);
+        let c1 = connect_from(client_port, port)?;
+        let (mut s1, _) = l.accept()?;
+        drop(c1);
+        let mut buf = [0u8; 16];
+        let _ = s1.read(&mut buf);
+        drop(s1);
+        std::thread::sleep(Duration::from_millis(1500));
+        let c2 = connect_from(client_port, port)?;
+        let (mut s2, _) = l.accept()?;
+        drop(c2);
+        let _ = s2.read(&mut buf);
+        drop(s2);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+        Ok(())
+    })();
+    set_sysctl("tcp_fin_timeout", &fin)?;
+    set_sysctl("tcp_tw_reuse", &reuse)?;
+    res
+}
+
+/// What `tw_exits_load` must give: an `expired` exit after about a second in FIN_WAIT2, and a
+/// `reused` exit of the first socket on `client_port` followed by the second one's enter.
+fn tw_exits(evs: &[Value], port: u16, client_port: u16, recycled: u64) -> anyhow::Result<String> {
+    let tw: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "timewait" && u(e, "dport") == port as u64)
+        .collect();
+    let brief = |v: &[&Value]| -> String {
+        v.iter()
+            .map(|e| {
+                format!(
+                    "{}/{}/{} sport {} cookie {}",
+                    e["event"].as_str().unwrap_or("?"),
+                    e["substate"].as_str().unwrap_or("?"),
+                    e["reason"].as_str().unwrap_or("-"),
+                    e["sport"],
+                    e["cookie"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let expired: Vec<&Value> = tw
+        .iter()
+        .copied()
+        .filter(|e| e["event"] == "exit" && e["reason"] == "expired")
+        .collect();
+    let [x] = expired[..] else {
+        bail!("expected one expiry: {}", brief(&tw));
+    };
+    let d = x["duration_ns"].as_u64().unwrap_or(0);
+    if !(900_000_000..3_000_000_000).contains(&d) || x["substate"] != "FIN_WAIT2" {
+        bail!("expiry after {d} ns in {}: {}", x["substate"], brief(&tw));
+    }
+    let mine: Vec<&Value> = tw
+        .iter()
+        .copied()
+        .filter(|e| u(e, "sport") == client_port as u64 && e["event"] != "rearm")
+        .collect();
+    let seen: Vec<(String, String)> = mine
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or("?").to_string(),
+                e["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    // Without tp_btf no socket has a cookie (the classic state hook cannot take one).
+    let cookies = mine.len() == 3 && mine.iter().all(|e| u(e, "cookie") != 0);
+    if seen != seq(&[("enter", "-"), ("exit", "reused"), ("enter", "-")])
+        || (cookies
+            && (mine[0]["cookie"] != mine[1]["cookie"] || mine[1]["cookie"] == mine[2]["cookie"]))
+    {
+        bail!("reuse of :{client_port}: {}", brief(&mine));
+    }
+    if recycled != 1 {
+        bail!("TWRecycled +{recycled}, expected 1");
+    }
+    Ok(format!(
+        "expired after {:.2} s in FIN_WAIT2; reused by connect(), TWRecycled +1",
+        d as f64 / 1e9
+    ))
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let bin = args
         .first()
-        .context("usage: xtask vm-guest TCPWATCH")?
+        .context("usage: xtask vm-guest TCPWATCH [--expect-fentry]")?
         .clone();
+    // The VM kernels have BPF trampolines; this host refuses them.
+    let expect_fentry = args.iter().any(|a| a == "--expect-fentry");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -366,6 +563,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         if !text.contains("state: tp_btf/inet_sock_set_state") {
             bail!("the BTF state hook did not attach");
         }
+        let tw_line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("TIME_WAIT:"))
+            .unwrap_or("no TIME_WAIT line");
+        if expect_fentry && !tw_line.contains("TIME_WAIT: fentry/") {
+            bail!("this kernel has BPF trampolines, TIME_WAIT should use them: {tw_line}");
+        }
         Ok(if missing.is_empty() {
             "every signal has a hook".to_string()
         } else {
@@ -374,40 +578,59 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     })();
     record("doctor", doctor);
 
+    // Default: the best hooks (fentry for TIME_WAIT where trampolines exist); `timer`: the
+    // timer tracepoints instead of trampolines; `classic`: no tp_btf at all.
     for (mode, extra, base) in [
         ("tp_btf", &[][..], 7100u16),
+        ("timer", &["--disable-hook", "fentry"][..], 7300),
         ("classic", &["--disable-hook", "tp_btf"][..], 7200),
     ] {
         let r = (|| {
             let t = Trace::start(&bin, extra)?;
-            let tw = t.has("TIME_WAIT");
+            let tw = t.hook("TIME_WAIT");
             let tw0 = sockstat_tw();
             lifecycle(base + 1)?;
             churn(base + 3, 20)?;
+            // s7 compares sockstat with the enters: sample it before the exits load.
+            let tw_now = sockstat_tw();
+            let recycled0 = counter("TcpExt", "TWRecycled");
+            let exits_load = tw.as_ref().map(|_| tw_exits_load(base + 4, base + 50));
+            let recycled = counter("TcpExt", "TWRecycled") - recycled0;
             let evs = t.stop()?;
-            let a = s1(&evs, base + 1, tw)?;
-            let b = if tw {
-                s7(&evs, base + 3, tw0 + 1, 20)?
-            } else {
-                "TIME_WAIT unavailable with this strategy (named by doctor)".into()
+            let a = s1(&evs, base + 1, tw.as_deref())?;
+            let (b, c) = match (&tw, exits_load) {
+                (Some(hook), Some(load)) => (
+                    s7(&evs, base + 3, tw0 + 1, tw_now, 20).map(|m| format!("{m} ({hook})")),
+                    load.and_then(|()| tw_exits(&evs, base + 4, base + 50, recycled))
+                        .map(|m| format!("{m} ({hook})")),
+                ),
+                _ => {
+                    let m = "TIME_WAIT unavailable with this strategy (named by doctor)";
+                    (Ok(m.to_string()), Ok(m.to_string()))
+                }
             };
-            Ok::<_, anyhow::Error>((a, b))
+            Ok::<_, anyhow::Error>((a, b, c))
         })();
         match r {
-            Ok((a, b)) => {
+            Ok((a, b, c)) => {
                 record(&format!("{mode}/s1_lifecycle"), Ok(a));
-                record(&format!("{mode}/s7_time_wait"), Ok(b));
+                record(&format!("{mode}/s7_time_wait"), b);
+                record(&format!("{mode}/time_wait_exits"), c);
             }
             Err(e) => {
                 let m = format!("{e:#}");
-                record(&format!("{mode}/s1_lifecycle"), Err(anyhow::anyhow!("{m}")));
-                record(&format!("{mode}/s7_time_wait"), Err(anyhow::anyhow!("{m}")));
+                for case in ["s1_lifecycle", "s7_time_wait", "time_wait_exits"] {
+                    record(&format!("{mode}/{case}"), Err(anyhow::anyhow!("{m}")));
+                }
             }
         }
-        record(
-            &format!("{mode}/s3_s5_overflow_retransmits"),
-            s3_s5(&bin, extra, base + 2),
-        );
+        // The overflow path does not depend on the TIME_WAIT hook.
+        if mode != "timer" {
+            record(
+                &format!("{mode}/s3_s5_overflow_retransmits"),
+                s3_s5(&bin, extra, base + 2),
+            );
+        }
     }
     let failed = results.values().filter(|r| r.is_err()).count();
     println!(

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, Iter, TracePoint};
+use aya::programs::{BtfTracePoint, FEntry, Iter, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tcpwatch_common::{ListenKey, Owner, counter};
 
@@ -264,11 +264,26 @@ const SIGNALS: &[SignalSpec] = &[
     SignalSpec {
         name: "TIME_WAIT",
         groups: &[&btf::TIMEWAIT],
-        strategies: &[Strategy::Btf(&[
-            ("tw_start_btf", "timer_start"),
-            ("tw_cancel_btf", "timer_cancel"),
-            ("tw_expire_btf", "timer_expire_entry"),
-        ])],
+        strategies: &[
+            // Trampolines run for timewait sockets only; the timer hooks for every timer.
+            Strategy::Fentry(&[
+                ("tw_enter_fentry", "inet_twsk_hashdance_schedule"),
+                ("tw_rearm_fentry", "__inet_twsk_schedule"),
+                ("tw_expire_fentry", "tw_timer_handler"),
+                ("tw_deschedule_fentry", "inet_twsk_deschedule_put"),
+            ]),
+            Strategy::Fentry(&[
+                ("tw_enter_old_fentry", "inet_twsk_hashdance"),
+                ("tw_rearm_fentry", "__inet_twsk_schedule"),
+                ("tw_expire_fentry", "tw_timer_handler"),
+                ("tw_deschedule_fentry", "inet_twsk_deschedule_put"),
+            ]),
+            Strategy::Btf(&[
+                ("tw_start_btf", "timer_start"),
+                ("tw_cancel_btf", "timer_cancel"),
+                ("tw_expire_btf", "timer_expire_entry"),
+            ]),
+        ],
         degrade: "TIME_WAIT only counted from /proc/net/sockstat, without enter/exit events",
     },
 ];
@@ -401,8 +416,11 @@ impl Probe {
 
         lap("load object", &mut t);
         let btf_ok = aya_btf.is_some() && core_ok && !cfg.disabled.iter().any(|d| d == "tp_btf");
+        let fentry_ok = aya_btf.is_some() && core_ok && !cfg.disabled.iter().any(|d| d == "fentry");
         let ctx = Attach {
             btf: aya_btf.as_ref().filter(|_| btf_ok),
+            fentry: aya_btf.as_ref().filter(|_| fentry_ok),
+            tw_handler_known: tw_handler != 0,
         };
 
         if cfg.trace {
@@ -463,9 +481,6 @@ impl Probe {
                     })
                     .collect();
                 let extra = match spec.name {
-                    "TIME_WAIT" if tw_handler == 0 => {
-                        Some("tw_timer_handler not in /proc/kallsyms".to_string())
-                    }
                     "accept overflow at final ACK" if reasons[0].1 == u32::MAX => {
                         Some("no TCP_LISTEN_OVERFLOW drop reason in this kernel".to_string())
                     }
@@ -677,6 +692,8 @@ impl Probe {
 
 /// One way to serve a signal: a set of programs that must all attach.
 enum Strategy {
+    /// (program, kernel function) pairs, BPF trampolines.
+    Fentry(&'static [(&'static str, &'static str)]),
     /// (program, raw tracepoint) pairs.
     Btf(&'static [(&'static str, &'static str)]),
     /// (program, category, tracepoint) triples.
@@ -686,6 +703,10 @@ enum Strategy {
 impl Strategy {
     fn label(&self) -> String {
         match self {
+            Strategy::Fentry(p) => {
+                let names: Vec<&str> = p.iter().map(|(_, f)| *f).collect();
+                format!("fentry/{}", names.join("+"))
+            }
             Strategy::Btf(p) => {
                 let mut names: Vec<&str> = p.iter().map(|(_, t)| *t).collect();
                 names.dedup();
@@ -701,7 +722,7 @@ impl Strategy {
 
     fn programs(&self) -> Vec<&'static str> {
         match self {
-            Strategy::Btf(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::Fentry(p) | Strategy::Btf(p) => p.iter().map(|(n, _)| *n).collect(),
             Strategy::Tp(p) => p.iter().map(|(n, _, _)| *n).collect(),
         }
     }
@@ -710,6 +731,10 @@ impl Strategy {
 struct Attach<'a> {
     /// Kernel BTF when tp_btf programs may be used.
     btf: Option<&'a Btf>,
+    /// Kernel BTF when fentry programs may be used (not disabled).
+    fentry: Option<&'a Btf>,
+    /// The timer hooks recognise timewait timers by `tw_timer_handler`'s address.
+    tw_handler_known: bool,
 }
 
 impl Attach<'_> {
@@ -724,8 +749,20 @@ impl Attach<'_> {
         let mut why = Vec::new();
         for s in strategies {
             let res = match s {
+                Strategy::Fentry(progs) => match self.fentry {
+                    None => Err(anyhow!("no kernel BTF or fentry disabled")),
+                    Some(b) => progs
+                        .iter()
+                        .try_for_each(|(p, f)| attach_fentry(ebpf, p, f, b)),
+                },
                 Strategy::Btf(progs) => match self.btf {
                     None => Err(anyhow!("no kernel BTF or tp_btf disabled")),
+                    Some(_)
+                        if !self.tw_handler_known
+                            && progs.iter().any(|(p, _)| p.starts_with("tw_")) =>
+                    {
+                        Err(anyhow!("tw_timer_handler not in /proc/kallsyms"))
+                    }
                     Some(b) => progs
                         .iter()
                         .try_for_each(|(p, tp)| attach_btf(ebpf, p, tp, b)),
@@ -764,6 +801,7 @@ fn detach(ebpf: &mut Ebpf, s: &Strategy) {
         if let Some(prog) = ebpf.program_mut(n) {
             let _ = match prog {
                 aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                aya::programs::Program::FEntry(p) => p.unload(),
                 aya::programs::Program::TracePoint(p) => p.unload(),
                 _ => Ok(()),
             };
@@ -786,6 +824,19 @@ fn attach_tracepoint(
         .map_err(|e| anyhow!("loading {prog}: {}", short(&e)))?;
     p.attach(category, name)
         .map_err(|e| anyhow!("attaching tracepoint {category}/{name}: {}", short(&e)))?;
+    Ok(())
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, prog: &str, func: &str, btf: &Btf) -> anyhow::Result<()> {
+    let p: &mut FEntry = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the eBPF object"))?
+        .try_into()
+        .map_err(|e| anyhow!("program {prog}: {e}"))?;
+    p.load(func, btf)
+        .map_err(|e| anyhow!("loading {prog}: {}", short(&e)))?;
+    p.attach()
+        .map_err(|e| anyhow!("attaching fentry/{func}: {}", short(&e)))?;
     Ok(())
 }
 

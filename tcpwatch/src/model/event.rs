@@ -191,6 +191,8 @@ pub enum TwOp {
     Start,
     Cancel,
     Expire,
+    /// Seen where the kernel re-arms (fentry), not inferred from a cancel and a start.
+    Rearm,
 }
 
 /// How an overflow was observed.

@@ -98,6 +98,14 @@ impl TwMachine {
                 self.pending.remove(&tw);
                 self.exit(ev, TwExitReason::Expired, out);
             }
+            TwOp::Rearm => {
+                let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
+                out.push(Event {
+                    owner,
+                    kind: EventKind::TimeWaitRearm { substate },
+                    ..ev
+                });
+            }
         }
     }
 
@@ -260,6 +268,21 @@ mod tests {
             &mut out,
         );
         m.resolve_due(3_000_000_000, &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "rearm:TIME_WAIT"]);
+        assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn an_explicit_rearm_needs_no_pairing() {
+        // fentry sees the re-arm itself; an interrupt between records cannot split a pair.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::FinWait2), &mut out);
+        m.apply(
+            tw(2_000_000_000, 1, TwOp::Rearm, TcpState::TimeWait),
+            &mut out,
+        );
+        m.resolve_due(u64::MAX, &mut out);
         assert_eq!(kinds(&out), vec!["enter", "rearm:TIME_WAIT"]);
         assert_eq!(m.live(), 1);
     }

@@ -335,6 +335,7 @@ impl<W: Write> TraceWriter<W> {
                         TwOp::Start => "timer_start",
                         TwOp::Cancel => "timer_cancel",
                         TwOp::Expire => "timer_expire",
+                        TwOp::Rearm => "rearm",
                     },
                 );
                 j.opt_str("substate", substate.map(|s| s.name()));
