@@ -450,6 +450,11 @@ impl EventSource {
         st.listeners = cur;
     }
 
+    /// Cuts the reader's current wait short (from another thread).
+    pub fn waker(&self) -> crate::ebpf::reader::Waker {
+        self.reader.waker()
+    }
+
     pub fn status(&self) -> Vec<crate::ebpf::SignalStatus> {
         self.probe().status.clone()
     }

@@ -678,6 +678,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
             .expect("spawning the HTTP thread")
     };
     let (state_tx, state_rx) = sync_channel::<()>(4);
+    let waker = src.waker();
     let rstop = stop.clone();
     let rqueued = queued.clone();
     let reader = std::thread::Builder::new()
@@ -778,6 +779,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
                     failed = Some("the reader thread ended");
                     break 'main;
                 }
+                // Not up to a whole poll interval later.
+                waker.wake();
                 // Events that arrive meanwhile still go into the aggregator first.
                 let (inv, hooks, loss, events) = loop {
                     match up_rx.recv_timeout(Duration::from_secs(5)) {
