@@ -212,6 +212,20 @@ pub struct IterRec {
     pub daddr: [u8; 16],
 }
 
+/// One socket file a process holds, from `iter/task_file`: who owns socket inode `ino`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRec {
+    pub ino: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+
+/// Size of [`OwnerRec`] as written by `bpf_seq_write`.
+pub const OWNER_REC_SIZE: usize = 32;
+const _: () = assert!(core::mem::size_of::<OwnerRec>() == OWNER_REC_SIZE);
+
 /// Size of [`IterRec`] as written by `bpf_seq_write`.
 pub const ITER_REC_SIZE: usize = 112;
 const _: () = assert!(core::mem::size_of::<IterRec>() == ITER_REC_SIZE);

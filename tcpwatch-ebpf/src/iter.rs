@@ -1,6 +1,7 @@
-//! `iter/tcp`: the inventory of every TCP socket of the reader's network namespace (full,
-//! timewait and request sockets), one fixed-size record each. aya-ebpf has no `#[iter]` macro;
-//! the section name is all aya's loader needs.
+//! Iterators. `iter/tcp`: the inventory of every TCP socket of the reader's network namespace
+//! (full, timewait and request sockets), one fixed-size record each. `iter/task_file`: every
+//! socket file of every process, so owners need no readlink per descriptor in /proc. aya-ebpf
+//! has no `#[iter]` macro; the section name is all aya's loader needs.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -9,7 +10,7 @@ use aya_ebpf::{
     macros::map,
     maps::Array,
 };
-use tcpwatch_common::{AF_INET6, IterRec, tcp_state};
+use tcpwatch_common::{AF_INET6, IterRec, OwnerRec, tcp_state};
 
 use crate::common::{
     OFF_INET_SPORT, OFF_NET_NS_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
@@ -38,6 +39,15 @@ static OFF_ICSK_RETRANSMITS: Global<u32> = Global::new(0);
 static OFF_ICSK_PROBES_OUT: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_REQ_LISTENER: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+static OFF_FILE_INODE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_INODE_MODE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_TASK_TGID: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_TASK_COMM: Global<u32> = Global::new(0);
 
 /// Bit 0 set: only listeners (the fast path of the 4 Hz queue sampler).
 #[map]
@@ -127,6 +137,49 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
             seq as *mut _,
             &r as *const IterRec as *const c_void,
             core::mem::size_of::<IterRec>() as u32,
+        )
+    };
+    0
+}
+
+#[repr(C)]
+pub struct BpfIterTaskFile {
+    meta: *const BpfIterMeta,
+    task: *const c_void,
+    fd: u32,
+    file: *const c_void,
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// One record per socket file per process (threads sharing the file table are visited once).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn dump_task_file(ctx: *const BpfIterTaskFile) -> i32 {
+    let (seq, task, file) = unsafe { ((*(*ctx).meta).seq, (*ctx).task, (*ctx).file) };
+    if task.is_null() || file.is_null() {
+        return 0;
+    }
+    let inode: u64 = rd(file as u64, OFF_FILE_INODE.load());
+    if inode == 0 {
+        return 0;
+    }
+    let mode: u16 = rd(inode, OFF_INODE_MODE.load());
+    if mode & S_IFMT != S_IFSOCK {
+        return 0;
+    }
+    let r = OwnerRec {
+        ino: rd(inode, OFF_INODE_INO.load()),
+        tgid: rd(task as u64, OFF_TASK_TGID.load()),
+        _pad: 0,
+        comm: rd(task as u64, OFF_TASK_COMM.load()),
+    };
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            &r as *const OwnerRec as *const c_void,
+            core::mem::size_of::<OwnerRec>() as u32,
         )
     };
     0

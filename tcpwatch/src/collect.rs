@@ -114,6 +114,19 @@ fn full_read(probe: &SharedProbe, ns: NetnsRef, owners: &HashMap<u64, Owner>) ->
     })
 }
 
+/// Socket inode -> owner: from the `iter/task_file` iterator (one record per socket file,
+/// read in the kernel), else from /proc/*/fd (a readlink per descriptor of every process).
+fn owners_now(probe: &SharedProbe) -> HashMap<u64, Owner> {
+    let bytes = probe
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .socket_owners();
+    match bytes {
+        Some(Ok(b)) => procfd::parse_owner_records(&b),
+        _ => procfd::socket_owners(),
+    }
+}
+
 /// The sampler thread: every [`SAMPLE_EVERY`] the listeners and counters of each known
 /// namespace, every [`NETNS_EVERY`] a look for new namespaces (read in full). Off the reader
 /// thread, so a slow read never lets the rings fill.
@@ -137,7 +150,7 @@ fn sampler(
                 })
                 .collect();
             if !fresh.is_empty() {
-                let owners = procfd::socket_owners();
+                let owners = owners_now(&probe);
                 for ns in fresh {
                     known.push(ns.clone());
                     if let Some(m) = full_read(&probe, ns, &owners)
@@ -232,7 +245,7 @@ impl EventSource {
     /// before start from /proc/*/fd, seeding the timewait machine), reads each namespace's
     /// counters and sysctls, then starts the sampler thread.
     pub fn take_inventory(&mut self) {
-        let owners = procfd::socket_owners();
+        let owners = owners_now(&self.probe);
         let list: Vec<NetnsRef> = netns::list()
             .into_iter()
             .filter(|n| self.wanted_ns(n.inode))
@@ -571,7 +584,7 @@ pub struct InventoryReader {
 
 impl InventoryReader {
     pub fn read(&self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
-        let owners = procfd::socket_owners();
+        let owners = owners_now(&self.probe);
         let mut socks = Vec::new();
         let mut nss = Vec::new();
         for (ns, start) in &self.namespaces {

@@ -235,7 +235,20 @@ pub const INVENTORY: FieldGroup = FieldGroup {
     ],
 };
 
-pub const GROUPS: &[&FieldGroup] = &[&CORE, &LISTENER, &PACKET, &MISC, &TIMEWAIT, &INVENTORY];
+/// Socket owners from `iter/task_file`.
+pub const OWNERS: FieldGroup = FieldGroup {
+    name: "owners",
+    fields: &[
+        ("OFF_FILE_INODE", "file", "f_inode"),
+        ("OFF_INODE_MODE", "inode", "i_mode"),
+        ("OFF_TASK_TGID", "task_struct", "tgid"),
+        ("OFF_TASK_COMM", "task_struct", "comm"),
+    ],
+};
+
+pub const GROUPS: &[&FieldGroup] = &[
+    &CORE, &LISTENER, &PACKET, &MISC, &TIMEWAIT, &INVENTORY, &OWNERS,
+];
 
 /// Resolves every field of a group; the first missing one is an error.
 pub fn resolve(btf: &KernelBtf, group: &FieldGroup) -> Result<Vec<(&'static str, u32)>, BtfError> {

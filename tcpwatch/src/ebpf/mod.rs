@@ -520,6 +520,28 @@ impl Probe {
             },
         });
 
+        // Owners of sockets that existed before start: one record per socket file, instead of
+        // a readlink per descriptor in /proc/*/fd (the fallback).
+        let owners_group = group_err.iter().find(|(n, _)| *n == btf::OWNERS.name);
+        let owners_ok = match (aya_btf.as_ref(), core_ok, owners_group) {
+            _ if cfg.disabled.iter().any(|d| d == "task_file") => Err(anyhow!("disabled")),
+            (_, _, Some((_, e))) => Err(anyhow!("{e}")),
+            (Some(b), true, None) => load_iter_named(&mut ebpf, b, "dump_task_file", "task_file"),
+            _ => Err(anyhow!("no kernel BTF")),
+        };
+        status.push(match &owners_ok {
+            Ok(()) => SignalStatus {
+                signal: "socket owners",
+                hook: Some("iter/task_file".into()),
+                note: None,
+            },
+            Err(e) => SignalStatus {
+                signal: "socket owners",
+                hook: Some("/proc/*/fd".into()),
+                note: Some(format!("iter/task_file: {e}")),
+            },
+        });
+
         lap("load iterator", &mut t);
         let _ = t0;
         let counters = PerCpuArray::try_from(
@@ -595,6 +617,40 @@ impl Probe {
     }
 
     /// Whether the inventory iterator loaded.
+    /// Socket inode -> owning process, from `iter/task_file`; `None` when that iterator is
+    /// not loaded (the caller falls back to /proc/*/fd).
+    pub fn socket_owners(&mut self) -> Option<anyhow::Result<Vec<u8>>> {
+        use std::io::Read as _;
+        if !self
+            .status
+            .iter()
+            .any(|s| s.signal == "socket owners" && s.hook.as_deref() == Some("iter/task_file"))
+        {
+            return None;
+        }
+        Some((|| {
+            let p: &mut Iter = self
+                .ebpf
+                .program_mut("dump_task_file")
+                .context("program dump_task_file missing")?
+                .try_into()
+                .map_err(|e| anyhow!("program dump_task_file: {e}"))?;
+            let id = p
+                .attach()
+                .map_err(|e| anyhow!("attaching iter/task_file: {}", short(&e)))?;
+            let link = p
+                .take_link(id)
+                .map_err(|e| anyhow!("iter/task_file link: {e}"))?;
+            let mut file = link
+                .into_file()
+                .map_err(|e| anyhow!("creating the task_file iterator: {e}"))?;
+            let mut buf = Vec::new();
+            file.read_to_end(&mut buf)
+                .map_err(|e| anyhow!("reading the task_file iterator: {e}"))?;
+            Ok(buf)
+        })())
+    }
+
     pub fn has_inventory(&self) -> bool {
         self.status
             .iter()
@@ -841,13 +897,17 @@ fn attach_fentry(ebpf: &mut Ebpf, prog: &str, func: &str, btf: &Btf) -> anyhow::
 }
 
 fn load_iter(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {
+    load_iter_named(ebpf, btf, "dump_tcp", "tcp")
+}
+
+fn load_iter_named(ebpf: &mut Ebpf, btf: &Btf, prog: &str, target: &str) -> anyhow::Result<()> {
     let p: &mut Iter = ebpf
-        .program_mut("dump_tcp")
-        .context("program dump_tcp missing from the eBPF object")?
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the eBPF object"))?
         .try_into()
-        .map_err(|e| anyhow!("program dump_tcp: {e}"))?;
-    p.load("tcp", btf)
-        .map_err(|e| anyhow!("loading iter/tcp: {}", short(&e)))
+        .map_err(|e| anyhow!("program {prog}: {e}"))?;
+    p.load(target, btf)
+        .map_err(|e| anyhow!("loading iter/{target}: {}", short(&e)))
 }
 
 fn attach_btf(ebpf: &mut Ebpf, prog: &str, tp: &str, btf: &Btf) -> anyhow::Result<()> {

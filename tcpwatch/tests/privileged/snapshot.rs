@@ -130,12 +130,28 @@ fn states_equal_ss() {
         "the held request is in its SYN queue"
     );
     assert_eq!(
-        l8111["owner"]["pid"].as_u64(),
-        Some(server.pid as u64),
-        "owner from /proc/*/fd"
+        (
+            l8111["owner"]["pid"].as_u64(),
+            l8111["owner"]["comm"].as_str()
+        ),
+        (Some(server.pid as u64), Some("tw-server")),
+        "owner from iter/task_file"
     );
     assert_eq!(snap["time_wait"]["total"], 1);
     assert_eq!(snap["window_s"], 0.0);
+    // The /proc/*/fd fallback finds the same owners.
+    let fallback = snapshot(&ns, &["--disable-hook", "task_file"]);
+    let owners = |s: &Value| -> Vec<(u64, Value)> {
+        let mut v: Vec<(u64, Value)> = s["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l["port"].as_u64().unwrap(), l["owner"].clone()))
+            .collect();
+        v.sort_by_key(|(p, _)| *p);
+        v
+    };
+    assert_eq!(owners(&fallback), owners(&snap));
 }
 
 /// S5 in a snapshot window: the overflowing listener named, its limit explained, the count
