@@ -309,6 +309,7 @@ impl EventSource {
                 .values()
                 .map(|n| (n.ns.clone(), n.counters_at_start.clone()))
                 .collect(),
+            filters: self.filters.clone(),
         }
     }
 
@@ -459,7 +460,12 @@ impl EventSource {
                 out.push(ev);
             }
         }
-        self.listener_samples.extend(cur.values().copied());
+        let filters = &self.filters;
+        self.listener_samples.extend(
+            cur.values()
+                .copied()
+                .filter(|l| filters.accepts_sock_tuple(l)),
+        );
         st.listeners = cur;
     }
 
@@ -580,6 +586,7 @@ impl Drop for EventSource {
 pub struct InventoryReader {
     probe: SharedProbe,
     namespaces: Vec<(NetnsRef, Counters)>,
+    filters: Filters,
 }
 
 impl InventoryReader {
@@ -595,7 +602,7 @@ impl InventoryReader {
             for r in &mut s {
                 r.owner = owners.get(&r.ino).copied();
             }
-            socks.extend(s);
+            socks.extend(s.into_iter().filter(|r| self.filters.accepts_sock(r)));
             let start = start.clone();
             nss.push(crate::model::snapshot::NsInput {
                 inode: ns.inode,

@@ -58,6 +58,28 @@ impl Filters {
             && (k.rport == 0 || k.rport == dp)
     }
 
+    /// The same filters for a socket of the inventory (`--pid`/`--comm` need its owner known).
+    pub fn accepts_sock(&self, s: &crate::source::inventory::SockRec) -> bool {
+        let k = &self.kernel;
+        self.accepts_sock_tuple(s)
+            && (k.pid == 0 || s.owner.is_some_and(|o| o.pid == k.pid))
+            && self
+                .comm
+                .is_none_or(|c| s.owner.is_some_and(|o| o.comm == c))
+    }
+
+    /// Family and port filters only, for samples read without owners (listener gauges).
+    pub fn accepts_sock_tuple(&self, s: &crate::source::inventory::SockRec) -> bool {
+        let k = &self.kernel;
+        let (sp, dp) = (s.local.port(), s.remote.port());
+        (k.family == 0
+            || (k.family == tcpwatch_common::AF_INET)
+                == (s.family == crate::model::event::Family::Inet))
+            && (k.port == 0 || k.port == sp || k.port == dp)
+            && (k.lport == 0 || k.lport == sp)
+            && (k.rport == 0 || k.rport == dp)
+    }
+
     /// Whether some filtering is left for userspace (owners the kernel did not know).
     pub fn userspace(&self) -> bool {
         self.comm.is_some() || self.kernel.pid != 0

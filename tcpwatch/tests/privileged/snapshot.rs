@@ -152,6 +152,24 @@ fn states_equal_ss() {
         v
     };
     assert_eq!(owners(&fallback), owners(&snap));
+    // trace's filters apply to the inventory too: only port 8110 and its connections, only
+    // the IPv6 listener, only what the client owns.
+    let by_port = snapshot(&ns, &["--port", "8110"]);
+    assert_eq!(owners(&by_port).len(), 1);
+    assert_eq!(by_port["states"]["LISTEN"], 1);
+    assert_eq!(by_port["states"]["SYN_RECV"], 0);
+    assert_eq!(by_port["states"]["TIME_WAIT"], 1);
+    let v6 = snapshot(&ns, &["-6"]);
+    assert_eq!(
+        owners(&v6).iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        vec![8112]
+    );
+    let by_comm = snapshot(&ns, &["--comm", "tw-client"]);
+    assert_eq!(owners(&by_comm).len(), 0, "the client owns no listener");
+    // Its third connection, and its side of the held handshake to 8111 (the final ACK was
+    // dropped on the way in, not on the way out).
+    assert_eq!(by_comm["states"]["ESTABLISHED"], 2, "{}", by_comm["states"]);
+    assert_eq!(by_comm["states"]["FIN_WAIT2"], 1);
 }
 
 /// S5 in a snapshot window: the overflowing listener named, its limit explained, the count
