@@ -204,6 +204,7 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             && !send(
                 &tx,
                 Msg::Events(std::mem::replace(&mut batch, Vec::with_capacity(4096))),
+                &stop,
             )
         {
             break;
@@ -227,6 +228,7 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
                         delta,
                         total: src.loss,
                     },
+                    &stop,
                 ) {
                     break;
                 }
@@ -237,9 +239,20 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
         }
     }
     drop(tx);
-    let res = writer
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
+    // A writer blocked on a stdout nobody reads would hold the exit for ever: give it a
+    // moment to flush, then leave without it.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !writer.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let res = if writer.is_finished() {
+        writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
+    } else {
+        note!("tcpwatch: stdout is not being read; exiting without the queued output");
+        Ok(())
+    };
     note!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
     if let Some(line) = src.cost_line() {
         note!("tcpwatch: kernel cost: {line}");
@@ -248,8 +261,28 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
     Ok(EXIT_OK)
 }
 
-fn send(tx: &SyncSender<Msg>, m: Msg) -> bool {
-    tx.send(m).is_ok()
+/// Queues `m` for the writer, waiting while the queue is full (the kernel ring absorbs and
+/// counts meanwhile); false once the writer is gone, or when a stop is asked for and the
+/// queue is still full, so Ctrl-C works with a stalled stdout.
+fn send(tx: &SyncSender<Msg>, mut m: Msg, stop: &AtomicBool) -> bool {
+    let mut give_up: Option<Instant> = None;
+    loop {
+        match tx.try_send(m) {
+            Ok(()) => return true,
+            Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                if stop.load(Ordering::SeqCst) {
+                    let at =
+                        *give_up.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
+                    if Instant::now() >= at {
+                        return false;
+                    }
+                }
+                m = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return false,
+        }
+    }
 }
 
 /// Formats off the reader thread. A closed stdout is a normal way to stop (`| head`).
