@@ -358,7 +358,11 @@ impl EventSource {
                         }
                     }
                 }
-                self.inventory.extend(socks);
+                // The timewait machine and the owner book above see everything (events are
+                // filtered on output); what seeds the model is filtered like the events are.
+                let filters = &self.filters;
+                self.inventory
+                    .extend(socks.into_iter().filter(|r| filters.accepts_sock(r)));
                 self.namespaces.insert(
                     ns.inode,
                     NsState {

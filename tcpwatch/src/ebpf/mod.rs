@@ -616,7 +616,6 @@ impl Probe {
         Ok(buf)
     }
 
-    /// Whether the inventory iterator loaded.
     /// Socket inode -> owning process, from `iter/task_file`; `None` when that iterator is
     /// not loaded (the caller falls back to /proc/*/fd).
     pub fn socket_owners(&mut self) -> Option<anyhow::Result<Vec<u8>>> {
@@ -651,6 +650,7 @@ impl Probe {
         })())
     }
 
+    /// Whether the inventory iterator loaded.
     pub fn has_inventory(&self) -> bool {
         self.status
             .iter()

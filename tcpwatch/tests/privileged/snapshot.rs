@@ -139,8 +139,19 @@ fn states_equal_ss() {
     );
     assert_eq!(snap["time_wait"]["total"], 1);
     assert_eq!(snap["window_s"], 0.0);
+    let owners_hook = |s: &Value| -> Value {
+        s["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["signal"] == "socket owners")
+            .map(|h| h["hook"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(owners_hook(&snap), "iter/task_file");
     // The /proc/*/fd fallback finds the same owners.
     let fallback = snapshot(&ns, &["--disable-hook", "task_file"]);
+    assert_eq!(owners_hook(&fallback), "/proc/*/fd");
     let owners = |s: &Value| -> Vec<(u64, Value)> {
         let mut v: Vec<(u64, Value)> = s["listeners"]
             .as_array()
