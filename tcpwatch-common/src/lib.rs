@@ -43,6 +43,10 @@ pub mod kind {
     /// (`__inet_twsk_schedule` with `rearm`, fentry strategy): the peer's FIN turned the
     /// FIN_WAIT2 substate into TIME_WAIT, or a FIN was retransmitted. `new_state` = substate.
     pub const TW_REARM: u8 = 11;
+    /// A timewait socket taken off before its timer fired, seen where the kernel does it
+    /// (`inet_twsk_deschedule_put` with the timer still pending, fentry strategy): connect()
+    /// reusing the tuple, a RST, netns teardown. `arg1` = 1 when `current` is a kworker.
+    pub const TW_DESCHEDULE: u8 = 12;
 }
 
 /// Bits of [`RawEvent::flags`].

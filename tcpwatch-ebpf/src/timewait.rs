@@ -27,6 +27,9 @@ static TW_HANDLER: Global<u64> = Global::new(0);
 static OFF_TIMER_FUNCTION: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_TW_TIMER: Global<u32> = Global::new(0);
+/// `timer_list.entry.pprev`: non-null while the timer is pending.
+#[unsafe(no_mangle)]
+static OFF_TIMER_PPREV: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_TW_SUBSTATE: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -74,7 +77,7 @@ fn tw_event(k: u8, tw: u64) {
         m.flags |= flags::HAS_NETNS;
     }
     m.new_state = rd(tw, OFF_TW_SUBSTATE.load());
-    if k == kind::TW_CANCEL && !softirq {
+    if (k == kind::TW_CANCEL || k == kind::TW_DESCHEDULE) && !softirq {
         // netns teardown runs in a kworker; tcp_tw_reuse in the connecting task.
         let mut comm = [0u64; 2];
         unsafe { bpf_get_current_comm(comm.as_mut_ptr() as *mut c_void, 16) };
@@ -110,7 +113,7 @@ pub fn tw_expire_btf(ctx: BtfTracePointContext) -> i32 {
 }
 
 // The fentry strategy. Entering: the socket is fully set up (substate, ports, cookie) before
-// it is hashed. Named `inet_twsk_hashdance` before 6.9, when it did not yet arm the timer.
+// it is hashed. Older kernels (6.1) name it `inet_twsk_hashdance`, and arm the timer apart.
 #[fentry(function = "inet_twsk_hashdance_schedule")]
 pub fn tw_enter_fentry(ctx: FEntryContext) -> i32 {
     tw_event(kind::TW_START, ctx.arg(0));
@@ -143,10 +146,15 @@ pub fn tw_expire_fentry(ctx: FEntryContext) -> i32 {
     0
 }
 
-/// Taken off early: connect() reusing the tuple, a RST, netns teardown. A cancel with no
-/// follow-up, like the timer hooks give.
+/// Taken off early: connect() reusing the tuple, a RST, netns teardown. Only while the timer
+/// is pending: otherwise it has fired (or is firing on another CPU) and the handler reports
+/// the end, while this call only drops a reference.
 #[fentry(function = "inet_twsk_deschedule_put")]
 pub fn tw_deschedule_fentry(ctx: FEntryContext) -> i32 {
-    tw_event(kind::TW_CANCEL, ctx.arg(0));
+    let tw: u64 = ctx.arg(0);
+    let pprev: u64 = rd(tw + OFF_TW_TIMER.load() as u64, OFF_TIMER_PPREV.load());
+    if pprev != 0 {
+        tw_event(kind::TW_DESCHEDULE, tw);
+    }
     0
 }

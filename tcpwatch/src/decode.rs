@@ -103,11 +103,16 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
         kind::SOCK_ERROR => EventKind::SockError {
             errno: r.arg0 as i32,
         },
-        kind::TW_START | kind::TW_CANCEL | kind::TW_EXPIRE | kind::TW_REARM => EventKind::TwTimer {
+        kind::TW_START
+        | kind::TW_CANCEL
+        | kind::TW_EXPIRE
+        | kind::TW_REARM
+        | kind::TW_DESCHEDULE => EventKind::TwTimer {
             op: match r.kind {
                 kind::TW_START => TwOp::Start,
                 kind::TW_CANCEL => TwOp::Cancel,
                 kind::TW_REARM => TwOp::Rearm,
+                kind::TW_DESCHEDULE => TwOp::Deschedule,
                 _ => TwOp::Expire,
             },
             substate: TcpState::from_kernel(r.new_state),

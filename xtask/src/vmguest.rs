@@ -422,10 +422,10 @@ fn set_sysctl(name: &str, v: &str) -> anyhow::Result<String> {
 
 /// The two early ends of a timewait socket, as load: one left in the FIN_WAIT2 substate
 /// (the peer never closes) expires after tcp_fin_timeout = 1 s; one in TIME_WAIT is taken by
-/// a connect() from the same port (tcp_tw_reuse = 1, once it is a second old).
+/// a connect() from the same bound port (with timestamps the kernel takes the tuple at once,
+/// whatever tcp_tw_reuse: tcp_twsk_unique has no twp for a bound port).
 fn tw_exits_load(port: u16, client_port: u16) -> anyhow::Result<()> {
     let fin = set_sysctl("tcp_fin_timeout", "1")?;
-    let reuse = set_sysctl("tcp_tw_reuse", "1")?;
     let res = (|| {
         let l = TcpListener::bind(("127.0.0.1", port))?;
         let c = TcpStream::connect(("127.0.0.1", port))?;
@@ -437,7 +437,8 @@ fn tw_exits_load(port: u16, client_port: u16) -> anyhow::Result<()> {
         let mut buf = [0u8; 16];
         let _ = s1.read(&mut buf);
         drop(s1);
-        std::thread::sleep(Duration::from_millis(1500));
+        // Long enough for the FIN_WAIT2 one to expire before the trace stops.
+        std::thread::sleep(Duration::from_millis(1300));
         let c2 = connect_from(client_port, port)?;
         let (mut s2, _) = l.accept()?;
         drop(c2);
@@ -448,7 +449,6 @@ fn tw_exits_load(port: u16, client_port: u16) -> anyhow::Result<()> {
         Ok(())
     })();
     set_sysctl("tcp_fin_timeout", &fin)?;
-    set_sysctl("tcp_tw_reuse", &reuse)?;
     res
 }
 

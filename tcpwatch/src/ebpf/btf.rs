@@ -210,6 +210,7 @@ pub const TIMEWAIT: FieldGroup = FieldGroup {
     fields: &[
         ("OFF_TIMER_FUNCTION", "timer_list", "function"),
         ("OFF_TW_TIMER", "inet_timewait_sock", "tw_timer"),
+        ("OFF_TIMER_PPREV", "timer_list", "entry.pprev"),
         ("OFF_TW_SUBSTATE", "inet_timewait_sock", "tw_substate"),
         ("OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
     ],
@@ -241,6 +242,7 @@ pub const OWNERS: FieldGroup = FieldGroup {
     fields: &[
         ("OFF_FILE_INODE", "file", "f_inode"),
         ("OFF_INODE_MODE", "inode", "i_mode"),
+        ("OFF_INODE_INO", "inode", "i_ino"),
         ("OFF_TASK_TGID", "task_struct", "tgid"),
         ("OFF_TASK_COMM", "task_struct", "comm"),
     ],

@@ -193,6 +193,8 @@ pub enum TwOp {
     Expire,
     /// Seen where the kernel re-arms (fentry), not inferred from a cancel and a start.
     Rearm,
+    /// Seen where the kernel takes the socket off early (fentry): final, needs no follow-up.
+    Deschedule,
 }
 
 /// How an overflow was observed.

@@ -47,7 +47,7 @@ impl ByType {
                 k::RETRANSMIT | k::SYNACK_RETRANSMIT => 1,
                 k::RESET_SENT | k::RESET_RECEIVED => 2,
                 k::SOCK_ERROR => 3,
-                k::TW_START | k::TW_CANCEL | k::TW_EXPIRE | k::TW_REARM => 4,
+                k::TW_START | k::TW_CANCEL | k::TW_EXPIRE | k::TW_REARM | k::TW_DESCHEDULE => 4,
                 k::LISTEN_OVERFLOW => 5,
                 _ => continue,
             };

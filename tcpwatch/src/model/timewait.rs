@@ -1,8 +1,10 @@
-//! Timewait lifecycle from raw timer records. On one CPU the kernel emits, for a timewait
+//! Timewait lifecycle from raw records. The timer hooks give, on one CPU, for a timewait
 //! socket's timer: `start` (armed), `cancel` (detached) and `expire` (fired). A cancel directly
-//! followed by an expire is the normal end; by a start, a re-arm (the peer's FIN turned a
-//! FIN_WAIT2 substate into TIME_WAIT, or a retransmitted FIN); by nothing, a deschedule
-//! (`connect()` reusing the tuple, a RST, or netns teardown).
+//! followed by an expire is the normal end; by a start of the same socket in softirq, a re-arm
+//! (the peer's FIN turned a FIN_WAIT2 substate into TIME_WAIT, or a retransmitted FIN); by
+//! nothing, a deschedule (`connect()` reusing the tuple, a RST, or netns teardown). The timer
+//! hooks only see a re-arm that moves the timer to another wheel bucket. The fentry strategy
+//! reports `rearm` and `deschedule` where the kernel does them, with no inference.
 use rustc_hash::FxHashMap as HashMap;
 
 use super::event::{Event, EventKind, Owner, TcpState, TwExitReason, TwOp};
@@ -61,7 +63,10 @@ impl TwMachine {
             }
             TwOp::Start => {
                 let rearm = match self.pending.remove(&tw) {
-                    Some(cancel) if same_socket(&cancel, &ev) => true,
+                    // A re-arm runs where the peer's segment is processed: in softirq. A cancel
+                    // in a task (connect() taking the tuple) or a kworker (netns teardown) is
+                    // final, whatever follows in the same memory.
+                    Some(cancel) if cancel_may_rearm(&cancel) && same_socket(&cancel, &ev) => true,
                     Some(cancel) => {
                         self.deschedule(cancel, out);
                         false
@@ -97,6 +102,12 @@ impl TwMachine {
             TwOp::Expire => {
                 self.pending.remove(&tw);
                 self.exit(ev, TwExitReason::Expired, out);
+            }
+            TwOp::Deschedule => {
+                if let Some(old) = self.pending.remove(&tw) {
+                    self.deschedule(old, out);
+                }
+                self.deschedule(ev, out);
             }
             TwOp::Rearm => {
                 let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
@@ -171,6 +182,10 @@ impl TwMachine {
             ..ev
         });
     }
+}
+
+fn cancel_may_rearm(cancel: &Event) -> bool {
+    cancel.softirq && !matches!(cancel.kind, EventKind::TwTimer { kworker: true, .. })
 }
 
 /// Whether a cancel and the start that follows it on one timer are the same timewait socket.
@@ -270,6 +285,42 @@ mod tests {
         m.resolve_due(3_000_000_000, &mut out);
         assert_eq!(kinds(&out), vec!["enter", "rearm:TIME_WAIT"]);
         assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn a_task_context_cancel_is_final_even_for_the_same_tuple_without_cookies() {
+        // tcp_tw_reuse keeps the 4-tuple, and without cookies (classic state hook) nothing
+        // else tells the new socket from the old: the cancel's context does.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        let mut a = tw(100, 1, TwOp::Start, TcpState::TimeWait);
+        a.cookie = 0;
+        m.apply(a, &mut out);
+        let mut c = tw(2_000_000_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        (c.cookie, c.softirq) = (0, false);
+        m.apply(c, &mut out);
+        let mut b = tw(2_000_010_000, 1, TwOp::Start, TcpState::FinWait2);
+        b.cookie = 0;
+        m.apply(b, &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:reused", "enter"]);
+        assert_eq!(m.live(), 1);
+    }
+
+    #[test]
+    fn an_explicit_deschedule_ends_at_once() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        m.apply(tw(200, 2, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut d = tw(1_000, 1, TwOp::Deschedule, TcpState::TimeWait);
+        d.softirq = false;
+        m.apply(d, &mut out);
+        m.apply(tw(2_000, 2, TwOp::Deschedule, TcpState::TimeWait), &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec!["enter", "enter", "exit:reused", "exit:killed"]
+        );
+        assert_eq!(m.live(), 0);
     }
 
     #[test]

@@ -335,7 +335,8 @@ impl<W: Write> TraceWriter<W> {
                         TwOp::Start => "timer_start",
                         TwOp::Cancel => "timer_cancel",
                         TwOp::Expire => "timer_expire",
-                        TwOp::Rearm => "rearm",
+                        TwOp::Rearm => "timer_rearm",
+                        TwOp::Deschedule => "deschedule",
                     },
                 );
                 j.opt_str("substate", substate.map(|s| s.name()));

@@ -68,10 +68,10 @@ fn drop_rule(rule: &str) -> String {
 
 /// S1, TIME_WAIT phase: the active closer's socket becomes a timewait socket in its FIN_WAIT2
 /// substate (orphaned, the peer has not closed), with the same cookie and owner, and turns
-/// TIME_WAIT when the peer's FIN arrives (a re-arm, no state transition). The re-arm is only
-/// visible when it moves the timer to another timer-wheel bucket (the kernel updates a timer
-/// in place otherwise): with tcp_fin_timeout=2 the FIN_WAIT2 timer (2 s) and the TIME_WAIT one
-/// (60 s) are far apart.
+/// TIME_WAIT when the peer's FIN arrives (a re-arm, no state transition). With the timer hooks
+/// the re-arm is only visible when it moves the timer to another timer-wheel bucket (the
+/// kernel updates a timer in place otherwise): with tcp_fin_timeout=2 the FIN_WAIT2 timer
+/// (2 s) and the TIME_WAIT one (60 s) are far apart. fentry sees every re-arm.
 fn s1_timewait() {
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_fin_timeout", "2");
