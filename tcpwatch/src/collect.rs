@@ -350,7 +350,18 @@ impl EventSource {
                             }
                             listeners.insert(r.skaddr, *r);
                         }
-                        TcpState::TimeWait => self.timewait.seed(r.skaddr, None),
+                        TcpState::TimeWait => self.timewait.seed(
+                            r.skaddr,
+                            crate::model::timewait::Origin {
+                                cookie: r.cookie,
+                                netns: r.netns,
+                                family: r.family,
+                                local: r.local,
+                                remote: r.remote,
+                                substate: r.substate,
+                            },
+                            None,
+                        ),
                         _ => {
                             if let Some(o) = r.owner {
                                 self.owners.seed_socket(r.cookie, o);
@@ -377,6 +388,7 @@ impl EventSource {
             }
             Sampled::Gone { inode } => {
                 self.namespaces.remove(&inode);
+                self.timewait.forget_netns(inode, monotonic_ns(), out);
             }
             Sampled::Listeners {
                 inode,

@@ -7,7 +7,9 @@
 //! reports `rearm` and `deschedule` where the kernel does them, with no inference.
 use rustc_hash::FxHashMap as HashMap;
 
-use super::event::{Event, EventKind, Owner, TcpState, TwExitReason, TwOp};
+use std::net::SocketAddr;
+
+use super::event::{Event, EventKind, Family, Owner, TcpState, TwExitReason, TwOp};
 
 /// A cancel's follow-up comes within microseconds under the timer lock; after this long
 /// without one the socket was descheduled.
@@ -18,6 +20,32 @@ struct Live {
     /// `None` for sockets that existed before tcpwatch started.
     enter_ts: Option<u64>,
     owner: Option<Owner>,
+    /// Who it is, to report its end when its namespace goes away unseen.
+    at: Origin,
+}
+
+/// A timewait socket's identity as its records give it.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin {
+    pub cookie: u64,
+    pub netns: u32,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub substate: Option<TcpState>,
+}
+
+impl Origin {
+    fn of(ev: &Event, substate: Option<TcpState>) -> Origin {
+        Origin {
+            cookie: ev.cookie,
+            netns: ev.netns,
+            family: ev.family,
+            local: ev.local,
+            remote: ev.remote,
+            substate,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -27,7 +55,13 @@ pub struct TwMachine {
     pending: HashMap<u64, Event>,
     /// Exits of sockets that were neither seen entering nor seeded.
     pub untracked_exits: u64,
+    /// Namespaces already reported gone (the last few): the kernel's own kill records for
+    /// their sockets often come after, and must not end them twice.
+    gone: std::collections::VecDeque<u32>,
 }
+
+/// How many gone namespaces are remembered.
+const GONE_KEEP: usize = 64;
 
 impl TwMachine {
     pub fn new() -> Self {
@@ -35,11 +69,49 @@ impl TwMachine {
     }
 
     /// A timewait socket from the inventory (already in TIME_WAIT when tcpwatch started).
-    pub fn seed(&mut self, tw: u64, owner: Option<Owner>) {
+    pub fn seed(&mut self, tw: u64, at: Origin, owner: Option<Owner>) {
         self.live.entry(tw).or_insert(Live {
             enter_ts: None,
             owner,
+            at,
         });
+    }
+
+    /// A namespace is gone: whatever of its timewait sockets is still live here ended with it
+    /// (teardown kills them; a kernel that inlines that path shows no record of it).
+    pub fn forget_netns(&mut self, netns: u32, now_ns: u64, out: &mut Vec<Event>) {
+        if self.gone.len() == GONE_KEEP {
+            self.gone.pop_front();
+        }
+        self.gone.push_back(netns);
+        let mut gone: Vec<(u64, Live)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.at.netns == netns)
+            .map(|(k, l)| (*k, *l))
+            .collect();
+        gone.sort_by_key(|(k, _)| *k);
+        for (tw, l) in gone {
+            self.live.remove(&tw);
+            self.pending.remove(&tw);
+            out.push(Event {
+                ts_ns: now_ns,
+                cookie: l.at.cookie,
+                skaddr: tw,
+                netns,
+                family: l.at.family,
+                local: l.at.local,
+                remote: l.at.remote,
+                owner: l.owner,
+                softirq: false,
+                kind: EventKind::TimeWait {
+                    enter: false,
+                    substate: l.at.substate,
+                    reason: Some(TwExitReason::Killed),
+                    duration_ns: l.enter_ts.map(|t| now_ns.saturating_sub(t)),
+                },
+            });
+        }
     }
 
     pub fn live(&self) -> usize {
@@ -86,6 +158,7 @@ impl TwMachine {
                         Live {
                             enter_ts: Some(ev.ts_ns),
                             owner: ev.owner,
+                            at: Origin::of(&ev, substate),
                         },
                     );
                     out.push(Event {
@@ -166,6 +239,8 @@ impl TwMachine {
                 l.enter_ts.map(|t| ev.ts_ns.saturating_sub(t)),
                 l.owner.or(ev.owner),
             ),
+            // Already ended when its namespace went.
+            None if self.gone.contains(&ev.netns) => return,
             None => {
                 self.untracked_exits += 1;
                 (None, ev.owner)
@@ -306,6 +381,48 @@ mod tests {
         assert_eq!(m.live(), 1);
     }
 
+    fn origin() -> Origin {
+        Origin {
+            cookie: 0,
+            netns: 1,
+            family: Family::Inet,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+            substate: Some(TcpState::TimeWait),
+        }
+    }
+
+    #[test]
+    fn a_gone_namespace_ends_its_live_sockets() {
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut other = tw(200, 2, TwOp::Start, TcpState::TimeWait);
+        other.netns = 2;
+        m.apply(other, &mut out);
+        m.seed(3, origin(), None);
+        m.forget_netns(1, 5_000, &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec!["enter", "enter", "exit:killed", "exit:killed"]
+        );
+        assert_eq!(m.live(), 1, "the other namespace's socket stays");
+        // The kernel's teardown records come after: not a second end.
+        let n = out.len();
+        let mut kill = tw(6_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        kill.softirq = false;
+        m.apply(kill, &mut out);
+        m.flush(&mut out);
+        assert_eq!(out.len(), n);
+        assert_eq!(m.untracked_exits, 0);
+        assert_eq!(out[2].skaddr, 1);
+        assert_eq!(out[2].local, "127.0.0.1:40000".parse().unwrap());
+        match out[3].kind {
+            EventKind::TimeWait { duration_ns, .. } => assert_eq!(duration_ns, None),
+            _ => unreachable!(),
+        }
+    }
+
     #[test]
     fn an_explicit_deschedule_ends_at_once() {
         let mut m = TwMachine::new();
@@ -406,7 +523,7 @@ mod tests {
         // A seeded socket has no cookie; the new one has: still two sockets.
         let mut m = TwMachine::new();
         let mut out = Vec::new();
-        m.seed(1, None);
+        m.seed(1, origin(), None);
         let mut c = tw(100, 1, TwOp::Cancel, TcpState::TimeWait);
         (c.cookie, c.softirq) = (0, false);
         m.apply(c, &mut out);
@@ -440,7 +557,7 @@ mod tests {
             cgroup_id: 0,
             source: OwnerSource::Inventory,
         };
-        m.seed(1, Some(owner));
+        m.seed(1, origin(), Some(owner));
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Cancel, TcpState::TimeWait), &mut out);
         m.apply(tw(150, 1, TwOp::Expire, TcpState::TimeWait), &mut out);

@@ -27,6 +27,7 @@ pub const TESTS: &[crate::Test] = &[
         s7_timewait_pileup,
     ),
     ("s7_timewait_bucket_overflow", s7_timewait_buckets),
+    ("s7_timewait_killed_by_netns_teardown", s7_netns_teardown),
     ("s8_close_wait_leak_owner", s8_close_wait),
     ("s9_orphaned_fin_wait2_expires", s9_orphan_expiry),
     ("s10_refused_resets_and_error", s10_refused_resets),
@@ -547,6 +548,35 @@ fn s7_timewait_pileup() {
     }
     assert_eq!(ns.sockstat_tw(), 0);
     assert!(ns.ss(&["state", "time-wait"]).is_empty());
+}
+
+/// A namespace deleted with TIME_WAIT sockets in it (a container going away): each ends
+/// once, `killed`, and the live count is back to zero. The kernel purges them from a kworker;
+/// tcpwatch also ends whatever is left when it sees the namespace gone, without counting the
+/// kernel's later records twice.
+fn s7_netns_teardown() {
+    let ns = Netns::new();
+    let tracer = Tracer::start(&ns, &[]);
+    {
+        let mut server = ns.peer("tw-server");
+        let l = server.ok("listen 127.0.0.1:8099 64");
+        server.ok_timeout(&format!("churn {l} 20"));
+        tracer.wait_for("20 timewait enters", W, |evs| tw_live(evs) == 20);
+        assert_eq!(ns.sockstat_tw(), 20);
+    }
+    drop(ns);
+    tracer.wait_for("every one ended", W, |evs| tw_live(evs) == 0);
+    std::thread::sleep(Duration::from_millis(1000));
+    let evs = tracer.stop();
+    let killed = tw_exits(&evs, "killed");
+    let sks: std::collections::HashSet<&str> =
+        killed.iter().filter_map(|e| e["sk"].as_str()).collect();
+    assert_eq!((killed.len(), sks.len()), (20, 20), "{killed:#?}");
+    let others: Vec<&Value> = of_type(&evs, "timewait")
+        .into_iter()
+        .filter(|e| e["event"] == "exit" && e["reason"] != "killed")
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
 }
 
 /// S7 with a small tcp_max_tw_buckets: the sockets beyond it close without TIME_WAIT and the
