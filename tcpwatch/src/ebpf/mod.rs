@@ -576,7 +576,6 @@ impl Probe {
     /// the iterator to the namespace of the task that creates it). `listeners_only` skips
     /// everything but LISTEN sockets in the kernel.
     pub fn iterate(&mut self, listeners_only: bool) -> anyhow::Result<Vec<u8>> {
-        use std::io::Read as _;
         {
             let mode = self
                 .ebpf
@@ -587,30 +586,44 @@ impl Probe {
             mode.set(0, u32::from(listeners_only), 0)
                 .map_err(|e| anyhow!("setting ITER_MODE: {e}"))?;
         }
+        // The listeners-only program ends the walk (EAGAIN) at the first socket that is not
+        // listening: listeners come first, the rest is not needed.
+        self.read_iter("dump_tcp", "tcp", listeners_only)
+    }
+
+    /// Runs iterator program `prog` (`iter/{target}`) once and returns all it wrote; EAGAIN
+    /// ends the read normally when the program may stop the walk early.
+    fn read_iter(
+        &mut self,
+        prog: &str,
+        target: &str,
+        eagain_ends: bool,
+    ) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read as _;
         let p: &mut Iter = self
             .ebpf
-            .program_mut("dump_tcp")
-            .context("program dump_tcp missing")?
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing"))?
             .try_into()
-            .map_err(|e| anyhow!("program dump_tcp: {e}"))?;
+            .map_err(|e| anyhow!("program {prog}: {e}"))?;
         let id = p
             .attach()
-            .map_err(|e| anyhow!("attaching iter/tcp: {}", short(&e)))?;
-        let link = p.take_link(id).map_err(|e| anyhow!("iter/tcp link: {e}"))?;
+            .map_err(|e| anyhow!("attaching iter/{target}: {}", short(&e)))?;
+        let link = p
+            .take_link(id)
+            .map_err(|e| anyhow!("iter/{target} link: {e}"))?;
         let mut file = link
             .into_file()
-            .map_err(|e| anyhow!("creating the tcp iterator: {e}"))?;
+            .map_err(|e| anyhow!("creating the {target} iterator: {e}"))?;
         let mut buf = Vec::new();
         let mut chunk = vec![0u8; 64 << 10];
         loop {
             match file.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                // The listeners-only program ends the walk (EAGAIN) at the first socket that
-                // is not listening: listeners come first, the rest is not needed.
-                Err(e) if listeners_only && e.raw_os_error() == Some(libc::EAGAIN) => break,
+                Err(e) if eagain_ends && e.raw_os_error() == Some(libc::EAGAIN) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(anyhow!("reading the tcp iterator: {e}")),
+                Err(e) => return Err(anyhow!("reading the {target} iterator: {e}")),
             }
         }
         Ok(buf)
@@ -619,7 +632,6 @@ impl Probe {
     /// Socket inode -> owning process, from `iter/task_file`; `None` when that iterator is
     /// not loaded (the caller falls back to /proc/*/fd).
     pub fn socket_owners(&mut self) -> Option<anyhow::Result<Vec<u8>>> {
-        use std::io::Read as _;
         if !self
             .status
             .iter()
@@ -627,27 +639,7 @@ impl Probe {
         {
             return None;
         }
-        Some((|| {
-            let p: &mut Iter = self
-                .ebpf
-                .program_mut("dump_task_file")
-                .context("program dump_task_file missing")?
-                .try_into()
-                .map_err(|e| anyhow!("program dump_task_file: {e}"))?;
-            let id = p
-                .attach()
-                .map_err(|e| anyhow!("attaching iter/task_file: {}", short(&e)))?;
-            let link = p
-                .take_link(id)
-                .map_err(|e| anyhow!("iter/task_file link: {e}"))?;
-            let mut file = link
-                .into_file()
-                .map_err(|e| anyhow!("creating the task_file iterator: {e}"))?;
-            let mut buf = Vec::new();
-            file.read_to_end(&mut buf)
-                .map_err(|e| anyhow!("reading the task_file iterator: {e}"))?;
-            Ok(buf)
-        })())
+        Some(self.read_iter("dump_task_file", "task_file", false))
     }
 
     /// Whether the inventory iterator loaded.
