@@ -146,12 +146,7 @@ impl TwMachine {
                     None => false,
                 };
                 if rearm {
-                    let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
-                    out.push(Event {
-                        owner,
-                        kind: EventKind::TimeWaitRearm { substate },
-                        ..ev
-                    });
+                    self.rearm(ev, substate, out);
                 } else {
                     self.live.insert(
                         tw,
@@ -182,14 +177,7 @@ impl TwMachine {
                 }
                 self.deschedule(ev, out);
             }
-            TwOp::Rearm => {
-                let owner = self.live.get(&tw).and_then(|l| l.owner).or(ev.owner);
-                out.push(Event {
-                    owner,
-                    kind: EventKind::TimeWaitRearm { substate },
-                    ..ev
-                });
-            }
+            TwOp::Rearm => self.rearm(ev, substate, out),
         }
     }
 
@@ -217,6 +205,19 @@ impl TwMachine {
     /// Every pending cancel, at shutdown.
     pub fn flush(&mut self, out: &mut Vec<Event>) {
         self.resolve_due(u64::MAX, out);
+    }
+
+    fn rearm(&mut self, ev: Event, substate: Option<TcpState>, out: &mut Vec<Event>) {
+        let live = self.live.get_mut(&ev.skaddr);
+        let owner = live.as_ref().and_then(|l| l.owner).or(ev.owner);
+        if let Some(l) = live {
+            l.at.substate = substate;
+        }
+        out.push(Event {
+            owner,
+            kind: EventKind::TimeWaitRearm { substate },
+            ..ev
+        });
     }
 
     fn deschedule(&mut self, cancel: Event, out: &mut Vec<Event>) {
