@@ -59,9 +59,14 @@ impl Netns {
             "net.ipv4.ip_local_port_range=1024 65535",
             "net.ipv4.tcp_max_tw_buckets=2000000",
         ] {
-            status(Command::new("ip").args(["netns", "exec", &ns.0, "sysctl", "-qw", kv]))?;
+            ns.sysctl(kv)?;
         }
         Ok(ns)
+    }
+
+    /// Sets `key=value` in this namespace.
+    fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
+        status(Command::new("ip").args(["netns", "exec", &self.0, "sysctl", "-qw", kv]))
     }
 
     fn enter(&self) -> anyhow::Result<()> {
@@ -440,14 +445,7 @@ fn metric(body: &str, series: &str) -> f64 {
 fn serve_bench(bin: &str) -> anyhow::Result<()> {
     let ns = Netns::new("serve")?;
     // Ephemeral ports above the fixed ones the listeners and the churn server use.
-    status(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.0,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=10000 65535",
-    ]))?;
+    ns.sysctl("net.ipv4.ip_local_port_range=10000 65535")?;
     let (stop, h) = populate(&ns, 5_000, 20_000, 100)?;
     let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
@@ -493,14 +491,7 @@ fn serve_bench(bin: &str) -> anyhow::Result<()> {
         // 2. The same scrapes during connection churn in that namespace. TIME_WAIT is capped at
         // what is there, so the socket count stays put while events flow.
         let tw = metric(&first, "tcpwatch_sockets{state=\"TIME_WAIT\"}") as u64;
-        status(Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.0,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.tcp_max_tw_buckets={tw}"),
-        ]))?;
+        ns.sysctl(&format!("net.ipv4.tcp_max_tw_buckets={tw}"))?;
         let (_, before) = scrape(port)?;
         let (ev0, lost0) = (
             metric(&before, "tcpwatch_events_total "),
