@@ -260,9 +260,13 @@ pub struct ProbeArgs {
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
     pub ring_mib: u32,
-    /// Do not use this kind of hook even where the kernel has it (tp_btf, fentry, task_file);
-    /// for testing fallbacks.
-    #[arg(long = "disable-hook", value_name = "KIND", hide = true)]
+    /// Do not use this kind of hook even where the kernel has it; for testing fallbacks.
+    #[arg(
+        long = "disable-hook",
+        value_name = "KIND",
+        hide = true,
+        value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag"]
+    )]
     pub disable_hook: Vec<String>,
 }
 

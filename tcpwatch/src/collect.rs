@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::decode;
 use crate::ebpf::reader::RingReader;
-use crate::ebpf::{Probe, ProbeConfig};
+use crate::ebpf::{Inventory, Probe, ProbeConfig};
 use crate::model::Loss;
 use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, Queue, TcpState};
 use crate::model::overflow::{self, Causes, ListenerDelta};
@@ -21,7 +21,7 @@ use crate::settings::Filters;
 use crate::source::inventory::{self, SockRec};
 use crate::source::netns::{self, NetnsRef};
 use crate::source::procnet::{self, Counters, Sockstat};
-use crate::source::{procfd, sysctl};
+use crate::source::{procfd, sockdiag, sysctl};
 
 /// Listener queues are sampled this often (DESIGN: fast enough to attribute a burst).
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
@@ -76,15 +76,16 @@ type NsRead = (
 
 fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
     netns::run_in(ns, || {
-        let socks = {
-            let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
-            if p.has_inventory() {
-                p.iterate(!full).ok()
-            } else {
-                None
+        let source = probe.lock().unwrap_or_else(|e| e.into_inner()).inventory();
+        let socks = match source {
+            Some(Inventory::Iter) => {
+                let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
+                p.iterate(!full).ok().map(|b| inventory::parse(&b).0)
             }
+            // Not under the probe's lock: the reader needs it for loss counters meanwhile.
+            Some(Inventory::SockDiag) => sockdiag::dump(ns.inode, !full).ok().map(|d| d.socks),
+            None => None,
         };
-        let socks = socks.map(|b| inventory::parse(&b).0);
         let sysctls = if full {
             sysctl::read_all()
         } else {
@@ -607,23 +608,33 @@ pub struct InventoryReader {
 
 impl InventoryReader {
     pub fn read(&self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
-        let owners = owners_now(&self.probe);
+        // The owner walk and the namespace reads are independent: on two threads the read
+        // takes the longer of the two instead of their sum.
+        let (owners, reads) = std::thread::scope(|sc| {
+            let owners = sc.spawn(|| owners_now(&self.probe));
+            let reads: Vec<_> = self
+                .namespaces
+                .iter()
+                .filter_map(|(ns, start)| {
+                    read_namespace(&self.probe, ns, true)
+                        .ok()
+                        .map(|r| (ns.inode, start, r))
+                })
+                .collect();
+            (owners.join().unwrap_or_default(), reads)
+        });
         let mut socks = Vec::new();
         let mut nss = Vec::new();
-        for (ns, start) in &self.namespaces {
-            let Ok((s, counters, sockstat, sysctls)) = read_namespace(&self.probe, ns, true) else {
-                continue;
-            };
+        for (inode, start, (s, counters, sockstat, sysctls)) in reads {
             let mut s = s.unwrap_or_default();
             for r in &mut s {
                 r.owner = owners.get(&r.ino).copied();
             }
             socks.extend(s.into_iter().filter(|r| self.filters.accepts_sock(r)));
-            let start = start.clone();
             nss.push(crate::model::snapshot::NsInput {
-                inode: ns.inode,
+                inode,
                 counters_now: counters.unwrap_or_default(),
-                counters_start: start,
+                counters_start: start.clone(),
                 sysctls,
                 sockstat: sockstat.unwrap_or_default(),
             });

@@ -372,6 +372,80 @@ fn churn(port: u16, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Both inventories list the same sockets: an instant snapshot (sock_diag, no BPF) and one
+/// from `iter/tcp`, over a listener with TIME_WAIT, CLOSE_WAIT, FIN_WAIT2 and ESTABLISHED
+/// sockets of its own port.
+fn inventory_sources(bin: &str, port: u16) -> anyhow::Result<String> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    let mut keep = Vec::new();
+    for i in 0..3 {
+        let c = TcpStream::connect(("127.0.0.1", port))?;
+        let (mut s, _) = l.accept()?;
+        match i {
+            0 => {
+                drop(c);
+                let _ = s.read(&mut [0u8; 16]);
+            }
+            1 => {
+                c.shutdown(std::net::Shutdown::Write)?;
+                keep.push(c);
+                keep.push(s);
+            }
+            _ => {
+                keep.push(c);
+                keep.push(s);
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = |extra: &[&str]| -> anyhow::Result<Value> {
+        let p = port.to_string();
+        let out = Command::new(bin)
+            .args(["snapshot", "--json", "--port", &p])
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "snapshot {extra:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let hook = |v: &Value| -> String {
+        v["hooks"]
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["signal"] == "inventory"))
+            .map(|h| h["hook"].as_str().unwrap_or("none").to_string())
+            .unwrap_or_default()
+    };
+    let diag = snap(&[])?;
+    let iter = snap(&["--disable-hook", "sock_diag"])?;
+    if hook(&diag) != "sock_diag" || hook(&iter) != "iter/tcp" {
+        bail!("inventories: {} and {}", hook(&diag), hook(&iter));
+    }
+    for k in ["states", "listeners", "time_wait"] {
+        if diag[k] != iter[k] {
+            bail!("{k} differ: sock_diag {} vs iter/tcp {}", diag[k], iter[k]);
+        }
+    }
+    let st = &diag["states"];
+    let want = [
+        ("LISTEN", 1),
+        ("ESTABLISHED", 2),
+        ("TIME_WAIT", 1),
+        ("CLOSE_WAIT", 1),
+        ("FIN_WAIT2", 1),
+    ];
+    for (k, n) in want {
+        if st[k] != n {
+            bail!("{k}: {} (want {n}) in {st}", st[k]);
+        }
+    }
+    drop(keep);
+    Ok("sock_diag and iter/tcp list the same sockets, queues and TIME_WAIT".into())
+}
+
 /// A connection from 127.0.0.1:`local` (SO_REUSEADDR, so a tuple in TIME_WAIT can be taken
 /// again) to 127.0.0.1:`port`.
 fn connect_from(local: u16, port: u16) -> anyhow::Result<TcpStream> {
@@ -577,6 +651,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         })
     })();
     record("doctor", doctor);
+    record("inventory_sources", inventory_sources(&bin, 7400));
 
     // Default: the best hooks (fentry for TIME_WAIT where trampolines exist); `timer`: the
     // timer tracepoints instead of trampolines; `classic`: no tp_btf at all.

@@ -126,11 +126,22 @@ fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_
     }
 }
 
-/// The loaded and attached programs. Dropping it detaches everything.
+/// Where the socket inventory comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inventory {
+    /// The `iter/tcp` program: every namespace's hash tables walked in the kernel, the
+    /// listeners-only walk ending at the first non-listener.
+    Iter,
+    /// NETLINK_SOCK_DIAG, as `ss` reads it: no BPF needed.
+    SockDiag,
+}
+
+/// The loaded and attached programs (none for an instant snapshot served by sock_diag).
+/// Dropping it detaches everything.
 pub struct Probe {
-    ebpf: Ebpf,
+    ebpf: Option<Ebpf>,
     pub status: Vec<SignalStatus>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Option<PerCpuArray<MapData, u64>>,
     /// How long each start-up phase took (shown by `doctor`).
     pub timings: Vec<(&'static str, std::time::Duration)>,
 }
@@ -288,8 +299,53 @@ const SIGNALS: &[SignalSpec] = &[
     },
 ];
 
+fn sock_diag_status(iter_error: Option<String>) -> SignalStatus {
+    match crate::source::sockdiag::probe() {
+        Ok(()) => SignalStatus {
+            signal: "inventory",
+            hook: Some("sock_diag".into()),
+            note: iter_error.map(|e| format!("iter/tcp: {e}")),
+        },
+        Err(e) => SignalStatus {
+            signal: "inventory",
+            hook: None,
+            note: Some(format!(
+                "{}sock_diag: {e}; sockets that existed before start are not seen",
+                iter_error.map_or(String::new(), |i| format!("iter/tcp: {i}; "))
+            )),
+        },
+    }
+}
+
 impl Probe {
+    /// An instant snapshot's probe: no BPF at all when sock_diag answers (the BTF parse and
+    /// program loads are most of the start-up time), owners from /proc/*/fd.
+    fn without_bpf(cfg: &ProbeConfig) -> Option<Probe> {
+        if cfg.trace || cfg.disabled.iter().any(|d| d == "sock_diag") {
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        let inventory = sock_diag_status(None);
+        inventory.hook.as_ref()?;
+        Some(Probe {
+            ebpf: None,
+            status: vec![
+                inventory,
+                SignalStatus {
+                    signal: "socket owners",
+                    hook: Some("/proc/*/fd".into()),
+                    note: None,
+                },
+            ],
+            counters: None,
+            timings: vec![("sock_diag", t0.elapsed())],
+        })
+    }
+
     pub fn start(cfg: &ProbeConfig) -> anyhow::Result<Probe> {
+        if let Some(p) = Probe::without_bpf(cfg) {
+            return Ok(p);
+        }
         let t0 = std::time::Instant::now();
         let mut timings: Vec<(&'static str, std::time::Duration)> = Vec::new();
         let mut lap = |what: &'static str, t: &mut std::time::Instant| {
@@ -500,8 +556,10 @@ impl Probe {
         }
         lap("attach", &mut t);
 
-        // The inventory iterator is loaded now and attached per read (see `inventory_file`).
+        // The inventory iterator is loaded now and attached per read (see `inventory_file`);
+        // sock_diag serves when it cannot (its listener samples walk every socket).
         let iter_ok = match (aya_btf.as_ref(), core_ok) {
+            _ if cfg.disabled.iter().any(|d| d == "iter_tcp") => Err(anyhow!("disabled")),
             (Some(b), true) => load_iter(&mut ebpf, b),
             _ => Err(anyhow!("no kernel BTF")),
         };
@@ -511,13 +569,12 @@ impl Probe {
                 hook: Some("iter/tcp".into()),
                 note: None,
             },
-            Err(e) => SignalStatus {
+            Err(_) if cfg.disabled.iter().any(|d| d == "sock_diag") => SignalStatus {
                 signal: "inventory",
                 hook: None,
-                note: Some(format!(
-                    "{e}; sockets that existed before start are not seen"
-                )),
+                note: Some("iter/tcp and sock_diag both unavailable; sockets that existed before start are not seen".into()),
             },
+            Err(e) => sock_diag_status(Some(e.to_string())),
         });
 
         // Owners of sockets that existed before start: one record per socket file, instead of
@@ -550,21 +607,23 @@ impl Probe {
         )
         .map_err(|e| anyhow!("opening map COUNTERS: {e}"))?;
         Ok(Probe {
-            ebpf,
+            ebpf: Some(ebpf),
             status,
-            counters,
+            counters: Some(counters),
             timings,
         })
     }
 
     /// The event ring buffers in use (can be taken once).
     pub fn take_rings(&mut self) -> anyhow::Result<Vec<RingBuf<MapData>>> {
+        let Some(ebpf) = self.ebpf.as_mut() else {
+            return Ok(Vec::new());
+        };
         let n = ring_count() as usize;
         RINGS[..n]
             .iter()
             .map(|name| {
-                let map = self
-                    .ebpf
+                let map = ebpf
                     .take_map(name)
                     .with_context(|| format!("map {name} missing or already taken"))?;
                 RingBuf::try_from(map).map_err(|e| anyhow!("opening ring buffer {name}: {e}"))
@@ -579,6 +638,8 @@ impl Probe {
         {
             let mode = self
                 .ebpf
+                .as_mut()
+                .context("no BPF object loaded")?
                 .map_mut("ITER_MODE")
                 .context("map ITER_MODE missing")?;
             let mut mode: aya::maps::Array<&mut MapData, u32> =
@@ -602,6 +663,8 @@ impl Probe {
         use std::io::Read as _;
         let p: &mut Iter = self
             .ebpf
+            .as_mut()
+            .context("no BPF object loaded")?
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing"))?
             .try_into()
@@ -642,17 +705,20 @@ impl Probe {
         Some(self.read_iter("dump_task_file", "task_file", false))
     }
 
-    /// Whether the inventory iterator loaded.
-    pub fn has_inventory(&self) -> bool {
-        self.status
-            .iter()
-            .any(|s| s.signal == "inventory" && s.hook.is_some())
+    /// Where the inventory comes from, if anywhere.
+    pub fn inventory(&self) -> Option<Inventory> {
+        let s = self.status.iter().find(|s| s.signal == "inventory")?;
+        match s.hook.as_deref()? {
+            "iter/tcp" => Some(Inventory::Iter),
+            "sock_diag" => Some(Inventory::SockDiag),
+            _ => None,
+        }
     }
 
     /// Tells the kernel who owns a listener that existed before start, so its accepted
     /// children are attributed in the kernel too.
     pub fn seed_listener(&mut self, netns: u32, port: u16, owner: &crate::model::event::Owner) {
-        let Some(map) = self.ebpf.map_mut("LISTENERS") else {
+        let Some(map) = self.ebpf.as_mut().and_then(|e| e.map_mut("LISTENERS")) else {
             return;
         };
         let Ok(mut m) = aya::maps::HashMap::<&mut MapData, ListenKey, Owner>::try_from(map) else {
@@ -677,9 +743,9 @@ impl Probe {
 
     /// Sum over CPUs of one kernel-side counter.
     pub fn counter(&self, idx: u32) -> u64 {
-        match self.counters.get(&idx, 0) {
-            Ok(v) => v.iter().sum(),
-            Err(_) => 0,
+        match self.counters.as_ref().map(|c| c.get(&idx, 0)) {
+            Some(Ok(v)) => v.iter().sum(),
+            _ => 0,
         }
     }
 
@@ -690,7 +756,7 @@ impl Probe {
     /// Records lost to a full ring, by wire kind (see `tcpwatch_common::kind`).
     pub fn kernel_dropped_by_kind(&self) -> [u64; 16] {
         let mut out = [0u64; 16];
-        let Some(map) = self.ebpf.map("DROPS_BY_KIND") else {
+        let Some(map) = self.ebpf.as_ref().and_then(|e| e.map("DROPS_BY_KIND")) else {
             return out;
         };
         let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(map) else {
@@ -708,7 +774,7 @@ impl Probe {
     pub fn program_stats(&self) -> Vec<ProgStats> {
         use std::os::fd::AsFd as _;
         let mut out = Vec::new();
-        for (name, prog) in self.ebpf.programs() {
+        for (name, prog) in self.ebpf.iter().flat_map(|e| e.programs()) {
             let Ok(fd) = prog.fd() else { continue };
             if let Some(i) = prog_info(fd.as_fd()) {
                 out.push(ProgStats {

@@ -1,9 +1,10 @@
 //! Everything read from the running system besides the eBPF events: network namespaces,
-//! /proc/net counters, sysctls, socket owners from /proc/*/fd, the iter/tcp inventory.
+//! /proc/net counters, sysctls, socket owners from /proc/*/fd, the iter/tcp and sock_diag inventories.
 pub mod inventory;
 pub mod netns;
 pub mod procfd;
 pub mod procnet;
 pub mod replay;
 pub mod scope;
+pub mod sockdiag;
 pub mod sysctl;

@@ -135,23 +135,37 @@ fn states_equal_ss() {
             l8111["owner"]["comm"].as_str()
         ),
         (Some(server.pid as u64), Some("tw-server")),
-        "owner from iter/task_file"
+        "owner from /proc/*/fd"
     );
     assert_eq!(snap["time_wait"]["total"], 1);
     assert_eq!(snap["window_s"], 0.0);
-    let owners_hook = |s: &Value| -> Value {
+    let hook = |s: &Value, signal: &str| -> Value {
         s["hooks"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|h| h["signal"] == "socket owners")
+            .find(|h| h["signal"] == signal)
             .map(|h| h["hook"].clone())
             .unwrap_or(Value::Null)
     };
-    assert_eq!(owners_hook(&snap), "iter/task_file");
-    // The /proc/*/fd fallback finds the same owners.
-    let fallback = snapshot(&ns, &["--disable-hook", "task_file"]);
-    assert_eq!(owners_hook(&fallback), "/proc/*/fd");
+    // An instant snapshot loads no BPF: sock_diag lists the sockets, /proc/*/fd the owners.
+    assert_eq!(hook(&snap, "inventory"), "sock_diag");
+    assert_eq!(hook(&snap, "socket owners"), "/proc/*/fd");
+    // The BPF inventory (iter/tcp, owners from iter/task_file) lists exactly the same: every
+    // state, each listener's queues, drops and owner, the TIME_WAIT tables.
+    let iter = snapshot(&ns, &["--disable-hook", "sock_diag"]);
+    assert_eq!(hook(&iter, "inventory"), "iter/tcp");
+    assert_eq!(hook(&iter, "socket owners"), "iter/task_file");
+    for k in ["states", "listeners", "time_wait"] {
+        assert_eq!(iter[k], snap[k], "{k}: iter/tcp vs sock_diag");
+    }
+    // And the iterator with the /proc/*/fd owners.
+    let fallback = snapshot(
+        &ns,
+        &["--disable-hook", "sock_diag", "--disable-hook", "task_file"],
+    );
+    assert_eq!(hook(&fallback, "inventory"), "iter/tcp");
+    assert_eq!(hook(&fallback, "socket owners"), "/proc/*/fd");
     let owners = |s: &Value| -> Vec<(u64, Value)> {
         let mut v: Vec<(u64, Value)> = s["listeners"]
             .as_array()
@@ -163,6 +177,21 @@ fn states_equal_ss() {
         v
     };
     assert_eq!(owners(&fallback), owners(&snap));
+    // Watching events where iter/tcp is missing: sock_diag serves the start-up inventory, the
+    // listener samples and the final listing.
+    let live = snapshot(&ns, &["--duration", "0.6", "--disable-hook", "iter_tcp"]);
+    assert_eq!(hook(&live, "inventory"), "sock_diag");
+    assert_states(&live, &ns);
+    let l8111 = &live["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 8111);
+    assert_eq!(l8111.map(|l| l["syn_queue"]["now"].clone()), Some(1.into()));
+    assert_eq!(
+        live["time_wait"]["drift"][0]["tracked"], 1,
+        "seeded from sock_diag"
+    );
     // trace's filters apply to the inventory too: only port 8110 and its connections, only
     // the IPv6 listener, only what the client owns.
     let by_port = snapshot(&ns, &["--port", "8110"]);
