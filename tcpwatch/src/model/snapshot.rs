@@ -554,7 +554,12 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     remotes.truncate(TOP);
     s.time_wait.by_remote = remotes;
     for n in &input.namespaces {
-        let tracked = agg.timewait.values().filter(|e| e.netns == n.inode).count() as u64;
+        // An instant snapshot follows no events: what it tracks is what it just listed.
+        let tracked = if input.window_ns == 0 {
+            tws.iter().filter(|r| r.netns == n.inode).count() as u64
+        } else {
+            agg.timewait.values().filter(|e| e.netns == n.inode).count() as u64
+        };
         s.time_wait.drift.push(Drift {
             netns: n.inode,
             sockstat: n.sockstat.tw,
@@ -960,4 +965,83 @@ fn findings<'a>(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::aggregate::Config as AggConfig;
+    use crate::model::event::Family;
+
+    fn tw(netns: u32, port: u16) -> SockRec {
+        SockRec {
+            skaddr: u64::from(port),
+            cookie: u64::from(port),
+            netns,
+            family: Family::Inet,
+            state: TcpState::TimeWait,
+            substate: Some(TcpState::TimeWait),
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+            ino: 0,
+            uid: 0,
+            listener: 0,
+            accept_queue: 0,
+            accept_max: 0,
+            syn_queue: 0,
+            syn_young: 0,
+            drops: 0,
+            retransmits: 0,
+            probes: 0,
+            last_pkt_ns: 0,
+            owner: None,
+        }
+    }
+
+    fn ns(inode: u32, tw: u64) -> NsInput {
+        NsInput {
+            inode,
+            counters_now: Counters::default(),
+            counters_start: Counters::default(),
+            sysctls: BTreeMap::new(),
+            sockstat: Sockstat {
+                tw,
+                ..Sockstat::default()
+            },
+        }
+    }
+
+    #[test]
+    fn timewait_drift_of_an_instant_snapshot_is_against_its_own_listing() {
+        let inv = vec![tw(1, 40000), tw(1, 40001), tw(2, 40002)];
+        let mut input = Input {
+            now_ns: 5_000_000_000,
+            window_ns: 0,
+            host: "h".into(),
+            kernel: "k".into(),
+            hooks: vec![],
+            inventory: Some(&inv),
+            namespaces: vec![ns(1, 2), ns(2, 3)],
+            loss: Loss::default(),
+            home_netns: 1,
+            thresholds: Thresholds::default(),
+        };
+        let agg = Aggregator::new(AggConfig::default());
+        let d: Vec<(u32, u64, u64)> = build(&agg, &input)
+            .time_wait
+            .drift
+            .iter()
+            .map(|d| (d.netns, d.sockstat, d.tracked))
+            .collect();
+        assert_eq!(d, vec![(1, 2, 2), (2, 3, 1)]);
+        // Watching events, the tracked count is the event-driven one (none here).
+        input.window_ns = 1_000_000_000;
+        let tracked: Vec<u64> = build(&agg, &input)
+            .time_wait
+            .drift
+            .iter()
+            .map(|d| d.tracked)
+            .collect();
+        assert_eq!(tracked, vec![0, 0]);
+    }
 }

@@ -317,6 +317,10 @@ fn s7_finding() {
     assert_eq!(tw["by_remote"][0]["port"], 8115);
     assert_eq!(tw["by_remote"][0]["count"], 2000);
     assert_eq!(tw["drift"][0]["sockstat"], 2000);
+    assert_eq!(
+        tw["drift"][0]["tracked"], 2000,
+        "an instant snapshot tracks what it listed"
+    );
     assert_eq!(tw["port_headroom"][0]["in_use"], 2000);
     assert_eq!(tw["port_headroom"][0]["range"], 3000);
     let f = findings(&snap, "ephemeral_port_pressure");
