@@ -323,20 +323,25 @@ fn populate(
     Ok((stop, h))
 }
 
+fn time_once(cmd: &mut Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
 fn time_cmd(cmd: &mut Command, runs: usize) -> anyhow::Result<f64> {
     let mut v = Vec::new();
     for _ in 0..runs {
-        let t = Instant::now();
-        let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
-        if !st.success() {
-            bail!("{cmd:?} failed");
-        }
-        v.push(t.elapsed().as_secs_f64() * 1e3);
+        v.push(time_once(cmd)?);
     }
     Ok(median(v))
 }
 
-/// `tcpwatch snapshot` against `ss -tan` on 20 k TIME_WAIT + 5 k established sockets.
+/// `tcpwatch snapshot` against `ss -tan` on 20 k TIME_WAIT + 5 k established sockets, run as
+/// interleaved pairs so a change in the VM's speed hits both sides alike.
 fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
     let ns = Netns::new("snap")?;
     let (stop, h) = populate(&ns, 5_000, 20_000, 0)?;
@@ -345,24 +350,30 @@ fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
         .args([path.as_str(), "ss", "-tanH"])
         .output()?;
     let lines = String::from_utf8_lossy(&count.stdout).lines().count();
-    let ss = time_cmd(
-        Command::new("nsenter").args([path.as_str(), "ss", "-tan"]),
-        11,
-    )?;
+    let mut ss_cmd = Command::new("nsenter");
+    ss_cmd.args([path.as_str(), "ss", "-tan"]);
+    let mut tw_cmd = Command::new(bin);
+    tw_cmd.args(["snapshot", "--json", "--netns", &ns.0]);
+    let (mut ss, mut tw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..15 {
+        let a = time_once(&mut ss_cmd)?;
+        let b = time_once(&mut tw_cmd)?;
+        ss.push(a);
+        tw.push(b);
+        ratio.push(b / a);
+    }
     let ssp = time_cmd(
         Command::new("nsenter").args([path.as_str(), "ss", "-tanp"]),
         5,
-    )?;
-    let tw = time_cmd(
-        Command::new(bin).args(["snapshot", "--json", "--netns", &ns.0]),
-        11,
     )?;
     let twt = time_cmd(Command::new(bin).args(["snapshot", "--netns", &ns.0]), 5)?;
     stop.store(true, Ordering::Relaxed);
     let _ = h.join();
     println!(
-        "snapshot: {lines} sockets; ss -tan {ss:.1} ms, ss -tanp {ssp:.1} ms; tcpwatch snapshot --json {tw:.1} ms (text {twt:.1} ms); ratio tcpwatch/ss -tan {:.2}",
-        tw / ss
+        "snapshot: {lines} sockets; ss -tan {:.1} ms, ss -tanp {ssp:.1} ms; tcpwatch snapshot --json {:.1} ms (text {twt:.1} ms); median ratio tcpwatch/ss -tan over 15 pairs {:.2}",
+        median(ss),
+        median(tw),
+        median(ratio)
     );
     Ok(())
 }
