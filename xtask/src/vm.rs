@@ -126,6 +126,9 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up
+# sock_diag's TCP handler is a module on Debian kernels, and this guest has no modprobe.
+for m in inet_diag tcp_diag; do insmod /lib/modules/$(uname -r)/$m.ko 2>/dev/null; done
+echo "vm-info: diag modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 echo "vm-info: userspace at uptime $(cut -d' ' -f1 /proc/uptime) s"
 /bin/vm-guest vm-guest /bin/tcpwatch --expect-fentry
 echo "VMTEST_EXIT=$?"
@@ -133,11 +136,42 @@ sync
 poweroff -f
 "#;
 
+/// The sock_diag modules of kernel `ver` (`inet_diag`, `tcp_diag`), unpacked and decompressed
+/// into `dir`: Debian builds them as modules, and the guest has no modprobe to load them.
+fn diag_modules(deb: &Path, ver: &str, dir: &Path, busybox: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tar = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(deb)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let base = format!("./lib/modules/{ver}/kernel/net/ipv4");
+    status(
+        Command::new("tar")
+            .args(["-x", "-C"])
+            .arg(dir)
+            .args(["--wildcards", "--strip-components=7"])
+            .arg(format!("{base}/inet_diag.ko*"))
+            .arg(format!("{base}/tcp_diag.ko*"))
+            .stdin(tar.stdout.context("tar input")?),
+    )?;
+    for m in ["inet_diag", "tcp_diag"] {
+        let xz = dir.join(format!("{m}.ko.xz"));
+        if xz.exists() {
+            let ko = std::fs::File::create(dir.join(format!("{m}.ko")))?;
+            status(Command::new(busybox).arg("xzcat").arg(&xz).stdout(ko))?;
+            std::fs::remove_file(&xz)?;
+        }
+    }
+    Ok(())
+}
+
 fn initramfs(
     cache: &Path,
     busybox: &Path,
     tcpwatch: &Path,
     guest: &Path,
+    modules: &[(String, PathBuf)],
 ) -> anyhow::Result<PathBuf> {
     let root = cache.join("initrd-root");
     let _ = std::fs::remove_dir_all(&root);
@@ -148,6 +182,14 @@ fn initramfs(
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
     copy_into(&root, tcpwatch, Path::new("/bin/tcpwatch"))?;
     copy_into(&root, guest, Path::new("/bin/vm-guest"))?;
+    for (ver, dir) in modules {
+        for m in ["inet_diag.ko", "tcp_diag.ko"] {
+            let f = dir.join(m);
+            if f.exists() {
+                copy_into(&root, &f, &Path::new("/lib/modules").join(ver).join(m))?;
+            }
+        }
+    }
     for b in [tcpwatch, guest] {
         for l in libs_of(b)? {
             copy_into(&root, &std::fs::canonicalize(&l)?, &l)?;
@@ -340,6 +382,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let kdir = cache.join("kernels");
     std::fs::create_dir_all(&kdir)?;
     let mut images = Vec::new();
+    let mut modules = Vec::new();
     for k in &kernels {
         let ver = k.trim_start_matches("linux-image-");
         let img = kdir.join(format!("vmlinuz-{ver}"));
@@ -358,9 +401,14 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
                     .stdin(tar.stdout.context("tar input")?),
             )?;
         }
+        let mods = kdir.join(format!("modules-{ver}"));
+        if !mods.join("tcp_diag.ko").exists() {
+            diag_modules(&deb_of(&debs, k)?, ver, &mods, &bb.join("bin/busybox"))?;
+        }
+        modules.push((ver.to_string(), mods));
         images.push((ver.to_string(), img));
     }
-    let initrd = initramfs(&cache, &bb.join("bin/busybox"), &tcpwatch, &guest)?;
+    let initrd = initramfs(&cache, &bb.join("bin/busybox"), &tcpwatch, &guest, &modules)?;
     eprintln!(
         "xtask: vm-test ready in {:.1} s: kernels {}, qemu {}",
         t.elapsed().as_secs_f64(),

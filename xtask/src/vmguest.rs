@@ -422,7 +422,11 @@ fn inventory_sources(bin: &str, port: u16) -> anyhow::Result<String> {
     let diag = snap(&[])?;
     let iter = snap(&["--disable-hook", "sock_diag"])?;
     if hook(&diag) != "sock_diag" || hook(&iter) != "iter/tcp" {
-        bail!("inventories: {} and {}", hook(&diag), hook(&iter));
+        bail!(
+            "inventories: {} and {} (sock_diag needs the inet_diag and tcp_diag modules)",
+            hook(&diag),
+            hook(&iter)
+        );
     }
     for k in ["states", "listeners", "time_wait"] {
         if diag[k] != iter[k] {
