@@ -80,6 +80,14 @@ fn doctor(a: DoctorArgs) -> anyhow::Result<i32> {
     for s in &probe.status {
         println!("{}", s.line());
     }
+    // An instant snapshot loads no BPF when sock_diag answers: say whether it will.
+    println!(
+        "instant snapshot: {}",
+        match crate::source::sockdiag::probe() {
+            Ok(()) => "sock_diag, owners from /proc/*/fd (no BPF loaded)".to_string(),
+            Err(e) => format!("the BPF inventory above (sock_diag: {e})"),
+        }
+    );
     let t: Vec<String> = probe
         .timings
         .iter()
