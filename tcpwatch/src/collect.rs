@@ -49,6 +49,8 @@ pub enum Sampled {
     Inventory {
         ns: NetnsRef,
         socks: Vec<SockRec>,
+        /// Records that did not decode.
+        bad: usize,
         counters: Counters,
         sockstat: Sockstat,
         sysctls: BTreeMap<String, String>,
@@ -57,6 +59,7 @@ pub enum Sampled {
     Listeners {
         inode: u32,
         socks: Option<Vec<SockRec>>,
+        bad: usize,
         counters: Option<Counters>,
         sockstat: Option<Sockstat>,
     },
@@ -64,54 +67,66 @@ pub enum Sampled {
     Gone { inode: u32 },
 }
 
+/// Sockets, counters, sockstat and sysctls of one namespace, each absent when unreadable.
+struct NsRead {
+    socks: Option<Vec<SockRec>>,
+    /// Inventory records that did not decode (counted as decode errors).
+    bad: usize,
+    counters: Option<Counters>,
+    sockstat: Option<Sockstat>,
+    sysctls: BTreeMap<String, String>,
+}
+
 /// Reads one namespace: its sockets (all, or listeners only), counters, sockstat and, for a
 /// full read, its sysctls. Runs on the calling thread, switched into the namespace.
-/// Sockets, counters, sockstat and sysctls of one namespace, each absent when unreadable.
-type NsRead = (
-    Option<Vec<SockRec>>,
-    Option<Counters>,
-    Option<Sockstat>,
-    BTreeMap<String, String>,
-);
-
 fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
     netns::run_in(ns, || {
         let source = probe.lock().unwrap_or_else(|e| e.into_inner()).inventory();
-        let socks = match source {
+        let (socks, bad) = match source {
             Some(Inventory::Iter) => {
                 let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
-                p.iterate(!full).ok().map(|b| inventory::parse(&b).0)
+                match p.iterate(!full) {
+                    Ok(b) => {
+                        let (v, bad) = inventory::parse(&b);
+                        (Some(v), bad)
+                    }
+                    Err(_) => (None, 0),
+                }
             }
             // Not under the probe's lock: the reader needs it for loss counters meanwhile.
-            Some(Inventory::SockDiag) => sockdiag::dump(ns.inode, !full).ok().map(|d| d.socks),
-            None => None,
+            Some(Inventory::SockDiag) => match sockdiag::dump(ns.inode, !full) {
+                Ok(d) => (Some(d.socks), d.bad),
+                Err(_) => (None, 0),
+            },
+            None => (None, 0),
         };
-        let sysctls = if full {
-            sysctl::read_all()
-        } else {
-            BTreeMap::new()
-        };
-        (
+        NsRead {
             socks,
-            procnet::read_counters().ok(),
-            procnet::read_sockstat().ok(),
-            sysctls,
-        )
+            bad,
+            counters: procnet::read_counters().ok(),
+            sockstat: procnet::read_sockstat().ok(),
+            sysctls: if full {
+                sysctl::read_all()
+            } else {
+                BTreeMap::new()
+            },
+        }
     })
 }
 
 fn full_read(probe: &SharedProbe, ns: NetnsRef, owners: &HashMap<u64, Owner>) -> Option<Sampled> {
-    let (socks, counters, sockstat, sysctls) = read_namespace(probe, &ns, true).ok()?;
-    let mut socks = socks.unwrap_or_default();
+    let r = read_namespace(probe, &ns, true).ok()?;
+    let mut socks = r.socks.unwrap_or_default();
     for s in &mut socks {
         s.owner = owners.get(&s.ino).copied();
     }
     Some(Sampled::Inventory {
         ns,
         socks,
-        counters: counters.unwrap_or_default(),
-        sockstat: sockstat.unwrap_or_default(),
-        sysctls,
+        bad: r.bad,
+        counters: r.counters.unwrap_or_default(),
+        sockstat: r.sockstat.unwrap_or_default(),
+        sysctls: r.sysctls,
     })
 }
 
@@ -165,11 +180,12 @@ fn sampler(
         let mut gone = Vec::new();
         for ns in &known {
             let m = match read_namespace(&probe, ns, false) {
-                Ok((socks, counters, sockstat, _)) => Sampled::Listeners {
+                Ok(r) => Sampled::Listeners {
                     inode: ns.inode,
-                    socks,
-                    counters,
-                    sockstat,
+                    socks: r.socks,
+                    bad: r.bad,
+                    counters: r.counters,
+                    sockstat: r.sockstat,
                 },
                 Err(_) => {
                     gone.push(ns.inode);
@@ -326,8 +342,9 @@ impl EventSource {
         }
         let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
         for ns in list {
-            if let Ok((socks, counters, sockstat, _)) = read_namespace(&self.probe, &ns, false) {
-                self.sample(ns.inode, socks, counters, sockstat, out);
+            if let Ok(r) = read_namespace(&self.probe, &ns, false) {
+                self.loss.decode_errors += r.bad as u64;
+                self.sample(ns.inode, r.socks, r.counters, r.sockstat, out);
             }
         }
     }
@@ -337,10 +354,12 @@ impl EventSource {
             Sampled::Inventory {
                 ns,
                 socks,
+                bad,
                 counters,
                 sockstat,
                 sysctls,
             } => {
+                self.loss.decode_errors += bad as u64;
                 let mut listeners = HashMap::new();
                 for r in &socks {
                     match r.state {
@@ -394,9 +413,13 @@ impl EventSource {
             Sampled::Listeners {
                 inode,
                 socks,
+                bad,
                 counters,
                 sockstat,
-            } => self.sample(inode, socks, counters, sockstat, out),
+            } => {
+                self.loss.decode_errors += bad as u64;
+                self.sample(inode, socks, counters, sockstat, out)
+            }
         }
     }
 
@@ -625,18 +648,19 @@ impl InventoryReader {
         });
         let mut socks = Vec::new();
         let mut nss = Vec::new();
-        for (inode, start, (s, counters, sockstat, sysctls)) in reads {
-            let mut s = s.unwrap_or_default();
-            for r in &mut s {
-                r.owner = owners.get(&r.ino).copied();
+        for (inode, start, r) in reads {
+            let mut s = r.socks.unwrap_or_default();
+            for rec in &mut s {
+                rec.owner = owners.get(&rec.ino).copied();
             }
-            socks.extend(s.into_iter().filter(|r| self.filters.accepts_sock(r)));
+            socks.extend(s.into_iter().filter(|rec| self.filters.accepts_sock(rec)));
             nss.push(crate::model::snapshot::NsInput {
                 inode,
-                counters_now: counters.unwrap_or_default(),
+                counters_now: r.counters.unwrap_or_default(),
                 counters_start: start.clone(),
-                sysctls,
-                sockstat: sockstat.unwrap_or_default(),
+                sysctls: r.sysctls,
+                sockstat: r.sockstat.unwrap_or_default(),
+                decode_errors: r.bad as u64,
             });
         }
         (socks, nss)

@@ -38,6 +38,8 @@ pub struct NsInput {
     pub counters_start: Counters,
     pub sysctls: BTreeMap<String, String>,
     pub sockstat: Sockstat,
+    /// Records of this namespace's listing that did not decode (shown with the loss figures).
+    pub decode_errors: u64,
 }
 
 /// When a finding fires.
@@ -654,7 +656,12 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
         kernel_dropped_by_type: input.loss.kernel_dropped_by_type.nonzero().collect(),
         kernel_skipped: input.loss.kernel_skipped,
         channel_dropped: input.loss.channel_dropped,
-        decode_errors: input.loss.decode_errors,
+        decode_errors: input.loss.decode_errors
+            + input
+                .namespaces
+                .iter()
+                .map(|n| n.decode_errors)
+                .sum::<u64>(),
         timelines_evicted: agg.totals.evicted,
     };
     s.findings = findings(agg, input, &s, &sysctls_of);
@@ -1008,6 +1015,7 @@ mod tests {
                 tw,
                 ..Sockstat::default()
             },
+            decode_errors: 0,
         }
     }
 
@@ -1043,5 +1051,29 @@ mod tests {
             .map(|d| d.tracked)
             .collect();
         assert_eq!(tracked, vec![0, 0]);
+    }
+
+    #[test]
+    fn listing_records_that_did_not_decode_count_with_the_loss() {
+        let inv = vec![tw(1, 40000)];
+        let mut n = ns(1, 1);
+        n.decode_errors = 2;
+        let input = Input {
+            now_ns: 1,
+            window_ns: 0,
+            host: String::new(),
+            kernel: String::new(),
+            hooks: vec![],
+            inventory: Some(&inv),
+            namespaces: vec![n],
+            loss: Loss {
+                decode_errors: 1,
+                ..Loss::default()
+            },
+            home_netns: 1,
+            thresholds: Thresholds::default(),
+        };
+        let snap = build(&Aggregator::new(AggConfig::default()), &input);
+        assert_eq!(snap.loss.decode_errors, 3);
     }
 }
