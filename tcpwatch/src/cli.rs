@@ -265,7 +265,7 @@ pub struct ProbeArgs {
         long = "disable-hook",
         value_name = "KIND",
         hide = true,
-        value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag"]
+        value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag", "tcpdiag_getsock"]
     )]
     pub disable_hook: Vec<String>,
 }

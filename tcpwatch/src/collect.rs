@@ -81,7 +81,10 @@ struct NsRead {
 /// full read, its sysctls. Runs on the calling thread, switched into the namespace.
 fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
     netns::run_in(ns, || {
-        let source = probe.lock().unwrap_or_else(|e| e.into_inner()).inventory();
+        let (source, one_walk) = {
+            let p = probe.lock().unwrap_or_else(|e| e.into_inner());
+            (p.inventory(), p.sock_diag_one_walk)
+        };
         let (socks, bad) = match source {
             Some(Inventory::Iter) => {
                 let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,7 +97,7 @@ fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Re
                 }
             }
             // Not under the probe's lock: the reader needs it for loss counters meanwhile.
-            Some(Inventory::SockDiag) => match sockdiag::dump(ns.inode, !full) {
+            Some(Inventory::SockDiag) => match sockdiag::dump(ns.inode, !full, one_walk) {
                 Ok(d) => (Some(d.socks), d.bad),
                 Err(_) => (None, 0),
             },

@@ -142,6 +142,9 @@ pub struct Probe {
     ebpf: Option<Ebpf>,
     pub status: Vec<SignalStatus>,
     counters: Option<PerCpuArray<MapData, u64>>,
+    /// sock_diag lists both families in one request (`--disable-hook tcpdiag_getsock`: per
+    /// family, the fallback for kernels that refuse it).
+    pub sock_diag_one_walk: bool,
     /// How long each start-up phase took (shown by `doctor`).
     pub timings: Vec<(&'static str, std::time::Duration)>,
 }
@@ -299,6 +302,10 @@ const SIGNALS: &[SignalSpec] = &[
     },
 ];
 
+fn one_walk(cfg: &ProbeConfig) -> bool {
+    !cfg.disabled.iter().any(|d| d == "tcpdiag_getsock")
+}
+
 fn sock_diag_status(iter_error: Option<String>) -> SignalStatus {
     match crate::source::sockdiag::probe() {
         Ok(()) => SignalStatus {
@@ -338,6 +345,7 @@ impl Probe {
                 },
             ],
             counters: None,
+            sock_diag_one_walk: one_walk(cfg),
             timings: vec![("sock_diag", t0.elapsed())],
         })
     }
@@ -610,6 +618,7 @@ impl Probe {
             ebpf: Some(ebpf),
             status,
             counters: Some(counters),
+            sock_diag_one_walk: one_walk(cfg),
             timings,
         })
     }

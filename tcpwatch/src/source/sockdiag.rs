@@ -58,7 +58,9 @@ enum Request {
 
 /// Dumps the TCP sockets of the calling thread's network namespace (`netns` is its inode, for
 /// the records). `listeners_only` returns LISTEN sockets only, their SYN queues still counted.
-pub fn dump(netns: u32, listeners_only: bool) -> io::Result<Dump> {
+/// `one_walk` asks for both families at once (`TCPDIAG_GETSOCK`), falling back to one request
+/// per family if the kernel refuses it; without, per family from the start.
+pub fn dump(netns: u32, listeners_only: bool, one_walk: bool) -> io::Result<Dump> {
     let sock = open()?;
     let states = if listeners_only {
         StateFlags::LISTEN | StateFlags::SYN_RECV
@@ -67,18 +69,13 @@ pub fn dump(netns: u32, listeners_only: bool) -> io::Result<Dump> {
     };
     let mut buf = vec![0u8; 256 << 10];
     let mut out = Dump::default();
-    if request(&sock, Request::Both, states, netns, &mut buf, &mut out).is_err() {
+    if !one_walk || request(&sock, Request::Both, states, netns, &mut buf, &mut out).is_err() {
         out = Dump::default();
-        for family in [AF_INET, AF_INET6] {
-            request(
-                &sock,
-                Request::Family(family),
-                states,
-                netns,
-                &mut buf,
-                &mut out,
-            )?;
-        }
+        let v4 = Request::Family(AF_INET);
+        request(&sock, v4, states, netns, &mut buf, &mut out)?;
+        // A kernel without IPv6 has no handler for it: nothing to list, not a failure.
+        let v6 = Request::Family(AF_INET6);
+        let _ = request(&sock, v6, states, netns, &mut buf, &mut out);
     }
     attribute_requests(&mut out.socks);
     if listeners_only {

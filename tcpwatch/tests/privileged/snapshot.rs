@@ -159,6 +159,12 @@ fn states_equal_ss() {
     for k in ["states", "listeners", "time_wait"] {
         assert_eq!(iter[k], snap[k], "{k}: iter/tcp vs sock_diag");
     }
+    // sock_diag asked once per family (the fallback for a kernel refusing the one-walk
+    // request) lists the same.
+    let per_family = snapshot(&ns, &["--disable-hook", "tcpdiag_getsock"]);
+    for k in ["states", "listeners", "time_wait"] {
+        assert_eq!(per_family[k], snap[k], "{k}: per family vs both at once");
+    }
     // And the iterator with the /proc/*/fd owners.
     let fallback = snapshot(
         &ns,
