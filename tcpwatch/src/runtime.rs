@@ -360,11 +360,30 @@ pub fn hostname() -> String {
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
     let filters = Filters::from_args(&a.filters)?;
-    require_privileges()?;
-    let stop = install_stop_signals();
     let mut cfg = settings::probe_config(&a.probe, &filters);
     cfg.trace = a.duration > 0.0;
+    // An instant snapshot over sock_diag needs no BPF, so no privileges, as `ss` does: it
+    // then lists what this user can see, and says so.
+    let bpf = cfg.trace
+        || cfg.disabled.iter().any(|d| d == "sock_diag")
+        || crate::source::sockdiag::probe().is_err();
+    if bpf {
+        require_privileges()?;
+    } else if filters.kernel.netns != 0
+        && filters.kernel.netns != settings::own_netns()
+        && !crate::ebpf::caps::can_enter_namespaces()
+    {
+        anyhow::bail!(
+            "reading another network namespace needs root or CAP_SYS_ADMIN; run it with sudo"
+        );
+    }
+    let stop = install_stop_signals();
     let mut src = EventSource::start(&cfg, filters)?;
+    for s in src.status() {
+        if s.signal == "privileges" {
+            note!("tcpwatch: {}", s.note.as_deref().unwrap_or("limited"));
+        }
+    }
     if a.duration > 0.0 {
         src.take_inventory();
     } else {

@@ -109,3 +109,38 @@ fn unprivileged_user_gets_the_capability_named() {
         );
     }
 }
+
+#[test]
+fn unprivileged_instant_snapshot_lists_this_namespace_and_names_what_it_misses() {
+    let o = unprivileged(&["snapshot", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let snap: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let hook = |signal: &str| {
+        snap["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["signal"] == signal)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(hook("inventory")["hook"], "sock_diag", "{}", snap["hooks"]);
+    let note = hook("privileges")["note"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        note.contains("CAP_SYS_ADMIN") && note.contains("CAP_SYS_PTRACE"),
+        "{note}"
+    );
+    assert_eq!(
+        snap["namespaces"].as_array().unwrap().len(),
+        1,
+        "its own only"
+    );
+    assert!(stderr(&o).contains("not root"), "{}", stderr(&o));
+    // Watching events needs BPF: the capabilities are named as for trace.
+    let o = unprivileged(&["snapshot", "--duration", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("CAP_BPF"), "{}", stderr(&o));
+}

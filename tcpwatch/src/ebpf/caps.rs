@@ -1,5 +1,6 @@
 //! Privilege check before touching BPF, so the user gets one line naming what is missing instead
 //! of an EPERM from deep inside the loader.
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -34,6 +35,26 @@ pub fn missing_for_tracing(cap_eff: u64) -> Option<String> {
     ))
 }
 
+/// Whether this process may enter other network namespaces (setns needs CAP_SYS_ADMIN).
+pub fn can_enter_namespaces() -> bool {
+    effective().is_some_and(|c| c & (1u64 << CAP_SYS_ADMIN) != 0)
+}
+
+/// What a socket listing without BPF misses at these capabilities, or `None` when nothing:
+/// other namespaces (CAP_SYS_ADMIN) and the owners of other users' sockets (CAP_SYS_PTRACE,
+/// for their /proc/PID/fd).
+pub fn listing_limits(cap_eff: u64) -> Option<String> {
+    let has = |c: u32| cap_eff & (1u64 << c) != 0;
+    let mut lost = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        lost.push("this network namespace only (others need CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_SYS_PTRACE) {
+        lost.push("owners of this user's processes only (others need CAP_SYS_PTRACE)");
+    }
+    (!lost.is_empty()).then(|| format!("not root: {}", lost.join("; ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +75,21 @@ mod tests {
         assert!(m.contains("missing: CAP_PERFMON"), "{m}");
         let m = missing_for_tracing(0).unwrap();
         assert!(m.contains("missing: CAP_BPF, CAP_PERFMON"), "{m}");
+    }
+
+    #[test]
+    fn a_listing_names_what_it_cannot_see() {
+        assert_eq!(listing_limits(0x000001ffffffffff), None);
+        let m = listing_limits(0).unwrap();
+        assert!(
+            m.contains("CAP_SYS_ADMIN") && m.contains("CAP_SYS_PTRACE"),
+            "{m}"
+        );
+        let m = listing_limits(1 << CAP_SYS_ADMIN).unwrap();
+        assert!(
+            !m.contains("CAP_SYS_ADMIN") && m.contains("CAP_SYS_PTRACE"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -334,16 +334,24 @@ impl Probe {
         let t0 = std::time::Instant::now();
         let inventory = sock_diag_status(None);
         inventory.hook.as_ref()?;
+        let mut status = vec![
+            inventory,
+            SignalStatus {
+                signal: "socket owners",
+                hook: Some("/proc/*/fd".into()),
+                note: None,
+            },
+        ];
+        if let Some(limits) = caps::effective().and_then(caps::listing_limits) {
+            status.push(SignalStatus {
+                signal: "privileges",
+                hook: Some("unprivileged listing".into()),
+                note: Some(limits),
+            });
+        }
         Some(Probe {
             ebpf: None,
-            status: vec![
-                inventory,
-                SignalStatus {
-                    signal: "socket owners",
-                    hook: Some("/proc/*/fd".into()),
-                    note: None,
-                },
-            ],
+            status,
             counters: None,
             sock_diag_one_walk: one_walk(cfg),
             timings: vec![("sock_diag", t0.elapsed())],
