@@ -128,6 +128,15 @@ impl TwMachine {
         };
         let tw = ev.skaddr;
         match op {
+            // A cancel in a task (connect() taking the tuple) or a kworker (netns teardown)
+            // cannot be a re-arm: out now, not after the follow-up window, so the exit is not
+            // printed after events that came later.
+            TwOp::Cancel if !cancel_may_rearm(&ev) => {
+                if let Some(old) = self.pending.remove(&tw) {
+                    self.deschedule(old, out);
+                }
+                self.deschedule(ev, out);
+            }
             TwOp::Cancel => {
                 if let Some(old) = self.pending.insert(tw, ev) {
                     self.deschedule(old, out);
@@ -319,6 +328,21 @@ mod tests {
                 _ => "other".to_string(),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_final_cancel_is_out_before_what_follows_it() {
+        // connect() takes the tuple of TIME_WAIT socket 1; the new connection closes and its
+        // own TIME_WAIT (socket 2) starts within the follow-up window.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
+        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
+        c.softirq = false;
+        m.apply(c, &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:reused"], "without waiting");
+        m.apply(tw(2_000, 2, TwOp::Start, TcpState::TimeWait), &mut out);
+        assert_eq!(kinds(&out), vec!["enter", "exit:reused", "enter"]);
     }
 
     #[test]
