@@ -585,10 +585,12 @@ impl Probe {
                 hook: Some("iter/tcp".into()),
                 note: None,
             },
-            Err(_) if cfg.disabled.iter().any(|d| d == "sock_diag") => SignalStatus {
+            Err(e) if cfg.disabled.iter().any(|d| d == "sock_diag") => SignalStatus {
                 signal: "inventory",
                 hook: None,
-                note: Some("iter/tcp and sock_diag both unavailable; sockets that existed before start are not seen".into()),
+                note: Some(format!(
+                    "iter/tcp: {e}; sock_diag disabled; sockets that existed before start are not seen"
+                )),
             },
             Err(e) => sock_diag_status(Some(e.to_string())),
         });
