@@ -107,6 +107,37 @@ pub struct ListenerView {
     pub synack_retransmits: u64,
 }
 
+/// The outputs' test fixture: a listener whose accept queue overflowed (owner `srv`, pid 42;
+/// 3 queued of 2, SYN queue peak 1; 24 drops, all accept overflows).
+#[cfg(test)]
+pub fn overflowing_listener(netns: u32, port: u16) -> ListenerView {
+    ListenerView {
+        netns,
+        addr: "127.0.0.1".into(),
+        port,
+        owner: Some(OwnerView {
+            pid: 42,
+            comm: "srv".into(),
+        }),
+        accept_queue: QueueView {
+            now: 3,
+            max: 2,
+            peak: 3,
+        },
+        syn_queue: QueueView {
+            now: 0,
+            max: 2,
+            peak: 1,
+        },
+        drops: 24,
+        overflows: OverflowsView {
+            accept: 24,
+            ..OverflowsView::default()
+        },
+        synack_retransmits: 0,
+    }
+}
+
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Default)]
 pub struct OverflowsView {
     pub accept: u64,

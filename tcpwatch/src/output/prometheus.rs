@@ -438,33 +438,21 @@ fn other_labels() -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::snapshot::{OverflowsView, OwnerView, QueueView};
+    use crate::model::snapshot::{OverflowsView, OwnerView, overflowing_listener};
 
     fn listener(port: u16, drops: u64, accept_ovf: u64) -> ListenerView {
         ListenerView {
-            netns: 4026531840,
-            addr: "127.0.0.1".into(),
-            port,
+            // A comm the exposition must escape.
             owner: Some(OwnerView {
                 pid: 42,
                 comm: "we\"ird\\srv".into(),
             }),
-            accept_queue: QueueView {
-                now: 3,
-                max: 2,
-                peak: 3,
-            },
-            syn_queue: QueueView {
-                now: 0,
-                max: 2,
-                peak: 1,
-            },
             drops,
             overflows: OverflowsView {
                 accept: accept_ovf,
                 ..OverflowsView::default()
             },
-            synack_retransmits: 0,
+            ..overflowing_listener(4026531840, port)
         }
     }
 

@@ -249,33 +249,7 @@ mod tests {
         s.states.insert("ESTABLISHED", 2);
         s.states.insert("LISTEN", 1);
         s.states.insert("SYN_SENT", 0);
-        s.listeners.push(ListenerView {
-            netns: 7,
-            addr: "127.0.0.1".into(),
-            port: 8080,
-            owner: Some(OwnerView {
-                pid: 42,
-                comm: "srv".into(),
-            }),
-            accept_queue: QueueView {
-                now: 3,
-                max: 2,
-                peak: 3,
-            },
-            syn_queue: QueueView {
-                now: 0,
-                max: 2,
-                peak: 1,
-            },
-            drops: 24,
-            overflows: OverflowsView {
-                accept: 24,
-                syn: 0,
-                syncookies: 0,
-                final_ack_packets: 0,
-            },
-            synack_retransmits: 0,
-        });
+        s.listeners.push(overflowing_listener(7, 8080));
         s.findings.push(Finding {
             id: "accept_queue_overflow",
             severity: "critical",

@@ -624,33 +624,7 @@ mod tests {
             hook: None,
             note: Some("no".into()),
         });
-        s.listeners.push(ListenerView {
-            netns: 7,
-            addr: "127.0.0.1".into(),
-            port: 8080,
-            owner: Some(OwnerView {
-                pid: 42,
-                comm: "srv".into(),
-            }),
-            accept_queue: QueueView {
-                now: 3,
-                max: 2,
-                peak: 3,
-            },
-            syn_queue: QueueView {
-                now: 0,
-                max: 2,
-                peak: 1,
-            },
-            drops: 24,
-            overflows: OverflowsView {
-                accept: 24,
-                syn: 0,
-                syncookies: 0,
-                final_ack_packets: 0,
-            },
-            synack_retransmits: 0,
-        });
+        s.listeners.push(overflowing_listener(7, 8080));
         s.listeners.push(ListenerView {
             netns: 7,
             addr: "::".into(),
