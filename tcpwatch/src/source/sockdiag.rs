@@ -320,10 +320,15 @@ pub fn attribute_requests(socks: &mut [SockRec]) {
         let exact = cands
             .iter()
             .find(|&&l| canonical(socks[l].local.ip()) == want);
-        let wild = cands.iter().find(|&&l| {
-            let ip = socks[l].local.ip();
-            ip.is_unspecified() && (ip.is_ipv6() || want.is_ipv4())
-        });
+        // A wildcard of the request's own family first: an IPv4 request goes to 0.0.0.0
+        // before a dual-stack [::] (which may be IPV6_V6ONLY) on the same port.
+        let wild = cands
+            .iter()
+            .filter(|&&l| {
+                let ip = socks[l].local.ip();
+                ip.is_unspecified() && (ip.is_ipv6() || want.is_ipv4())
+            })
+            .min_by_key(|&&l| socks[l].local.ip().is_ipv4() != want.is_ipv4());
         let Some(&l) = exact.or(wild) else { continue };
         socks[i].listener = socks[l].skaddr;
         let young = socks[i].retransmits == 0;
@@ -529,5 +534,14 @@ mod tests {
         assert_eq!(lq(2), (1, 1), "namespaces apart");
         let owner: Vec<u64> = v[3..].iter().map(|r| r.listener).collect();
         assert_eq!(owner, vec![2, 1, 3, 0, 2, 1]);
+        // With both wildcards on a port, each family's requests go to its own.
+        let mut both = vec![
+            rec(TcpState::Listen, 1, "[::]:90", 20, 0),
+            rec(TcpState::Listen, 1, "0.0.0.0:90", 21, 0),
+            rec(TcpState::NewSynRecv, 1, "10.0.0.1:90", 22, 0),
+            rec(TcpState::NewSynRecv, 1, "[::1]:90", 23, 0),
+        ];
+        attribute_requests(&mut both);
+        assert_eq!((both[2].listener, both[3].listener), (21, 20));
     }
 }
