@@ -37,6 +37,28 @@ pub static DROPS_BY_KIND: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0
 /// local storage lives and dies with the socket, and costs no hash lookup.
 #[btf_map]
 pub static SK_INFO: SkStorage<SockInfo> = SkStorage::new();
+/// Every listening socket, marked when it starts listening (tp_btf) or when the inventory
+/// walk meets it: the 4 Hz queue sampler iterates this map (`iter/bpf_sk_storage_map`) and so
+/// visits listeners only, of every namespace at once, instead of walking the hash tables.
+#[btf_map]
+pub static LISTEN_SK: SkStorage<u32> = SkStorage::new();
+
+/// Marks `sk` (a full `struct sock *`) as a listener for the queue sampler.
+#[inline(always)]
+pub fn mark_listener(sk: *const c_void) {
+    let p = unsafe {
+        raw::bpf_sk_storage_get(
+            core::ptr::addr_of!(LISTEN_SK) as *mut c_void,
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    if p.is_null() {
+        bump(counter::SOCK_MAP_FULL);
+    }
+}
+
 /// The same for hooks that only know the socket's address (classic tracepoints), keyed by it
 /// until the socket reaches CLOSE; LRU so sockets that vanish unseen cannot fill it.
 #[map]

@@ -1,12 +1,13 @@
 //! Iterators. `iter/tcp`: the inventory of every TCP socket of the reader's network namespace
-//! (full, timewait and request sockets), one fixed-size record each. `iter/task_file`: every
+//! (full, timewait and request sockets), one fixed-size record each. `iter/bpf_sk_storage_map`
+//! over LISTEN_SK: the listeners of every namespace, for the queue sampler. `iter/task_file`: every
 //! socket file of every process, so owners need no readlink per descriptor in /proc. aya-ebpf
 //! has no `#[iter]` macro; the section name is all aya's loader needs.
 use core::ffi::c_void;
 
 use aya_ebpf::{
     Global,
-    helpers::generated::{bpf_get_socket_cookie, bpf_seq_write},
+    helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
     macros::map,
     maps::Array,
 };
@@ -14,7 +15,7 @@ use tcpwatch_common::{AF_INET6, IterRec, OwnerRec, tcp_state};
 
 use crate::common::{
     OFF_INET_SPORT, OFF_NET_NS_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
-    OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, rd,
+    OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, mark_listener, rd,
 };
 use crate::signals::{
     OFF_ICSK_QLEN, OFF_SK_ACK_BACKLOG, OFF_SK_MAX_ACK_BACKLOG, OFF_SKC_NUM, OFF_SKC_STATE,
@@ -81,9 +82,60 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
         // established and timewait socket four times a second.
         return 1;
     }
+    if state == tcp_state::LISTEN {
+        // A listener from before start: from now on the sampler finds it in LISTEN_SK.
+        let sk = unsafe { bpf_skc_to_tcp_sock(skc as *mut c_void) };
+        if !sk.is_null() {
+            mark_listener(sk as *const c_void);
+        }
+    }
+    let mut r = record(skc, state);
+    r.uid = uid;
+    write(seq, &r);
+    0
+}
+
+#[repr(C)]
+pub struct BpfIterSkStorage {
+    meta: *const BpfIterMeta,
+    map: *const c_void,
+    sk: *const c_void,
+    value: *mut c_void,
+}
+
+/// The listeners marked in LISTEN_SK, of every namespace: the same records as `dump_tcp`
+/// gives for them. A socket marked once that no longer listens is skipped.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_sk_storage_map")]
+pub extern "C" fn dump_listeners(ctx: *const BpfIterSkStorage) -> i32 {
+    let (seq, sk) = unsafe { ((*(*ctx).meta).seq, (*ctx).sk) };
+    if sk.is_null() {
+        return 0;
+    }
+    let state: u8 = rd(sk as u64, OFF_SKC_STATE.load());
+    if state == tcp_state::LISTEN {
+        write(seq, &record(sk, state));
+    }
+    0
+}
+
+#[inline(always)]
+fn write(seq: *mut c_void, r: &IterRec) {
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            r as *const IterRec as *const c_void,
+            core::mem::size_of::<IterRec>() as u32,
+        )
+    };
+}
+
+/// One socket's record; `skc` is its `sock_common` (full, timewait or request socket).
+#[inline(always)]
+fn record(skc: *const c_void, state: u8) -> IterRec {
+    let s = skc as u64;
     let mut r = IterRec {
         skaddr: s,
-        uid,
         state,
         ..IterRec::default()
     };
@@ -132,14 +184,7 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
             }
         }
     }
-    unsafe {
-        bpf_seq_write(
-            seq as *mut _,
-            &r as *const IterRec as *const c_void,
-            core::mem::size_of::<IterRec>() as u32,
-        )
-    };
-    0
+    r
 }
 
 #[repr(C)]

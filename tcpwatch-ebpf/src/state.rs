@@ -13,8 +13,8 @@ use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
     AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, SOCKS, Side, addr_info, bump, copy16, current,
-    emit, forget_listener, in_softirq, ld, listener_owner, netns_of, now_ns, set_listener_owner,
-    sk_info, sock_meta_btf, take_current_owner,
+    emit, forget_listener, in_softirq, ld, listener_owner, mark_listener, netns_of, now_ns,
+    set_listener_owner, sk_info, sock_meta_btf, take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -107,6 +107,9 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
     m.old_state = old as u8;
     m.new_state = new as u8;
     sock_meta_btf(sk, &mut m);
+    if new as u8 == tcp_state::LISTEN {
+        mark_listener(sk);
+    }
     transition(&mut m, &AddrSrc::sock(skaddr), sk_info(sk), false);
     0
 }

@@ -265,7 +265,7 @@ pub struct ProbeArgs {
         long = "disable-hook",
         value_name = "KIND",
         hide = true,
-        value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag", "tcpdiag_getsock"]
+        value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag", "tcpdiag_getsock", "listener_map"]
     )]
     pub disable_hook: Vec<String>,
 }

@@ -181,8 +181,33 @@ fn sampler(
             }
         }
         let mut gone = Vec::new();
+        // Every namespace's listeners in one read where the kernel lists them apart from the
+        // socket hash; else each namespace's own listeners-only walk.
+        let all = probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all_listeners()
+            .and_then(Result::ok)
+            .map(|b| inventory::parse(&b));
+        let mut all_bad = all.as_ref().map_or(0, |(_, bad)| *bad);
+        let mut by_ns: HashMap<u32, Vec<SockRec>> = HashMap::new();
+        let have_all = all.is_some();
+        for r in all.map(|(v, _)| v).unwrap_or_default() {
+            by_ns.entry(r.netns).or_default().push(r);
+        }
         for ns in &known {
-            let m = match read_namespace(&probe, ns, false) {
+            let read = if have_all {
+                netns::run_in(ns, || NsRead {
+                    socks: Some(by_ns.remove(&ns.inode).unwrap_or_default()),
+                    bad: std::mem::take(&mut all_bad),
+                    counters: procnet::read_counters().ok(),
+                    sockstat: procnet::read_sockstat().ok(),
+                    sysctls: BTreeMap::new(),
+                })
+            } else {
+                read_namespace(&probe, ns, false)
+            };
+            let m = match read {
                 Ok(r) => Sampled::Listeners {
                     inode: ns.inode,
                     socks: r.socks,

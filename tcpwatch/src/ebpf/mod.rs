@@ -617,6 +617,32 @@ impl Probe {
             },
         });
 
+        // The queue sampler's iterator over the listeners marked in LISTEN_SK (by the state
+        // hook and the inventory walk, so only with both): one read for every namespace.
+        if cfg.trace {
+            let ok = match (aya_btf.as_ref(), &iter_ok) {
+                _ if cfg.disabled.iter().any(|d| d == "listener_map") => Err(anyhow!("disabled")),
+                (Some(b), Ok(())) if btf_ok => {
+                    load_iter_named(&mut ebpf, b, "dump_listeners", "bpf_sk_storage_map")
+                }
+                _ => Err(anyhow!("needs tp_btf and iter/tcp")),
+            };
+            status.push(match ok {
+                Ok(()) => SignalStatus {
+                    signal: "listener samples",
+                    hook: Some("iter/bpf_sk_storage_map".into()),
+                    note: None,
+                },
+                Err(e) => SignalStatus {
+                    signal: "listener samples",
+                    hook: Some("inventory per namespace".into()),
+                    note: Some(format!(
+                        "iter/bpf_sk_storage_map: {e}; each sample walks that namespace's share of the socket hash"
+                    )),
+                },
+            });
+        }
+
         lap("load iterator", &mut t);
         let _ = t0;
         let counters = PerCpuArray::try_from(
@@ -722,6 +748,76 @@ impl Probe {
             return None;
         }
         Some(self.read_iter("dump_task_file", "task_file", false))
+    }
+
+    /// The listeners of every namespace in one read (`iter/bpf_sk_storage_map` over
+    /// LISTEN_SK), or `None` when that iterator is not loaded.
+    pub fn all_listeners(&mut self) -> Option<anyhow::Result<Vec<u8>>> {
+        if !self.status.iter().any(|s| {
+            s.signal == "listener samples" && s.hook.as_deref() == Some("iter/bpf_sk_storage_map")
+        }) {
+            return None;
+        }
+        Some(self.read_map_iter("dump_listeners", "LISTEN_SK"))
+    }
+
+    /// Runs map iterator `prog` over map `map` once. aya 0.14 attaches iterators without
+    /// target parameters, so the link is created here (BPF_LINK_CREATE with the map's fd).
+    fn read_map_iter(&mut self, prog: &str, map: &str) -> anyhow::Result<Vec<u8>> {
+        use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
+        use std::io::Read as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+        let ebpf = self.ebpf.as_ref().context("no BPF object loaded")?;
+        let prog_fd = ebpf
+            .program(prog)
+            .with_context(|| format!("program {prog} missing"))?
+            .fd()
+            .map_err(|e| anyhow!("program {prog}: {e}"))?
+            .as_fd()
+            .as_raw_fd();
+        let map_fd = match ebpf.map(map) {
+            Some(aya::maps::Map::SkStorage(m)) => m.fd().as_fd().as_raw_fd(),
+            _ => anyhow::bail!("map {map} missing"),
+        };
+        let sys = |cmd: bpf_cmd, attr: &mut bpf_attr| -> std::io::Result<OwnedFd> {
+            // SAFETY: a zero-initialised bpf_attr with the fields this command reads set.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    cmd as libc::c_long,
+                    attr as *mut bpf_attr,
+                    std::mem::size_of::<bpf_attr>(),
+                )
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: the kernel returned a new descriptor we now own.
+            Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+        };
+        // union bpf_iter_link_info: its first member is the map's fd.
+        let info: [u32; 4] = [map_fd as u32, 0, 0, 0];
+        // SAFETY: bpf_attr is plain old data.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.link_create.__bindgen_anon_1.prog_fd = prog_fd as u32;
+        attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
+        attr.link_create.__bindgen_anon_3.__bindgen_anon_1.iter_info = info.as_ptr() as u64;
+        attr.link_create
+            .__bindgen_anon_3
+            .__bindgen_anon_1
+            .iter_info_len = std::mem::size_of_val(&info) as u32;
+        let link = sys(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+            .map_err(|e| anyhow!("attaching iter/bpf_sk_storage_map: {e}"))?;
+        // SAFETY: as above, for iter_create.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.iter_create.link_fd = link.as_raw_fd() as u32;
+        let iter = sys(bpf_cmd::BPF_ITER_CREATE, &mut attr)
+            .map_err(|e| anyhow!("creating the {map} iterator: {e}"))?;
+        let mut file = std::fs::File::from(iter);
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf)
+            .map_err(|e| anyhow!("reading the {map} iterator: {e}"))?;
+        Ok(buf)
     }
 
     /// Where the inventory comes from, if anywhere.
