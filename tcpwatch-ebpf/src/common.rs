@@ -46,17 +46,21 @@ pub static LISTEN_SK: SkStorage<u32> = SkStorage::new();
 /// Marks `sk` (a full `struct sock *`) as a listener for the queue sampler.
 #[inline(always)]
 pub fn mark_listener(sk: *const c_void) {
-    let p = unsafe {
-        raw::bpf_sk_storage_get(
-            core::ptr::addr_of!(LISTEN_SK) as *mut c_void,
-            sk as *mut c_void,
-            core::ptr::null_mut(),
-            aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    };
-    if p.is_null() {
+    if storage(core::ptr::addr_of!(LISTEN_SK) as *mut c_void, sk, true).is_null() {
         bump(counter::SOCK_MAP_FULL);
     }
+}
+
+/// `sk`'s value in socket-storage map `map`, created zeroed if `create`; null if absent or
+/// out of memory.
+#[inline(always)]
+fn storage(map: *mut c_void, sk: *const c_void, create: bool) -> *mut c_void {
+    let flags = if create {
+        aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    unsafe { raw::bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), flags) }
 }
 
 /// The same for hooks that only know the socket's address (classic tracepoints), keyed by it
@@ -126,14 +130,7 @@ pub fn rd<T: Copy + Default>(base: u64, off: u32) -> T {
 /// The socket's `SockInfo` in socket local storage, created zeroed on first use.
 #[inline(always)]
 pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
-    let p = unsafe {
-        raw::bpf_sk_storage_get(
-            core::ptr::addr_of!(SK_INFO) as *mut c_void,
-            sk as *mut c_void,
-            core::ptr::null_mut(),
-            aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    } as *mut SockInfo;
+    let p = storage(core::ptr::addr_of!(SK_INFO) as *mut c_void, sk, true) as *mut SockInfo;
     if p.is_null() {
         bump(counter::SOCK_MAP_FULL);
         None
@@ -145,14 +142,7 @@ pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
 /// The socket's `SockInfo` if it has one (no creation: for events that only read the owner).
 #[inline(always)]
 pub fn sk_info_get(sk: *const c_void) -> *const SockInfo {
-    unsafe {
-        raw::bpf_sk_storage_get(
-            core::ptr::addr_of!(SK_INFO) as *mut c_void,
-            sk as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        ) as *const SockInfo
-    }
+    storage(core::ptr::addr_of!(SK_INFO) as *mut c_void, sk, false) as *const SockInfo
 }
 
 /// The socket's `SockInfo` in the address-keyed map, inserted zeroed on first use.

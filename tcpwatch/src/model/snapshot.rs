@@ -1009,30 +1009,18 @@ fn findings<'a>(
 mod tests {
     use super::*;
     use crate::model::aggregate::Config as AggConfig;
-    use crate::model::event::Family;
 
     fn tw(netns: u32, port: u16) -> SockRec {
         SockRec {
             skaddr: u64::from(port),
             cookie: u64::from(port),
-            netns,
-            family: Family::Inet,
-            state: TcpState::TimeWait,
             substate: Some(TcpState::TimeWait),
-            local: SocketAddr::from(([127, 0, 0, 1], port)),
-            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
-            ino: 0,
-            uid: 0,
-            listener: 0,
-            accept_queue: 0,
-            accept_max: 0,
-            syn_queue: 0,
-            syn_young: 0,
-            drops: 0,
-            retransmits: 0,
-            probes: 0,
-            last_pkt_ns: 0,
-            owner: None,
+            ..crate::source::inventory::test_rec(
+                TcpState::TimeWait,
+                netns,
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                SocketAddr::from(([127, 0, 0, 1], 80)),
+            )
         }
     }
 

@@ -34,6 +34,37 @@ pub struct SockRec {
     pub owner: Option<Owner>,
 }
 
+/// A test record: a socket of `state` in `netns` between `local` and `remote`, the rest zero.
+#[cfg(test)]
+pub fn test_rec(state: TcpState, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockRec {
+    SockRec {
+        skaddr: 0,
+        cookie: 0,
+        netns,
+        family: if local.is_ipv4() {
+            Family::Inet
+        } else {
+            Family::Inet6
+        },
+        state,
+        substate: None,
+        local,
+        remote,
+        ino: 0,
+        uid: 0,
+        listener: 0,
+        accept_queue: 0,
+        accept_max: 0,
+        syn_queue: 0,
+        syn_young: 0,
+        drops: 0,
+        retransmits: 0,
+        probes: 0,
+        last_pkt_ns: 0,
+        owner: None,
+    }
+}
+
 /// Decodes the iterator's output (a concatenation of fixed-size records); a short tail or an
 /// unknown state is skipped and counted.
 pub fn parse(bytes: &[u8]) -> (Vec<SockRec>, usize) {

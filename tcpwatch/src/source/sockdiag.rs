@@ -480,27 +480,12 @@ mod tests {
     }
 
     fn rec(state: TcpState, netns: u32, local: &str, cookie: u64, retrans: u16) -> SockRec {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
         SockRec {
             skaddr: cookie,
             cookie,
-            netns,
-            family: Family::Inet,
-            state,
-            substate: None,
-            local: addr(local),
-            remote: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-            ino: 0,
-            uid: 0,
-            listener: 0,
-            accept_queue: 0,
-            accept_max: 0,
-            syn_queue: 0,
-            syn_young: 0,
-            drops: 0,
             retransmits: retrans,
-            probes: 0,
-            last_pkt_ns: 0,
-            owner: None,
+            ..crate::source::inventory::test_rec(state, netns, addr(local), any)
         }
     }
 
