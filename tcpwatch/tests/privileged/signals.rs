@@ -818,10 +818,15 @@ fn s12_fin_lost() {
         400_000_000,
         120_000_000,
     );
+    let brief: Vec<String> = of_type(&evs, "retransmit")
+        .iter()
+        .map(|e| format!("{}:{} {} {}", e["sport"], e["dport"], e["kind"], e["state"]))
+        .chain(of_type(&evs, "loss").iter().map(|e| e.to_string()))
+        .collect();
     assert_eq!(
         ns.counter("Tcp", "RetransSegs") - before,
         fin.len() as u64,
-        "RetransSegs agrees"
+        "RetransSegs agrees; retransmits seen: {brief:?}"
     );
 }
 
