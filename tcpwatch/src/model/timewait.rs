@@ -128,10 +128,12 @@ impl TwMachine {
         };
         let tw = ev.skaddr;
         match op {
-            // A cancel in a task (connect() taking the tuple) or a kworker (netns teardown)
-            // cannot be a re-arm: out now, not after the follow-up window, so the exit is not
-            // printed after events that came later.
-            TwOp::Cancel if !cancel_may_rearm(&ev) => {
+            // A cancel in the task that connect()s over the tuple is final: out now, not after
+            // the follow-up window, so the exit is not printed after events that came later.
+            // A kworker's waits like a softirq's: on 6.1 one was seen right before the expiry.
+            TwOp::Cancel
+                if !ev.softirq && !matches!(ev.kind, EventKind::TwTimer { kworker: true, .. }) =>
+            {
                 if let Some(old) = self.pending.remove(&tw) {
                     self.deschedule(old, out);
                 }
@@ -515,6 +517,27 @@ mod tests {
         m.apply(c, &mut out);
         m.flush(&mut out);
         assert_eq!(kinds(&out), vec!["enter", "exit:killed"]);
+    }
+
+    #[test]
+    fn a_kworker_cancel_then_the_expiry_is_one_expiry() {
+        // Seen on 6.1 under the timer hooks: the cancel before the handler ran in a kworker.
+        let mut m = TwMachine::new();
+        let mut out = Vec::new();
+        m.apply(tw(100, 1, TwOp::Start, TcpState::FinWait2), &mut out);
+        let mut c = tw(1_000_000_000, 1, TwOp::Cancel, TcpState::FinWait2);
+        c.softirq = false;
+        c.kind = EventKind::TwTimer {
+            op: TwOp::Cancel,
+            substate: Some(TcpState::FinWait2),
+            kworker: true,
+        };
+        m.apply(c, &mut out);
+        m.apply(
+            tw(1_000_000_100, 1, TwOp::Expire, TcpState::FinWait2),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), vec!["enter", "exit:expired"]);
     }
 
     #[test]
