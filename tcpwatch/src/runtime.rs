@@ -83,7 +83,7 @@ fn doctor(a: DoctorArgs) -> anyhow::Result<i32> {
     // An instant snapshot loads no BPF when sock_diag answers: say whether it will.
     println!(
         "instant snapshot: {}",
-        match crate::source::sockdiag::probe() {
+        match crate::source::sockdiag::available() {
             Ok(()) => "sock_diag, owners from /proc/*/fd (no BPF loaded)".to_string(),
             Err(e) => format!("the BPF inventory above (sock_diag: {e})"),
         }
@@ -364,10 +364,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
     cfg.trace = a.duration > 0.0;
     // An instant snapshot over sock_diag needs no BPF, so no privileges, as `ss` does: it
     // then lists what this user can see, and says so.
-    let bpf = cfg.trace
-        || cfg.disabled.iter().any(|d| d == "sock_diag")
-        || crate::source::sockdiag::probe().is_err();
-    if bpf {
+    if crate::ebpf::needs_bpf(&cfg) {
         require_privileges()?;
     } else if filters.kernel.netns != 0
         && filters.kernel.netns != settings::own_netns()

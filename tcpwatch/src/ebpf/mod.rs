@@ -306,8 +306,15 @@ fn one_walk(cfg: &ProbeConfig) -> bool {
     !cfg.disabled.iter().any(|d| d == "tcpdiag_getsock")
 }
 
+/// Whether this run needs BPF at all: everything but an instant snapshot served by sock_diag.
+pub fn needs_bpf(cfg: &ProbeConfig) -> bool {
+    cfg.trace
+        || cfg.disabled.iter().any(|d| d == "sock_diag")
+        || crate::source::sockdiag::available().is_err()
+}
+
 fn sock_diag_status(iter_error: Option<String>) -> SignalStatus {
-    match crate::source::sockdiag::probe() {
+    match crate::source::sockdiag::available() {
         Ok(()) => SignalStatus {
             signal: "inventory",
             hook: Some("sock_diag".into()),
@@ -328,14 +335,12 @@ impl Probe {
     /// An instant snapshot's probe: no BPF at all when sock_diag answers (the BTF parse and
     /// program loads are most of the start-up time), owners from /proc/*/fd.
     fn without_bpf(cfg: &ProbeConfig) -> Option<Probe> {
-        if cfg.trace || cfg.disabled.iter().any(|d| d == "sock_diag") {
+        if needs_bpf(cfg) {
             return None;
         }
         let t0 = std::time::Instant::now();
-        let inventory = sock_diag_status(None);
-        inventory.hook.as_ref()?;
         let mut status = vec![
-            inventory,
+            sock_diag_status(None),
             SignalStatus {
                 signal: "socket owners",
                 hook: Some("/proc/*/fd".into()),

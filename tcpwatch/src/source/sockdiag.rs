@@ -84,8 +84,17 @@ pub fn dump(netns: u32, listeners_only: bool, one_walk: bool) -> io::Result<Dump
     Ok(out)
 }
 
-/// Whether sock_diag answers here (the listeners of this namespace: a short walk).
-pub fn probe() -> io::Result<()> {
+/// Whether sock_diag answers in this process's namespace, asked once (the start-up path and
+/// `doctor` all want to know; the answer does not change while tcpwatch runs).
+pub fn available() -> Result<(), String> {
+    static ANSWER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    ANSWER
+        .get_or_init(|| probe().map_err(|e| e.to_string()))
+        .clone()
+}
+
+/// One short walk (the listeners of this namespace) to see whether sock_diag answers.
+fn probe() -> io::Result<()> {
     let sock = open()?;
     let mut buf = vec![0u8; 64 << 10];
     let states = StateFlags::LISTEN;
