@@ -77,6 +77,24 @@ struct NsRead {
     sysctls: BTreeMap<String, String>,
 }
 
+impl NsRead {
+    /// A listing of the current namespace completed with its counters, sockstat and, for a
+    /// full read, its sysctls (call switched into it).
+    fn around(socks: Option<Vec<SockRec>>, bad: usize, full: bool) -> NsRead {
+        NsRead {
+            socks,
+            bad,
+            counters: procnet::read_counters().ok(),
+            sockstat: procnet::read_sockstat().ok(),
+            sysctls: if full {
+                sysctl::read_all()
+            } else {
+                BTreeMap::new()
+            },
+        }
+    }
+}
+
 /// Reads one namespace: its sockets (all, or listeners only), counters, sockstat and, for a
 /// full read, its sysctls. Runs on the calling thread, switched into the namespace.
 fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
@@ -103,17 +121,7 @@ fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Re
             },
             None => (None, 0),
         };
-        NsRead {
-            socks,
-            bad,
-            counters: procnet::read_counters().ok(),
-            sockstat: procnet::read_sockstat().ok(),
-            sysctls: if full {
-                sysctl::read_all()
-            } else {
-                BTreeMap::new()
-            },
-        }
+        NsRead::around(socks, bad, full)
     })
 }
 
@@ -197,12 +205,10 @@ fn sampler(
         }
         for ns in &known {
             let read = if have_all {
-                netns::run_in(ns, || NsRead {
-                    socks: Some(by_ns.remove(&ns.inode).unwrap_or_default()),
-                    bad: std::mem::take(&mut all_bad),
-                    counters: procnet::read_counters().ok(),
-                    sockstat: procnet::read_sockstat().ok(),
-                    sysctls: BTreeMap::new(),
+                let socks = Some(by_ns.remove(&ns.inode).unwrap_or_default());
+                // The undecodable records are reported once, with the first namespace read.
+                netns::run_in(ns, || {
+                    NsRead::around(socks, std::mem::take(&mut all_bad), false)
                 })
             } else {
                 read_namespace(&probe, ns, false)
