@@ -131,9 +131,7 @@ impl TwMachine {
             // A cancel in the task that connect()s over the tuple is final: out now, not after
             // the follow-up window, so the exit is not printed after events that came later.
             // A kworker's waits like a softirq's: on 6.1 one was seen right before the expiry.
-            TwOp::Cancel
-                if !ev.softirq && !matches!(ev.kind, EventKind::TwTimer { kworker: true, .. }) =>
-            {
+            TwOp::Cancel if cancel_is_reuse(&ev) => {
                 if let Some(old) = self.pending.remove(&tw) {
                     self.deschedule(old, out);
                 }
@@ -232,11 +230,10 @@ impl TwMachine {
     }
 
     fn deschedule(&mut self, cancel: Event, out: &mut Vec<Event>) {
-        let kworker = matches!(cancel.kind, EventKind::TwTimer { kworker: true, .. });
-        let reason = if cancel.softirq || kworker {
-            TwExitReason::Killed
-        } else {
+        let reason = if cancel_is_reuse(&cancel) {
             TwExitReason::Reused
+        } else {
+            TwExitReason::Killed
         };
         self.exit(cancel, reason, out);
     }
@@ -271,8 +268,18 @@ impl TwMachine {
     }
 }
 
+fn in_kworker(ev: &Event) -> bool {
+    matches!(ev.kind, EventKind::TwTimer { kworker: true, .. })
+}
+
 fn cancel_may_rearm(cancel: &Event) -> bool {
-    cancel.softirq && !matches!(cancel.kind, EventKind::TwTimer { kworker: true, .. })
+    cancel.softirq && !in_kworker(cancel)
+}
+
+/// A cancel by the task connecting over the timewait socket's tuple (tcp_tw_reuse): neither
+/// softirq (expiry, re-arm, a peer's RST) nor a kworker (netns teardown).
+fn cancel_is_reuse(cancel: &Event) -> bool {
+    !cancel.softirq && !in_kworker(cancel)
 }
 
 /// Whether a cancel and the start that follows it on one timer are the same timewait socket.
@@ -313,6 +320,18 @@ mod tests {
                 kworker: false,
             },
         }
+    }
+
+    /// A cancel in a kworker's task context (netns teardown, or as seen on 6.1 before expiry).
+    fn kworker_cancel(ts: u64, t: u64, sub: TcpState) -> Event {
+        let mut c = tw(ts, t, TwOp::Cancel, sub);
+        c.softirq = false;
+        c.kind = EventKind::TwTimer {
+            op: TwOp::Cancel,
+            substate: Some(sub),
+            kworker: true,
+        };
+        c
     }
 
     fn kinds(out: &[Event]) -> Vec<String> {
@@ -507,14 +526,7 @@ mod tests {
         let mut m = TwMachine::new();
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
-        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
-        c.softirq = false;
-        c.kind = EventKind::TwTimer {
-            op: TwOp::Cancel,
-            substate: Some(TcpState::TimeWait),
-            kworker: true,
-        };
-        m.apply(c, &mut out);
+        m.apply(kworker_cancel(1_000, 1, TcpState::TimeWait), &mut out);
         m.flush(&mut out);
         assert_eq!(kinds(&out), vec!["enter", "exit:killed"]);
     }
@@ -525,14 +537,10 @@ mod tests {
         let mut m = TwMachine::new();
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::FinWait2), &mut out);
-        let mut c = tw(1_000_000_000, 1, TwOp::Cancel, TcpState::FinWait2);
-        c.softirq = false;
-        c.kind = EventKind::TwTimer {
-            op: TwOp::Cancel,
-            substate: Some(TcpState::FinWait2),
-            kworker: true,
-        };
-        m.apply(c, &mut out);
+        m.apply(
+            kworker_cancel(1_000_000_000, 1, TcpState::FinWait2),
+            &mut out,
+        );
         m.apply(
             tw(1_000_000_100, 1, TwOp::Expire, TcpState::FinWait2),
             &mut out,
