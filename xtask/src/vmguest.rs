@@ -155,6 +155,19 @@ fn on_port(e: &Value, port: u16) -> bool {
     u(e, "sport") == port as u64 || u(e, "dport") == port as u64
 }
 
+/// Each timewait event as (event, `key`), `missing` where the key is absent: compared with
+/// [`seq`].
+fn tw_pairs(evs: &[&Value], key: &str, missing: &str) -> Vec<(String, String)> {
+    evs.iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or("?").to_string(),
+                e[key].as_str().unwrap_or(missing).to_string(),
+            )
+        })
+        .collect()
+}
+
 fn seq(v: &[(&str, &str)]) -> Vec<(String, String)> {
     v.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -209,15 +222,7 @@ fn s1(evs: &[Value], port: u16, tw: Option<&str>) -> anyhow::Result<String> {
             .iter()
             .filter(|e| e["type"] == "timewait" && u(e, "dport") == port as u64)
             .collect();
-        let seen: Vec<(String, String)> = tw_evs
-            .iter()
-            .map(|e| {
-                (
-                    e["event"].as_str().unwrap_or("?").to_string(),
-                    e["substate"].as_str().unwrap_or("?").to_string(),
-                )
-            })
-            .collect();
+        let seen = tw_pairs(&tw_evs, "substate", "?");
         // The client closed first: its timewait socket starts in the FIN_WAIT2 substate and
         // the server's FIN re-arms it as TIME_WAIT. Trampolines see every re-arm; the timer
         // hooks only one that moves the timer to another wheel bucket: both timeouts are
@@ -600,15 +605,7 @@ fn tw_exits(evs: &[Value], port: u16, client_port: u16, recycled: u64) -> anyhow
         .copied()
         .filter(|e| u(e, "sport") == client_port as u64 && e["event"] != "rearm")
         .collect();
-    let seen: Vec<(String, String)> = mine
-        .iter()
-        .map(|e| {
-            (
-                e["event"].as_str().unwrap_or("?").to_string(),
-                e["reason"].as_str().unwrap_or("-").to_string(),
-            )
-        })
-        .collect();
+    let seen = tw_pairs(&mine, "reason", "-");
     // Without tp_btf no socket has a cookie (the classic state hook cannot take one).
     let cookies = mine.len() == 3 && mine.iter().all(|e| u(e, "cookie") != 0);
     if seen != seq(&[("enter", "-"), ("exit", "reused"), ("enter", "-")])

@@ -182,6 +182,28 @@ mod tests {
         }
     }
 
+    /// curl (pid 42) closing its socket from `local`: ESTABLISHED -> FIN_WAIT1 in its task.
+    fn curl_closes(cookie: u64, local: &str) -> Event {
+        state(
+            cookie,
+            local,
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(owner(42, "curl")),
+        )
+    }
+
+    /// The timewait timer of the socket at `local` armed (no owner known to the kernel).
+    fn tw_start(cookie: u64, local: &str, sub: TcpState) -> Event {
+        let mut t = state(cookie, local, TcpState::Close, TcpState::Close, None);
+        t.kind = EventKind::TwTimer {
+            op: TwOp::Start,
+            substate: Some(sub),
+            kworker: false,
+        };
+        t
+    }
+
     #[test]
     fn kernel_owner_is_kept() {
         let mut b = OwnerBook::new();
@@ -255,27 +277,11 @@ mod tests {
     fn without_cookies_the_timewait_socket_is_matched_by_its_tuple() {
         // The classic state tracepoint gives no cookie; fentry timewait records then have none.
         let mut b = OwnerBook::new();
-        let mut c = state(
-            0,
-            "10.0.0.1:40000",
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(owner(42, "curl")),
-        );
-        b.resolve(&mut c);
-        let tw = |local: &str| {
-            let mut t = state(0, local, TcpState::Close, TcpState::Close, None);
-            t.kind = EventKind::TwTimer {
-                op: TwOp::Start,
-                substate: Some(TcpState::FinWait2),
-                kworker: false,
-            };
-            t
-        };
-        let mut other = tw("10.0.0.1:40001");
+        b.resolve(&mut curl_closes(0, "10.0.0.1:40000"));
+        let mut other = tw_start(0, "10.0.0.1:40001", TcpState::FinWait2);
         b.resolve(&mut other);
         assert_eq!(other.owner, None, "another tuple is another socket");
-        let mut t = tw("10.0.0.1:40000");
+        let mut t = tw_start(0, "10.0.0.1:40000", TcpState::FinWait2);
         b.resolve(&mut t);
         assert_eq!(t.owner.unwrap().pid, 42);
         assert_eq!(b.len(), 0);
@@ -284,14 +290,7 @@ mod tests {
     #[test]
     fn timewait_socket_takes_the_closing_sockets_owner() {
         let mut b = OwnerBook::new();
-        let mut c = state(
-            5,
-            "10.0.0.1:40000",
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(owner(42, "curl")),
-        );
-        b.resolve(&mut c);
+        b.resolve(&mut curl_closes(5, "10.0.0.1:40000"));
         let mut c = state(
             5,
             "10.0.0.1:40000",
@@ -301,25 +300,13 @@ mod tests {
         );
         b.resolve(&mut c);
         // The timewait timer is armed before the full socket's FIN_WAIT2 -> CLOSE.
-        let mut t = state(5, "10.0.0.1:40000", TcpState::Close, TcpState::Close, None);
-        t.kind = EventKind::TwTimer {
-            op: TwOp::Start,
-            substate: Some(TcpState::TimeWait),
-            kworker: false,
-        };
+        let mut t = tw_start(5, "10.0.0.1:40000", TcpState::TimeWait);
         t.ts_ns = 2;
         b.resolve(&mut t);
         assert_eq!(t.owner.unwrap().pid, 42);
         assert_eq!(b.len(), 0, "used once");
         // A close without a timewait socket: the owner is dropped after the grace period.
-        let mut c = state(
-            6,
-            "10.0.0.1:40001",
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(owner(42, "curl")),
-        );
-        b.resolve(&mut c);
+        b.resolve(&mut curl_closes(6, "10.0.0.1:40001"));
         let mut c = state(
             6,
             "10.0.0.1:40001",
