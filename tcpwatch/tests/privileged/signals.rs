@@ -175,7 +175,12 @@ fn s3_syn_lost(linear: u32) {
     });
     let evs = tracer.stop();
     let syn = retransmits(&evs, "syn");
-    assert_eq!(syn.len(), times.len(), "schedule {times:?}: {syn:#?}");
+    assert_eq!(
+        syn.len(),
+        times.len(),
+        "schedule {times:?}: {syn:#?}; loss: {:?}",
+        of_type(&evs, "loss")
+    );
     let key = sock_key(syn[0]);
     for (i, e) in syn.iter().enumerate() {
         assert_eq!(u(e, "nth"), i as u64 + 1);
