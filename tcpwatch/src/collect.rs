@@ -38,6 +38,9 @@ pub struct NsState {
     pub sysctls: BTreeMap<String, String>,
     /// Listeners at the last sample, by socket address.
     pub listeners: HashMap<u64, SockRec>,
+    /// `ListenDrops` of the last window no listener's counter showed yet (the counters are
+    /// read just after the sockets: a drop in between shows in the next window's sockets).
+    pub listen_drops_unseen: u64,
 }
 
 /// The probe, shared by the reader (loss counters) and the sampler thread (iterator).
@@ -339,6 +342,7 @@ impl EventSource {
                     sockstat: Sockstat::default(),
                     sysctls: BTreeMap::new(),
                     listeners: HashMap::new(),
+                    listen_drops_unseen: 0,
                 },
             );
         }
@@ -437,6 +441,7 @@ impl EventSource {
                         sockstat,
                         sysctls,
                         listeners,
+                        listen_drops_unseen: 0,
                     },
                 );
             }
@@ -479,7 +484,7 @@ impl EventSource {
         st.counters = counters;
         let Some(recs) = socks else { return };
         let cur: HashMap<u64, SockRec> = recs.into_iter().map(|r| (r.skaddr, r)).collect();
-        let deltas: Vec<ListenerDelta> = cur
+        let mut deltas: Vec<ListenerDelta> = cur
             .values()
             .map(|r| ListenerDelta {
                 skaddr: r.skaddr,
@@ -496,6 +501,12 @@ impl EventSource {
                 accept_max: r.accept_max,
             })
             .collect();
+        if st.counters.0.contains_key("TcpExt:ListenDrops") {
+            let ld = d.get("TcpExt:ListenDrops");
+            let budget = ld + st.listen_drops_unseen;
+            let used = overflow::cap_to_listen_drops(&mut deltas, budget);
+            st.listen_drops_unseen = (budget - used).min(ld);
+        }
         let causes = Causes {
             listen_overflows: d.get("TcpExt:ListenOverflows"),
             reqq_full_drop: d.get("TcpExt:TCPReqQFullDrop"),

@@ -32,6 +32,41 @@ pub struct Causes {
     pub syncookies_sent: u64,
 }
 
+/// Trims the listeners' drop deltas to the namespace's `ListenDrops` (plus what the previous
+/// window left unexplained) and returns how much of that budget they use. A listener's own
+/// counter counts more than listen drops: every final-ACK overflow twice (the kernel's
+/// `tcp_listendrop` and again when the ACK is discarded), and backlog or filter drops once.
+/// `ListenDrops` counts each listen drop once, so the per-listener deltas only apportion it:
+/// in proportion, largest remainders first (exact when one listener drops in a window).
+pub fn cap_to_listen_drops(listeners: &mut [ListenerDelta], budget: u64) -> u64 {
+    let sum: u64 = listeners.iter().map(|l| l.drops).sum();
+    if sum <= budget {
+        return sum;
+    }
+    let mut shares: Vec<(usize, u64, u64)> = listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.drops > 0)
+        .map(|(i, l)| {
+            let num = l.drops as u128 * budget as u128;
+            (i, (num / sum as u128) as u64, (num % sum as u128) as u64)
+        })
+        .collect();
+    let mut left = budget - shares.iter().map(|s| s.1).sum::<u64>();
+    shares.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    for s in shares.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        s.1 += 1;
+        left -= 1;
+    }
+    for (i, share, _) in shares {
+        listeners[i].drops = share;
+    }
+    budget
+}
+
 /// Splits each listener's drops into accept- and SYN-queue overflows (accept first, as the
 /// kernel checks the accept queue first), and gives syncookies to the listeners whose SYN queue
 /// is full (the only ones that send them), or to the fullest one.
@@ -104,6 +139,28 @@ mod tests {
             syn_queue,
             accept_max: max,
         }
+    }
+
+    #[test]
+    fn listener_deltas_within_listen_drops_are_kept() {
+        let mut v = [l(1, 3, 0, 4), l(2, 0, 0, 4)];
+        assert_eq!(cap_to_listen_drops(&mut v, 5), 3);
+        assert_eq!((v[0].drops, v[1].drops), (3, 0));
+    }
+
+    #[test]
+    fn final_ack_double_counts_are_trimmed_to_listen_drops() {
+        // Two final-ACK overflows: the listener counted 4, ListenDrops 2.
+        let mut v = [l(1, 4, 0, 2)];
+        assert_eq!(cap_to_listen_drops(&mut v, 2), 2);
+        assert_eq!(v[0].drops, 2);
+        // Shared in proportion, the remainder to the largest fraction; the total is exact.
+        let mut v = [l(1, 3, 0, 4), l(2, 4, 0, 4), l(3, 0, 0, 4)];
+        assert_eq!(cap_to_listen_drops(&mut v, 5), 5);
+        assert_eq!((v[0].drops, v[1].drops, v[2].drops), (2, 3, 0));
+        let mut v = [l(1, 2, 0, 4)];
+        assert_eq!(cap_to_listen_drops(&mut v, 0), 0);
+        assert_eq!(v[0].drops, 0);
     }
 
     #[test]

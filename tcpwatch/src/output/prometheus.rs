@@ -203,7 +203,7 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     let counters: [(&str, &str, Field); 3] = [
         (
             "tcpwatch_listener_drops_total",
-            "The listener's own drop counter (every listen drop since it was created).",
+            "The listener's own drop counter since it was created, as ss -tlm shows it (a final-ACK overflow counts twice; the overflow series count it once).",
             |l| l.drops,
         ),
         (

@@ -361,8 +361,20 @@ fn s5_final_ack(abort: bool) -> (Vec<Value>, Netns, Peer, Peer) {
     (tracer.stop(), ns, server, client)
 }
 
+/// The listener's own counter counts a final-ACK overflow twice; tcpwatch counts it once.
+fn assert_overflows_are_listen_drops(evs: &[Value], ns: &Netns) {
+    let ld = ns.counter("TcpExt", "ListenDrops");
+    let counted: u64 = overflows(evs, "counters")
+        .iter()
+        .map(|e| u(e, "count"))
+        .sum();
+    assert!(ld > 0);
+    assert_eq!(counted, ld, "overflows agree with ListenDrops: {evs:#?}");
+}
+
 fn s5_accept_overflow_ack() {
-    let (evs, _ns, server, _client) = s5_final_ack(false);
+    let (evs, ns, server, _client) = s5_final_ack(false);
+    assert_overflows_are_listen_drops(&evs, &ns);
     let ov = overflows(&evs, "kfree_skb");
     for e in &ov {
         assert_eq!(e["listener"]["port"], 8093);
@@ -382,7 +394,8 @@ fn s5_accept_overflow_ack() {
 
 /// S5 with tcp_abort_on_overflow=1: the server answers the overflowing final ACKs with RSTs.
 fn s5_abort_on_overflow() {
-    let (evs, _ns, _server, client) = s5_final_ack(true);
+    let (evs, ns, _server, client) = s5_final_ack(true);
+    assert_overflows_are_listen_drops(&evs, &ns);
     let sent = with(&evs, "reset", "direction", "sent");
     assert!(!sent.is_empty(), "{evs:#?}");
     for e in &sent {
