@@ -7,7 +7,9 @@ pub mod kind {
     /// `inet_sock_set_state`: `old_state`/`new_state` set, `dur_ns` = time spent in `old_state`.
     pub const STATE: u8 = 1;
     /// `tcp_retransmit_skb`: `new_state` = socket state, `arg0` = TCP flags of the skb with
-    /// 0x100 set when they could be read, `arg1` = 1-based retransmit count of this socket,
+    /// 0x100 set when they could be read, and in its upper 16 bits the segments the kernel
+    /// counted in `RetransSegs` (0: an attempt it gave up), `arg1` = 1-based count of this
+    /// socket's retransmits (attempts with no segment do not advance it),
     /// `arg2` = the kernel's `err` (as u32, 0 when the kernel has no such argument), `dur_ns` =
     /// time since the previous retransmit of this socket (0 for the first one).
     pub const RETRANSMIT: u8 = 2;
@@ -156,6 +158,10 @@ pub struct SockInfo {
     pub retrans: u32,
     /// [`flags`] bits describing how the owner was learned.
     pub flags: u32,
+    /// `tcp_sock.total_retrans` + 1 when last read (at a transition or a retransmit), 0 when
+    /// never: what each retransmit added to it is what the kernel added to `RetransSegs`.
+    pub segs_base: u32,
+    pub _pad: u32,
 }
 
 /// Key of the listener-owner map: accepted children inherit the owner of the listener on
@@ -245,7 +251,7 @@ const _: () = assert!(core::mem::offset_of!(RawEvent, sport) == 68);
 const _: () = assert!(core::mem::offset_of!(RawEvent, saddr) == 72);
 const _: () = assert!(core::mem::offset_of!(RawEvent, comm) == 104);
 const _: () = assert!(core::mem::offset_of!(RawEvent, flags) == 120);
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 56);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Owner>() == 32);
 

@@ -97,6 +97,8 @@ pub static OFF_NET_NS_INUM: Global<u32> = Global::new(0);
 pub static OFF_SK_PROTOCOL: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_INET_SPORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_TP_TOTAL_RETRANS: Global<u32> = Global::new(0);
 
 // Filters; 0 means "no filter".
 #[unsafe(no_mangle)]
@@ -160,6 +162,8 @@ pub fn addr_info(skaddr: u64) -> Option<*mut SockInfo> {
         comm: [0; 16],
         retrans: 0,
         flags: 0,
+        segs_base: 0,
+        _pad: 0,
     };
     if SOCKS.insert(skaddr, fresh, 0).is_err() {
         bump(counter::SOCK_MAP_FULL);

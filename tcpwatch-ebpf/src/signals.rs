@@ -13,8 +13,8 @@ use tcpwatch_common::{SockInfo, flags, kind, tcp_state};
 
 use crate::common::{
     AddrSrc, IPPROTO_TCP, Meta, OFF_NET_NS_INUM, OFF_SK_PROTOCOL, OFF_SKC_DPORT, OFF_SKC_FAMILY,
-    OFF_SKC_NET, Side, current, emit, in_softirq, ld, now_ns, rd, sk_info, sk_info_get,
-    sock_meta_btf,
+    OFF_SKC_NET, OFF_TP_TOTAL_RETRANS, Side, current, emit, in_softirq, ld, now_ns, rd, sk_info,
+    sk_info_get, sock_meta_btf,
 };
 
 #[unsafe(no_mangle)]
@@ -43,6 +43,8 @@ static OFF_NETDEV_NET: Global<u32> = Global::new(0);
 static OFF_SKB_CB: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_TCB_TCP_FLAGS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_TCB_GSO_SEGS: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_REQ_NUM_RETRANS: Global<u32> = Global::new(0);
 /// Drop-reason numbers, resolved from the kernel's `enum skb_drop_reason` (never hard-coded;
@@ -96,21 +98,37 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let skb: *const c_void = ctx.arg(1);
     let mut m = sock_event(kind::RETRANSMIT, sk);
-    let tcp_flags: u16 = rd(skb as u64, OFF_SKB_CB.load() + OFF_TCB_TCP_FLAGS.load());
-    m.arg0 = tcp_flags as u32 | 0x100;
-    m.arg2 = err as u32;
+    let cb = skb as u64 + OFF_SKB_CB.load() as u64;
+    let tcp_flags: u16 = rd(cb, OFF_TCB_TCP_FLAGS.load());
+    let pcount: u16 = rd(cb, OFF_TCB_GSO_SEGS.load());
+    let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
     let info = sk_info(sk);
+    // Segments the kernel added to RetransSegs for this attempt: the socket's total_retrans
+    // grew by exactly that. Without a baseline (a socket not seen since start), a sent skb
+    // counts its segments and a failed attempt none: since 6.10 the hook also fires for
+    // attempts given up before sending (-EBUSY, -EAGAIN, ...), which the kernel does not count.
+    let mut segs = if err == 0 { pcount.max(1) as u32 } else { 0 };
     if let Some(i) = info {
         unsafe {
-            (*i).retrans += 1;
-            m.arg1 = (*i).retrans;
-            let last = (*i).last_retrans_ts_ns;
-            if last != 0 {
-                m.dur_ns = m.ts_ns - last;
+            let base = (*i).segs_base;
+            if base != 0 && total >= base - 1 && total - (base - 1) <= 0xffff {
+                segs = total - (base - 1);
             }
-            (*i).last_retrans_ts_ns = m.ts_ns;
+            (*i).segs_base = total.wrapping_add(1);
+            // The count and the interval are of retransmits the kernel made, not attempts.
+            if segs > 0 {
+                (*i).retrans += 1;
+                let last = (*i).last_retrans_ts_ns;
+                if last != 0 {
+                    m.dur_ns = m.ts_ns - last;
+                }
+                (*i).last_retrans_ts_ns = m.ts_ns;
+            }
+            m.arg1 = (*i).retrans;
         }
     }
+    m.arg0 = tcp_flags as u32 | 0x100 | (segs.min(0xffff) << 16);
+    m.arg2 = err as u32;
     emit(
         &m,
         &AddrSrc::sock(sk as u64),

@@ -12,9 +12,9 @@ use aya_ebpf::{
 use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
-    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, SOCKS, Side, addr_info, bump, copy16, current,
-    emit, forget_listener, in_softirq, ld, listener_owner, mark_listener, netns_of, now_ns,
-    set_listener_owner, sk_info, sock_meta_btf, take_current_owner,
+    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, OFF_TP_TOTAL_RETRANS, SOCKS, Side, addr_info,
+    bump, copy16, current, emit, forget_listener, in_softirq, ld, listener_owner, mark_listener,
+    netns_of, now_ns, rd, set_listener_owner, sk_info, sock_meta_btf, take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -110,7 +110,13 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
     if new as u8 == tcp_state::LISTEN {
         mark_listener(sk);
     }
-    transition(&mut m, &AddrSrc::sock(skaddr), sk_info(sk), false);
+    let info = sk_info(sk);
+    if let Some(i) = info {
+        // The retransmit program's baseline: what the kernel counted so far on this socket.
+        let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
+        unsafe { (*i).segs_base = total.wrapping_add(1) };
+    }
+    transition(&mut m, &AddrSrc::sock(skaddr), info, false);
     0
 }
 

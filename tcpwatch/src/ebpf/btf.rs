@@ -193,6 +193,8 @@ pub const PACKET: FieldGroup = FieldGroup {
         ("OFF_NETDEV_NET", "net_device", "nd_net"),
         ("OFF_SKB_CB", "sk_buff", "cb"),
         ("OFF_TCB_TCP_FLAGS", "tcp_skb_cb", "tcp_flags"),
+        ("OFF_TCB_GSO_SEGS", "tcp_skb_cb", "tcp_gso_segs"),
+        ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
     ],
 };
 

@@ -286,7 +286,12 @@ pub struct TwEntry {
 pub struct Totals {
     pub events: u64,
     pub transitions: u64,
+    /// Retransmits the kernel made, by kind (SYN, SYN-ACK, data, FIN).
     pub retrans: [u64; 4],
+    /// Segments they carried: what the kernel adds to `RetransSegs`.
+    pub retrans_segs: u64,
+    /// Retransmit attempts the kernel gave up before sending (counted nowhere else).
+    pub retrans_not_sent: u64,
     pub resets_sent: u64,
     pub resets_received: u64,
     pub errors: HashMap<i32, u64>,
@@ -500,9 +505,15 @@ impl Aggregator {
                 interval_ns,
                 accept_queue,
                 syn_queue,
+                segs,
                 ..
             } => {
+                if segs == 0 {
+                    self.totals.retrans_not_sent += 1;
+                    return;
+                }
                 self.totals.retrans[rkind(kind)] += 1;
+                self.totals.retrans_segs += segs as u64;
                 if kind == RetransmitKind::SynAck {
                     // The event's socket is the listener; its local address is the listener's.
                     let (netns, local, cookie, ts) = (ev.netns, ev.local, ev.cookie, ev.ts_ns);
@@ -768,6 +779,35 @@ mod tests {
         a.apply(&ev(t0 + 5_100_200, c, st(FinWait2, Close, Some(100))));
     }
 
+    fn data_rt(nth: u32, err: i32, segs: u32) -> EventKind {
+        EventKind::Retransmit {
+            kind: RetransmitKind::Data,
+            state: Some(Established),
+            nth,
+            interval_ns: None,
+            err,
+            segs,
+            accept_queue: None,
+            syn_queue: None,
+        }
+    }
+
+    #[test]
+    fn retransmits_count_what_the_kernel_sent_and_their_segments() {
+        let mut a = Aggregator::new(Config::default());
+        a.apply(&ev(1_000, 3, st(SynSent, Established, Some(1))));
+        a.apply(&ev(2_000, 3, data_rt(1, 0, 1)));
+        // A skb of three segments, then an attempt given up (-EBUSY: still in the host queue).
+        a.apply(&ev(3_000, 3, data_rt(2, 0, 3)));
+        a.apply(&ev(4_000, 3, data_rt(2, -16, 0)));
+        // Sent but refused below TCP (-EPERM from a firewall): the kernel still counted it.
+        a.apply(&ev(5_000, 3, data_rt(3, -1, 1)));
+        assert_eq!(a.totals.retrans[rkind(RetransmitKind::Data)], 3);
+        assert_eq!(a.totals.retrans_segs, 5);
+        assert_eq!(a.totals.retrans_not_sent, 1);
+        assert_eq!(a.socket(3).unwrap().retransmits(RetransmitKind::Data), 3);
+    }
+
     #[test]
     fn active_close_keeps_the_timeline_through_time_wait() {
         let mut a = Aggregator::new(Config::default());
@@ -967,6 +1007,7 @@ mod tests {
                 nth: 1,
                 interval_ns: None,
                 err: 0,
+                segs: 1,
                 accept_queue: Some(129),
                 syn_queue: Some(3),
             },

@@ -259,6 +259,8 @@ impl Checker {
         }
         match e.kind {
             EventKind::State { old, new, .. } => self.state(e, key, old, new),
+            // Attempts the kernel gave up before sending are no retransmits.
+            EventKind::Retransmit { segs: 0, .. } => {}
             EventKind::Retransmit { kind, .. } => {
                 self.retrans[kind_index(kind)] += 1;
                 let s = self
@@ -626,6 +628,7 @@ mod tests {
             nth,
             interval_ns: None,
             err: 0,
+            segs: 1,
             accept_queue: None,
             syn_queue: None,
         }

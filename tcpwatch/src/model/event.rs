@@ -268,6 +268,9 @@ pub enum EventKind {
         interval_ns: Option<u64>,
         /// The kernel's error for this transmission attempt (0 = sent).
         err: i32,
+        /// Segments the kernel counted in `RetransSegs` for it; 0 for an attempt it gave up
+        /// before sending (which `nth` and the totals do not count).
+        segs: u32,
         /// SYN-ACKs: the listener's accept and SYN queue lengths at that moment.
         accept_queue: Option<u32>,
         syn_queue: Option<u32>,

@@ -322,6 +322,10 @@ pub struct Snapshot {
     pub sysctls: BTreeMap<String, String>,
     pub namespaces: Vec<NamespaceView>,
     pub retransmits: BTreeMap<&'static str, u64>,
+    /// Segments those retransmits carried: what the kernel counts in `RetransSegs`.
+    pub retransmitted_segments: u64,
+    /// Retransmit attempts the kernel gave up before sending (not in `retransmits`).
+    pub retransmits_not_sent: u64,
     pub resets: BTreeMap<&'static str, u64>,
     pub errors: BTreeMap<&'static str, u64>,
     pub histograms: Histograms,
@@ -666,6 +670,8 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     for (i, k) in ["syn", "synack", "data", "fin"].iter().enumerate() {
         s.retransmits.insert(k, agg.totals.retrans[i]);
     }
+    s.retransmitted_segments = agg.totals.retrans_segs;
+    s.retransmits_not_sent = agg.totals.retrans_not_sent;
     s.resets.insert("sent", agg.totals.resets_sent);
     s.resets.insert("received", agg.totals.resets_received);
     for (e, n) in &agg.totals.errors {

@@ -251,7 +251,7 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     w.head(
         "tcpwatch_retransmits_total",
         "counter",
-        "Retransmitted segments by kind.",
+        "Retransmissions the kernel made, by kind.",
     );
     for k in ["syn", "synack", "data", "fin"] {
         w.sample(
@@ -260,6 +260,26 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
             s.retransmits.get(k).copied().unwrap_or(0) as f64,
         );
     }
+    w.head(
+        "tcpwatch_retransmitted_segments_total",
+        "counter",
+        "Segments those retransmissions carried (the kernel's Tcp RetransSegs counts these).",
+    );
+    w.sample(
+        "tcpwatch_retransmitted_segments_total",
+        &[],
+        s.retransmitted_segments as f64,
+    );
+    w.head(
+        "tcpwatch_retransmit_attempts_not_sent_total",
+        "counter",
+        "Retransmit attempts the kernel gave up before sending (e.g. the packet still queued in the host).",
+    );
+    w.sample(
+        "tcpwatch_retransmit_attempts_not_sent_total",
+        &[],
+        s.retransmits_not_sent as f64,
+    );
     w.head(
         "tcpwatch_resets_total",
         "counter",

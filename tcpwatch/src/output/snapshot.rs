@@ -170,8 +170,14 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     };
     writeln!(
         w,
-        "EVENTS  retransmits: {}  resets: {}",
+        "EVENTS  retransmits: {} ({} segments{})  resets: {}",
         kv(&s.retransmits),
+        s.retransmitted_segments,
+        if s.retransmits_not_sent > 0 {
+            format!(", {} attempts not sent", s.retransmits_not_sent)
+        } else {
+            String::new()
+        },
         kv(&s.resets)
     )?;
     if !s.errors.is_empty() {

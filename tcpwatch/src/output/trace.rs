@@ -132,13 +132,21 @@ impl<W: Write> TraceWriter<W> {
                 nth,
                 interval_ns,
                 err,
+                segs,
                 ..
             } => {
-                write!(self.pending, "{} #{}", kind.name(), nth)?;
+                if segs == 0 {
+                    write!(self.pending, "{} attempt not sent", kind.name())?;
+                } else {
+                    write!(self.pending, "{} #{}", kind.name(), nth)?;
+                }
                 if let Some(s) = state {
                     write!(self.pending, " in {}", s.name())?;
                 }
-                if let Some(i) = interval_ns {
+                if segs > 1 {
+                    write!(self.pending, " {segs} segments")?;
+                }
+                if let Some(i) = interval_ns.filter(|_| segs > 0) {
                     write!(self.pending, " (+{} since previous)", human_ns(i))?;
                 }
                 if err != 0 {
@@ -268,6 +276,7 @@ impl<W: Write> TraceWriter<W> {
                 nth,
                 interval_ns,
                 err,
+                segs,
                 accept_queue,
                 syn_queue,
             } => {
@@ -276,6 +285,7 @@ impl<W: Write> TraceWriter<W> {
                 j.opt_str("state", state.map(|s| s.name()));
                 j.opt_u64("interval_ns", interval_ns);
                 j.i64("err", err as i64);
+                j.u64("segs", segs as u64);
                 if kind == RetransmitKind::SynAck {
                     j.raw_key("listener");
                     j.buf.extend_from_slice(b"{\"addr\":\"");
@@ -585,6 +595,7 @@ mod tests {
             nth: 2,
             interval_ns: None,
             err: 0,
+            segs: 1,
             accept_queue: None,
             syn_queue: None,
         });

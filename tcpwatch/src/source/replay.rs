@@ -55,6 +55,10 @@ pub fn event_from_json(v: &Value) -> Option<Event> {
             nth: v["nth"].as_u64().unwrap_or(0) as u32,
             interval_ns: v["interval_ns"].as_u64(),
             err: v["err"].as_i64().unwrap_or(0) as i32,
+            // Recordings from before `segs`: a sent retransmit was one segment.
+            segs: v["segs"]
+                .as_u64()
+                .unwrap_or(u64::from(v["err"].as_i64().unwrap_or(0) == 0)) as u32,
             accept_queue: v["accept_queue"].as_u64().map(|x| x as u32),
             syn_queue: v["syn_queue"].as_u64().map(|x| x as u32),
         },
@@ -185,6 +189,7 @@ mod tests {
                 nth: 2,
                 interval_ns: Some(2_000),
                 err: 0,
+                segs: 1,
                 accept_queue: Some(1),
                 syn_queue: Some(3),
             },
@@ -194,6 +199,7 @@ mod tests {
                 nth: 1,
                 interval_ns: None,
                 err: -11,
+                segs: 3,
                 accept_queue: None,
                 syn_queue: None,
             },
