@@ -35,6 +35,10 @@ pub const TESTS: &[crate::Test] = &[
         "s11_data_retransmits_backoff_and_abort",
         s11_data_retransmits,
     ),
+    (
+        "s11_bulk_loss_segments_equal_retranssegs",
+        s11_bulk_loss_segments,
+    ),
     ("s12_fin_retransmits_both_sides", s12_fin_lost),
     ("s13_keepalive_abort", s13_keepalive),
 ];
@@ -58,6 +62,14 @@ fn retransmits<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     evs.iter()
         .filter(|e| e["type"] == "retransmit" && e["kind"] == kind)
         .collect()
+}
+
+/// Segments of every retransmit the kernel made: what it adds to `RetransSegs`.
+fn retransmitted_segments(evs: &[Value]) -> u64 {
+    of_type(evs, "retransmit")
+        .iter()
+        .map(|e| u(e, "segs"))
+        .sum()
 }
 
 /// An nft table dropping what `rule` matches on input (loopback traffic passes input once).
@@ -776,11 +788,55 @@ fn s11_data_retransmits() {
             .any(|e| is(e, "ESTABLISHED", "CLOSE") && sock_key(e) == sock_key(data[0])),
         "aborted"
     );
-    let server_side = of_type(&evs, "retransmit").len() - data.len();
+    assert!(data.iter().all(|e| u(e, "segs") == 1), "{data:#?}");
     assert_eq!(
         ns.counter("Tcp", "RetransSegs") - before,
-        (data.len() + server_side) as u64,
+        retransmitted_segments(&evs),
         "RetransSegs agrees"
+    );
+}
+
+/// S11 under random loss: a bulk transfer over a 1500-byte MTU loses 4 % of its packets.
+/// Recovery retransmits runs of segments in one skb, so events and segments differ; their
+/// segments are exactly what the kernel counted.
+fn s11_bulk_loss_segments() {
+    let ns = Netns::new();
+    ns.exec(&["ip", "link", "set", "lo", "mtu", "1500"]);
+    let mut server = ns.peer("tw-server");
+    let l = server.ok("listen 127.0.0.1:8102 16");
+    let tracer = Tracer::start(&ns, &["--port", "8102"]);
+    let mut client = ns.peer("tw-client");
+    let (c, _) = id_port(&client.ok("connect 127.0.0.1:8102"));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
+    let before = ns.counter("Tcp", "RetransSegs");
+    ns.nft(&drop_rule("tcp dport 8102 numgen random mod 100 < 4"));
+    const N: usize = 8 << 20;
+    let reader = std::thread::spawn(move || {
+        let got = server.ok(&format!("recv {a} {N}"));
+        (server, got)
+    });
+    client.ok(&format!("send {c} {N}"));
+    let (_server, got) = reader.join().expect("reader");
+    assert_eq!(got, N.to_string());
+    ns.exec(&["nft", "delete", "table", "inet", "tw"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let evs = tracer.stop();
+    let kernel = ns.counter("Tcp", "RetransSegs") - before;
+    let rt = of_type(&evs, "retransmit");
+    let segs = retransmitted_segments(&evs);
+    let loss: Vec<&Value> = of_type(&evs, "loss");
+    assert!(rt.len() >= 3, "{} retransmits", rt.len());
+    // A lost packet here is a whole GSO skb of up to 44 segments, resent as one skb.
+    assert!(
+        segs > rt.len() as u64,
+        "{segs} segments in {} retransmits",
+        rt.len()
+    );
+    assert_eq!(
+        segs,
+        kernel,
+        "{} retransmit events, {segs} segments, RetransSegs +{kernel}; loss: {loss:?}",
+        rt.len()
     );
 }
 
@@ -843,7 +899,7 @@ fn s12_fin_lost() {
         .collect();
     assert_eq!(
         ns.counter("Tcp", "RetransSegs") - before,
-        fin.len() as u64,
+        retransmitted_segments(&evs),
         "RetransSegs agrees; retransmits seen: {brief:?}"
     );
 }
