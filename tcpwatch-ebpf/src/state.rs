@@ -113,8 +113,21 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
     let info = sk_info(sk);
     if let Some(i) = info {
         // The retransmit program's baseline: what the kernel counted so far on this socket.
-        let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
-        unsafe { (*i).segs_base = total.wrapping_add(1) };
+        // Only retransmits change it, and they update it themselves, so it is read once per
+        // socket: a connect starts from zero (tcp_disconnect zeroes it for a reused socket);
+        // an accepted child is cloned from its listener in SYN_RECV and only then given its
+        // request's SYN-ACK retransmits, so it is read when the child is established.
+        unsafe {
+            let (old, new) = (old as u8, new as u8);
+            if new == tcp_state::SYN_SENT {
+                (*i).segs_base = 1;
+            } else if old == tcp_state::SYN_RECV
+                || ((*i).segs_base == 0 && new != tcp_state::SYN_RECV)
+            {
+                let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
+                (*i).segs_base = total.wrapping_add(1);
+            }
+        }
     }
     transition(&mut m, &AddrSrc::sock(skaddr), info, false);
     0
