@@ -14,6 +14,10 @@ pub const TESTS: &[crate::Test] = &[
     ("s3_syn_lost_linear_timeouts", s3_syn_lost_linear),
     ("s3_syn_lost_exponential", s3_syn_lost_exponential),
     ("s4_synack_retransmits_per_listener", s4_synack),
+    (
+        "s4_synack_then_data_retransmits_count_once",
+        s4_synack_then_data,
+    ),
     ("s5_accept_queue_overflow_at_syn", s5_accept_overflow_syn),
     (
         "s5_accept_queue_overflow_at_final_ack",
@@ -62,6 +66,55 @@ fn retransmits<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     evs.iter()
         .filter(|e| e["type"] == "retransmit" && e["kind"] == kind)
         .collect()
+}
+
+/// S4 then S11 on the accepted child: its SYN-ACK was retransmitted before the handshake
+/// completed (the kernel adds those to the child's own retransmit total), then its data is.
+/// Every segment is counted once: SYN-ACK events + data segments = RetransSegs.
+fn s4_synack_then_data() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_early_retrans", "0");
+    // The client's final ACK (and anything else it sends that is only ACK) is lost.
+    ns.nft(&drop_rule(
+        "tcp dport 8103 tcp flags & (syn | ack | fin | rst) == ack",
+    ));
+    let mut server = ns.peer("tw-server");
+    let l = server.ok("listen 127.0.0.1:8103 16");
+    let tracer = Tracer::start(&ns, &["--port", "8103"]);
+    let before = ns.counter("Tcp", "RetransSegs");
+    let mut client = ns.peer("tw-client");
+    let (c, _) = id_port(&client.ok("connect 127.0.0.1:8103"));
+    tracer.wait_for("a SYN-ACK retransmit", W, |evs| {
+        !retransmits(evs, "synack").is_empty()
+    });
+    ns.exec(&["nft", "delete", "table", "inet", "tw"]);
+    // The client's data acknowledges the SYN-ACK: the child is established.
+    client.ok(&format!("send {c} 5"));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
+    ns.nft(&drop_rule("tcp sport 8103"));
+    server.ok(&format!("send {a} 100"));
+    // A retransmitted handshake leaves the 3 s fallback RTO: the next one is 6 s later.
+    tracer.wait_for("a data retransmit", W, |evs| {
+        !retransmits(evs, "data").is_empty()
+    });
+    let evs = tracer.stop();
+    let kernel = ns.counter("Tcp", "RetransSegs") - before;
+    let brief: Vec<String> = of_type(&evs, "retransmit")
+        .iter()
+        .map(|e| format!("{} #{} segs {}", e["kind"], e["nth"], e["segs"]))
+        .collect();
+    let data = retransmits(&evs, "data");
+    assert!(data.iter().all(|e| e["sport"] == 8103), "{brief:?}");
+    assert_eq!(
+        u(data[0], "nth"),
+        1,
+        "the child's first retransmit: {brief:?}"
+    );
+    assert_eq!(
+        retransmitted_segments(&evs),
+        kernel,
+        "RetransSegs +{kernel}; retransmits: {brief:?}"
+    );
 }
 
 /// Segments of every retransmit the kernel made: what it adds to `RetransSegs`.
