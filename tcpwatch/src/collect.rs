@@ -12,7 +12,7 @@ use crate::ebpf::reader::RingReader;
 use crate::ebpf::{Inventory, Probe, ProbeConfig};
 use crate::model::Loss;
 use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, Queue, TcpState};
-use crate::model::overflow::{self, Causes, ListenerDelta};
+use crate::model::overflow::{self, Causes, ListenDropBudget, ListenerDelta};
 use crate::model::owners::OwnerBook;
 use crate::model::reorder::Reorder;
 use crate::model::timewait::TwMachine;
@@ -38,9 +38,8 @@ pub struct NsState {
     pub sysctls: BTreeMap<String, String>,
     /// Listeners at the last sample, by socket address.
     pub listeners: HashMap<u64, SockRec>,
-    /// `ListenDrops` of the last window no listener's counter showed yet (the counters are
-    /// read just after the sockets: a drop in between shows in the next window's sockets).
-    pub listen_drops_unseen: u64,
+    /// What trims the listeners' drop deltas to `ListenDrops`.
+    pub listen_drops: ListenDropBudget,
 }
 
 /// The probe, shared by the reader (loss counters) and the sampler thread (iterator).
@@ -342,7 +341,7 @@ impl EventSource {
                     sockstat: Sockstat::default(),
                     sysctls: BTreeMap::new(),
                     listeners: HashMap::new(),
-                    listen_drops_unseen: 0,
+                    listen_drops: ListenDropBudget::default(),
                 },
             );
         }
@@ -441,7 +440,7 @@ impl EventSource {
                         sockstat,
                         sysctls,
                         listeners,
-                        listen_drops_unseen: 0,
+                        listen_drops: ListenDropBudget::default(),
                     },
                 );
             }
@@ -502,10 +501,8 @@ impl EventSource {
             })
             .collect();
         if st.counters.0.contains_key("TcpExt:ListenDrops") {
-            let ld = d.get("TcpExt:ListenDrops");
-            let budget = ld + st.listen_drops_unseen;
-            let used = overflow::cap_to_listen_drops(&mut deltas, budget);
-            st.listen_drops_unseen = (budget - used).min(ld);
+            st.listen_drops
+                .trim(&mut deltas, d.get("TcpExt:ListenDrops"));
         }
         let causes = Causes {
             listen_overflows: d.get("TcpExt:ListenOverflows"),

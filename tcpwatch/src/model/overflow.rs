@@ -67,6 +67,24 @@ pub fn cap_to_listen_drops(listeners: &mut [ListenerDelta], budget: u64) -> u64 
     budget
 }
 
+/// The namespace's `ListenDrops` that no listener counter showed yet. The counters are read
+/// just after the sockets, so a drop in between is in this window's `ListenDrops` and the
+/// next window's listener deltas: one window's leftover is carried, no more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenDropBudget {
+    unseen: u64,
+}
+
+impl ListenDropBudget {
+    /// Trims one window's listener deltas to its `ListenDrops` delta (see
+    /// [`cap_to_listen_drops`]).
+    pub fn trim(&mut self, listeners: &mut [ListenerDelta], listen_drops: u64) {
+        let budget = listen_drops + self.unseen;
+        let used = cap_to_listen_drops(listeners, budget);
+        self.unseen = (budget - used).min(listen_drops);
+    }
+}
+
 /// Splits each listener's drops into accept- and SYN-queue overflows (accept first, as the
 /// kernel checks the accept queue first), and gives syncookies to the listeners whose SYN queue
 /// is full (the only ones that send them), or to the fullest one.
@@ -160,6 +178,24 @@ mod tests {
         assert_eq!((v[0].drops, v[1].drops, v[2].drops), (2, 3, 0));
         let mut v = [l(1, 2, 0, 4)];
         assert_eq!(cap_to_listen_drops(&mut v, 0), 0);
+        assert_eq!(v[0].drops, 0);
+    }
+
+    #[test]
+    fn a_drop_between_the_two_reads_is_carried_one_window() {
+        let mut b = ListenDropBudget::default();
+        // The drop is in ListenDrops, not yet in the listener counter read just before.
+        let mut v = [l(1, 0, 0, 4)];
+        b.trim(&mut v, 1);
+        let mut v = [l(1, 1, 0, 4)];
+        b.trim(&mut v, 0);
+        assert_eq!(v[0].drops, 1, "counted in the next window");
+        // A leftover no listener claims in the next window is not carried further.
+        let mut v = [l(1, 0, 0, 4)];
+        b.trim(&mut v, 3);
+        b.trim(&mut v, 0);
+        let mut v = [l(1, 2, 0, 4)];
+        b.trim(&mut v, 0);
         assert_eq!(v[0].drops, 0);
     }
 
