@@ -198,7 +198,8 @@ pub struct IterRec {
     /// received (how long a CLOSE_WAIT socket has been idle).
     pub last_pkt_us: u64,
     pub netns: u32,
-    /// Listener: packets it dropped (`sk_drops`), counting every listen drop.
+    /// Listener: packets it dropped (`sk_drops`): every listen drop, a final-ACK overflow
+    /// twice, and backlog or filter drops.
     pub drops: u32,
     pub ack_backlog: u32,
     pub max_ack_backlog: u32,

@@ -304,7 +304,7 @@ fn s3_s5(bin: &str, extra: &[&str], port: u16, listen_first: bool) -> anyhow::Re
         counter("TcpExt", "ListenDrops") - ld0,
         counter("TcpExt", "TCPSynRetrans") - sr0,
     );
-    // The listener's drop counter accounts for every listen drop; final-ACK drops are also
+    // Overflows from the counters account for every listen drop; final-ACK drops are also
     // reported one by one (source kfree_skb), as detail of the same drops: not added again.
     let ovs: Vec<&Value> = evs
         .iter()

@@ -100,7 +100,8 @@ pub struct ListenerView {
     pub owner: Option<OwnerView>,
     pub accept_queue: QueueView,
     pub syn_queue: QueueView,
-    /// The listener's drop counter (every listen drop since it was created).
+    /// The listener's drop counter since it was created, as `ss -tlm` shows it (every listen
+    /// drop, a final-ACK overflow twice); the overflow counts count each drop once.
     pub drops: u64,
     /// In the observed window: drops by queue, syncookies sent, final-ACK drops seen one by one.
     pub overflows: OverflowsView,
