@@ -49,7 +49,8 @@ pub struct Thresholds {
     pub close_wait_secs: u64,
     /// Fraction of the ephemeral port range in use toward one destination.
     pub port_pressure: f64,
-    /// Data retransmits of one socket that make a storm.
+    /// RTO timeouts in a row, without an ACK making progress, that make a storm (the count
+    /// `tcp_retries2` caps).
     pub retransmit_storm: u32,
 }
 
@@ -706,6 +707,28 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     s
 }
 
+/// RTO timeouts in a row at the end of a socket's retransmits, from their intervals: each
+/// about twice the one before (the exponential backoff), the first at least the 200 ms
+/// minimum RTO. Fast retransmits come closer together and break the run.
+fn rto_backoff_run(t: &Timeline) -> u32 {
+    let iv: Vec<u64> = t
+        .last_retrans
+        .iter()
+        .filter(|r| matches!(r.kind, Some(RetransmitKind::Data | RetransmitKind::Fin)))
+        .map(|r| r.interval_ns.unwrap_or(0))
+        .collect();
+    let mut run = 0;
+    for w in iv.windows(2).rev() {
+        let (a, b) = (w[0], w[1]);
+        if a < 150_000_000 || b * 10 < a * 15 || b * 10 > a * 26 {
+            break;
+        }
+        run += 1;
+    }
+    // Each doubling pair is one more timeout; the first interval also ended one.
+    if run == 0 { 0 } else { run + 2 }
+}
+
 /// CLOSE_WAIT sockets of one owner: the sockets, the oldest idle time, the owner.
 type Leak<'a> = (Vec<&'a SockRec>, u64, Option<Owner>);
 
@@ -942,28 +965,78 @@ fn findings<'a>(
         }
     }
 
-    // Retransmit storms and aborts.
-    let storm: Vec<&Timeline> = agg
-        .sockets()
-        .filter(|t| t.retransmits(RetransmitKind::Data) >= th.retransmit_storm)
-        .collect();
-    if !storm.is_empty() {
-        let netns = storm[0].netns;
+    // Retransmit storms: RTO timeouts in a row with no ACK making progress, what
+    // tcp_retries2 caps before the kernel aborts. Live sockets show the kernel's own count of
+    // them (icsk_retransmits, zeroed by progress); ended ones abort with ETIMEDOUT; without an
+    // inventory (a replay) a run of doubling intervals between retransmits shows it.
+    let data_rt =
+        |t: &Timeline| t.retransmits(RetransmitKind::Data) + t.retransmits(RetransmitKind::Fin);
+    let mut storm: BTreeMap<u64, (u32, SocketAddr, SocketAddr, Option<Owner>)> = BTreeMap::new();
+    for r in inv.iter().filter(|r| {
+        !matches!(
+            r.state,
+            TcpState::SynSent | TcpState::SynRecv | TcpState::Listen | TcpState::TimeWait
+        ) && u32::from(r.retransmits) >= th.retransmit_storm
+    }) {
+        storm.insert(r.cookie, (r.netns, r.local, r.remote, r.owner));
+    }
+    let mut aborted = 0;
+    for t in agg.sockets().filter(|t| data_rt(t) > 0) {
+        let gone = t.errors.iter().any(|e| *e == libc::ETIMEDOUT);
+        let backoff = input.inventory.is_none()
+            && t.ended_ns().is_none()
+            && rto_backoff_run(t) >= th.retransmit_storm;
+        if gone {
+            aborted += 1;
+        }
+        if gone || backoff {
+            storm.insert(t.cookie, (t.netns, t.local, t.remote, t.owner));
+        }
+    }
+    if let Some((netns, _, _, owner)) = storm.values().next().copied() {
         let sc = sysctls_of(netns);
-        let aborted = storm
-            .iter()
-            .filter(|t| t.errors.iter().any(|e| *e == libc::ETIMEDOUT))
-            .count();
         out.push(Finding {
             id: "retransmit_storm",
             severity: if aborted > 0 { "critical" } else { "warning" },
             netns,
-            what: format!("{} connection(s) retransmitting data ({} aborted with ETIMEDOUT)", storm.len(), aborted),
-            cause: "segments or their ACKs are lost on the path (or the peer is gone); the RTO doubles at each retry".into(),
+            what: format!(
+                "{} connection(s) in retransmission timeouts without progress ({aborted} aborted with ETIMEDOUT)",
+                storm.len()
+            ),
+            cause: "nothing this side sends is acknowledged: the peer is gone or unreachable, or the path drops everything; the RTO doubles at each retry".into(),
             governed_by: vec![gov(sc, "net.ipv4.tcp_retries2")],
-            owner: storm[0].owner.as_ref().map(OwnerView::from),
+            owner: owner.as_ref().map(OwnerView::from),
             count: storm.len() as u64,
-            examples: storm.iter().take(5).map(|t| tuple(&t.local, &t.remote)).collect(),
+            examples: storm
+                .values()
+                .take(5)
+                .map(|(_, l, r, _)| tuple(l, r))
+                .collect(),
+        });
+    }
+    // Loss the connections recovered from: worth knowing, not an outage.
+    let lossy: Vec<&Timeline> = agg
+        .sockets()
+        .filter(|t| {
+            t.retransmits(RetransmitKind::Data) >= th.retransmit_storm
+                && !storm.contains_key(&t.cookie)
+        })
+        .collect();
+    if let Some(first) = lossy.first() {
+        out.push(Finding {
+            id: "data_retransmits",
+            severity: "info",
+            netns: first.netns,
+            what: format!(
+                "{} connection(s) retransmitted data and went on ({} retransmits)",
+                lossy.len(),
+                lossy.iter().map(|t| u64::from(data_rt(t))).sum::<u64>()
+            ),
+            cause: "segments were lost on the path or in a queue (congestion, a lossy link, a policer) and resent".into(),
+            governed_by: vec![gov(sysctls_of(first.netns), "net.ipv4.tcp_congestion_control")],
+            owner: first.owner.as_ref().map(OwnerView::from),
+            count: lossy.len() as u64,
+            examples: lossy.iter().take(5).map(|t| tuple(&t.local, &t.remote)).collect(),
         });
     }
     let ka: Vec<&Timeline> = agg
@@ -1077,6 +1150,150 @@ mod tests {
             .map(|d| d.tracked)
             .collect();
         assert_eq!(tracked, vec![0, 0]);
+    }
+
+    fn input<'a>(inv: Option<&'a [SockRec]>) -> Input<'a> {
+        Input {
+            now_ns: 60_000_000_000,
+            window_ns: 10_000_000_000,
+            host: String::new(),
+            kernel: String::new(),
+            hooks: vec![],
+            inventory: inv,
+            namespaces: vec![ns(1, 0)],
+            loss: Loss::default(),
+            home_netns: 1,
+            thresholds: Thresholds::default(),
+        }
+    }
+
+    /// Socket `cookie` retransmitting data at `at` (ns since its connect), then maybe aborted.
+    fn retransmitting(agg: &mut Aggregator, cookie: u64, at: &[u64], abort: bool) {
+        use crate::model::event::{Event, EventKind, Family};
+        let ev = |ts: u64, kind: EventKind| Event {
+            ts_ns: ts,
+            cookie,
+            skaddr: cookie,
+            netns: 1,
+            family: Family::Inet,
+            local: SocketAddr::from(([10, 0, 0, 1], 40000 + cookie as u16)),
+            remote: SocketAddr::from(([10, 0, 0, 2], 443)),
+            owner: None,
+            softirq: false,
+            kind,
+        };
+        agg.apply(&ev(
+            1,
+            EventKind::State {
+                old: TcpState::SynSent,
+                new: TcpState::Established,
+                prev_state_ns: None,
+            },
+        ));
+        let mut prev = None;
+        for (i, t) in at.iter().enumerate() {
+            agg.apply(&ev(
+                *t,
+                EventKind::Retransmit {
+                    kind: RetransmitKind::Data,
+                    state: Some(TcpState::Established),
+                    nth: i as u32 + 1,
+                    interval_ns: prev.map(|p| t - p),
+                    err: 0,
+                    segs: 1,
+                    accept_queue: None,
+                    syn_queue: None,
+                },
+            ));
+            prev = Some(*t);
+        }
+        if abort {
+            agg.apply(&ev(
+                at[at.len() - 1] + 1,
+                EventKind::SockError {
+                    errno: libc::ETIMEDOUT,
+                },
+            ));
+        }
+    }
+
+    fn finding<'a>(s: &'a Snapshot, id: &str) -> Option<&'a Finding> {
+        s.findings.iter().find(|f| f.id == id)
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_storm_is_timeouts_in_a_row_not_many_retransmits() {
+        // A bulk transfer that recovered: fast retransmits in bursts, progress in between.
+        let mut agg = Aggregator::new(AggConfig::default());
+        retransmitting(
+            &mut agg,
+            1,
+            &[1000 * MS, 1001 * MS, 1003 * MS, 2000 * MS, 2001 * MS],
+            false,
+        );
+        let mut rec = crate::source::inventory::test_rec(
+            TcpState::Established,
+            1,
+            SocketAddr::from(([10, 0, 0, 1], 40001)),
+            SocketAddr::from(([10, 0, 0, 2], 443)),
+        );
+        rec.cookie = 1;
+        let inv = vec![rec];
+        let s = build(&agg, &input(Some(&inv)));
+        assert!(
+            finding(&s, "retransmit_storm").is_none(),
+            "{:?}",
+            s.findings
+        );
+        let f = finding(&s, "data_retransmits").expect("the loss is still reported");
+        assert_eq!((f.severity, f.count), ("info", 1));
+        // The same socket now in its fourth timeout in a row, as the kernel counts them.
+        let mut stalled = inv.clone();
+        stalled[0].retransmits = 4;
+        let s = build(&agg, &input(Some(&stalled)));
+        let f = finding(&s, "retransmit_storm").expect("storm");
+        assert_eq!((f.severity, f.count), ("warning", 1));
+        assert!(finding(&s, "data_retransmits").is_none());
+        assert_eq!(f.governed_by[0].name, "net.ipv4.tcp_retries2");
+    }
+
+    #[test]
+    fn an_abort_after_retransmits_is_a_critical_storm() {
+        let mut agg = Aggregator::new(AggConfig::default());
+        retransmitting(&mut agg, 2, &[200 * MS, 600 * MS, 1400 * MS], true);
+        let s = build(&agg, &input(Some(&[])));
+        let f = finding(&s, "retransmit_storm").expect("storm");
+        assert_eq!((f.severity, f.count), ("critical", 1));
+        assert!(finding(&s, "keepalive_abort").is_none());
+    }
+
+    #[test]
+    fn a_replay_sees_a_storm_in_doubling_intervals() {
+        let mut agg = Aggregator::new(AggConfig::default());
+        // Timeouts at +200, +400, +800 ms: four in a row.
+        retransmitting(
+            &mut agg,
+            3,
+            &[1000 * MS, 1200 * MS, 1600 * MS, 2400 * MS],
+            false,
+        );
+        // Retransmits at irregular times: no run.
+        retransmitting(
+            &mut agg,
+            4,
+            &[1000 * MS, 1300 * MS, 1310 * MS, 3000 * MS],
+            false,
+        );
+        let s = build(&agg, &input(None));
+        let f = finding(&s, "retransmit_storm").expect("storm");
+        assert_eq!(f.count, 1);
+        assert_eq!(
+            f.examples,
+            vec!["10.0.0.1:40003 -> 10.0.0.2:443".to_string()]
+        );
+        assert_eq!(finding(&s, "data_retransmits").map(|f| f.count), Some(1));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub const NAMES: &[&str] = &[
     "net.ipv4.tcp_orphan_retries",
     "net.ipv4.tcp_retries1",
     "net.ipv4.tcp_retries2",
+    "net.ipv4.tcp_congestion_control",
     "net.ipv4.tcp_keepalive_time",
     "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
