@@ -14,6 +14,10 @@ pub const TESTS: &[crate::Test] = &[
     ("snapshot_s7_timewait_and_port_pressure", s7_finding),
     ("snapshot_s8_close_wait_leak_finding", s8_finding),
     ("snapshot_clean_traffic_has_no_findings", clean),
+    (
+        "snapshot_s11_retransmit_storm_vs_recovered_loss",
+        s11_storm_vs_loss,
+    ),
 ];
 
 fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
@@ -381,6 +385,79 @@ fn s8_finding() {
     // Not yet old enough with the default 10 s threshold.
     let snap = snapshot(&ns, &[]);
     assert!(findings(&snap, "close_wait_leak").is_empty());
+}
+
+/// S11 twice: one connection whose every segment is lost (timeouts in a row: a storm, governed
+/// by tcp_retries2) next to a bulk transfer losing 5 % and recovering (information only).
+fn s11_storm_vs_loss() {
+    let ns = Netns::new();
+    ns.exec(&["ip", "link", "set", "lo", "mtu", "1500"]);
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l1 = server.ok("listen 127.0.0.1:8118 16");
+    let l2 = server.ok("listen 127.0.0.1:8119 16");
+    let id = |r: String| r.split_whitespace().next().unwrap().to_string();
+    let stalled = client.ok("connect 127.0.0.1:8118");
+    server.ok(&format!("accept {l1}"));
+    let bulk = id(client.ok("connect 127.0.0.1:8119"));
+    let a = id(server.ok(&format!("accept {l2}")));
+    // After the handshakes: nothing more reaches 8118, 5 % of what goes to 8119 is lost.
+    ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8118 drop\n  tcp dport 8119 numgen random mod 100 < 5 drop\n }\n}\n");
+    let cport = stalled.split_whitespace().nth(1).unwrap().to_string();
+    client.ok(&format!("send {} 100", id(stalled)));
+    let ns_name = ns.name.clone();
+    const N: usize = 16 << 20;
+    let (snap, _server) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let out = Command::new(TCPWATCH)
+                .args([
+                    "snapshot",
+                    "--json",
+                    "--duration",
+                    "2.5",
+                    "--netns",
+                    &ns_name,
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The server lives on: its closing sockets would retransmit FINs into the drop.
+        let r = s.spawn(move || {
+            let got = server.ok(&format!("recv {a} {N}"));
+            (server, got)
+        });
+        client.ok(&format!("send {bulk} {N}"));
+        let (server, got) = r.join().unwrap();
+        assert_eq!(got, N.to_string());
+        (h.join().unwrap(), server)
+    });
+    // The stalled socket timed out at +0.2, +0.6 and +1.4 s, the next is at +3 s.
+    let f = findings(&snap, "retransmit_storm");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    assert_eq!(
+        (f[0]["severity"].as_str(), f[0]["count"].as_u64()),
+        (Some("warning"), Some(1)),
+        "{:#}",
+        f[0]
+    );
+    assert_eq!(
+        f[0]["examples"][0],
+        format!("127.0.0.1:{cport} -> 127.0.0.1:8118"),
+        "{:#}",
+        f[0]
+    );
+    assert_eq!(f[0]["governed_by"][0]["name"], "net.ipv4.tcp_retries2");
+    assert_eq!(f[0]["governed_by"][0]["value"], "15");
+    let f = findings(&snap, "data_retransmits");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    assert_eq!(
+        (f[0]["severity"].as_str(), f[0]["count"].as_u64()),
+        (Some("info"), Some(1))
+    );
+    assert!(snap["retransmitted_segments"].as_u64() > snap["retransmits"]["data"].as_u64());
 }
 
 /// Normal traffic: connections opened and closed by both sides, no findings.
