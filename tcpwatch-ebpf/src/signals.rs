@@ -175,7 +175,19 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
         m.dur_ns = m.ts_ns - *last;
     }
     let _ = REQ_LAST.insert(r, m.ts_ns, 0);
-    emit(&m, &AddrSrc::sock(r), sk_info_get(listener));
+    let info = sk_info_get(listener);
+    // A passive Fast Open child answers for its own request, and tcp_rtx_synack adds this
+    // SYN-ACK to the child's total_retrans: move the child's baseline with it, or its next
+    // data retransmit would count this segment again.
+    if !info.is_null() && ld::<u8>(listener, OFF_SKC_STATE.load()) != tcp_state::LISTEN {
+        let i = info as *mut SockInfo;
+        unsafe {
+            if (*i).segs_base != 0 {
+                (*i).segs_base = (*i).segs_base.wrapping_add(1);
+            }
+        }
+    }
+    emit(&m, &AddrSrc::sock(r), info);
     0
 }
 
