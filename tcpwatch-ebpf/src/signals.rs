@@ -100,21 +100,29 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
     let mut m = sock_event(kind::RETRANSMIT, sk);
     let cb = skb as u64 + OFF_SKB_CB.load() as u64;
     let tcp_flags: u16 = rd(cb, OFF_TCB_TCP_FLAGS.load());
-    let pcount: u16 = rd(cb, OFF_TCB_GSO_SEGS.load());
-    let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
+    let (off_segs, off_total) = (OFF_TCB_GSO_SEGS.load(), OFF_TP_TOTAL_RETRANS.load());
+    let pcount: u16 = if off_segs != 0 { rd(cb, off_segs) } else { 1 };
     let info = sk_info(sk);
     // Segments the kernel added to RetransSegs for this attempt: the socket's total_retrans
-    // grew by exactly that. Without a baseline (a socket not seen since start), a sent skb
-    // counts its segments and a failed attempt none: since 6.10 the hook also fires for
-    // attempts given up before sending (-EBUSY, -EAGAIN, ...), which the kernel does not count.
-    let mut segs = if err == 0 { pcount.max(1) as u32 } else { 0 };
-    if let Some(i) = info {
+    // grew by exactly that. Without a baseline (a socket not seen since start) the skb's own
+    // count, unless the error is one of those __tcp_retransmit_skb gives up with before
+    // counting (since 6.10 the hook fires for them too: -EBUSY still in the host queue,
+    // -EAGAIN beyond the window, -ENOMEM, -EINVAL, -EHOSTUNREACH no route); a send that
+    // failed below TCP (-EPERM from a firewall, -ENOBUFS) was counted.
+    let early = matches!(err, -16 | -11 | -12 | -22 | -113);
+    let mut segs = if early { 0 } else { pcount.max(1) as u32 };
+    if let Some(i) = info.filter(|_| off_total != 0) {
+        let total: u32 = rd(sk as u64, off_total);
         unsafe {
             let base = (*i).segs_base;
             if base != 0 && total >= base - 1 && total - (base - 1) <= 0xffff {
                 segs = total - (base - 1);
             }
             (*i).segs_base = total.wrapping_add(1);
+        }
+    }
+    if let Some(i) = info {
+        unsafe {
             // The count and the interval are of retransmits the kernel made, not attempts.
             if segs > 0 {
                 (*i).retrans += 1;

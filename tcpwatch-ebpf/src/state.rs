@@ -111,7 +111,8 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
         mark_listener(sk);
     }
     let info = sk_info(sk);
-    if let Some(i) = info {
+    let off_total = OFF_TP_TOTAL_RETRANS.load();
+    if let Some(i) = info.filter(|_| off_total != 0) {
         // The retransmit program's baseline: what the kernel counted so far on this socket.
         // Only retransmits change it, and they update it themselves, so it is read once per
         // socket: a connect starts from zero (tcp_disconnect zeroes it for a reused socket);
@@ -124,7 +125,7 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
             } else if old == tcp_state::SYN_RECV
                 || ((*i).segs_base == 0 && new != tcp_state::SYN_RECV)
             {
-                let total: u32 = rd(sk as u64, OFF_TP_TOTAL_RETRANS.load());
+                let total: u32 = rd(sk as u64, off_total);
                 (*i).segs_base = total.wrapping_add(1);
             }
         }

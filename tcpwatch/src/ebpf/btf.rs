@@ -193,6 +193,14 @@ pub const PACKET: FieldGroup = FieldGroup {
         ("OFF_NETDEV_NET", "net_device", "nd_net"),
         ("OFF_SKB_CB", "sk_buff", "cb"),
         ("OFF_TCB_TCP_FLAGS", "tcp_skb_cb", "tcp_flags"),
+    ],
+};
+
+/// Segments per retransmit. Optional: without them (globals left 0) a sent retransmit counts
+/// one segment.
+pub const RETRANS_SEGS: FieldGroup = FieldGroup {
+    name: "retransmitted segments",
+    fields: &[
         ("OFF_TCB_GSO_SEGS", "tcp_skb_cb", "tcp_gso_segs"),
         ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
     ],
@@ -251,7 +259,14 @@ pub const OWNERS: FieldGroup = FieldGroup {
 };
 
 pub const GROUPS: &[&FieldGroup] = &[
-    &CORE, &LISTENER, &PACKET, &MISC, &TIMEWAIT, &INVENTORY, &OWNERS,
+    &CORE,
+    &LISTENER,
+    &PACKET,
+    &RETRANS_SEGS,
+    &MISC,
+    &TIMEWAIT,
+    &INVENTORY,
+    &OWNERS,
 ];
 
 /// Resolves every field of a group; the first missing one is an error.
