@@ -481,7 +481,11 @@ impl EventSource {
         let Some(counters) = counters else { return };
         let d = counters.delta(&st.counters);
         st.counters = counters;
-        let Some(recs) = socks else { return };
+        let has_ld = st.counters.0.contains_key("TcpExt:ListenDrops");
+        let Some(recs) = socks else {
+            st.listen_drops.skip(d.get("TcpExt:ListenDrops"));
+            return;
+        };
         let cur: HashMap<u64, SockRec> = recs.into_iter().map(|r| (r.skaddr, r)).collect();
         let mut deltas: Vec<ListenerDelta> = cur
             .values()
@@ -500,7 +504,7 @@ impl EventSource {
                 accept_max: r.accept_max,
             })
             .collect();
-        if st.counters.0.contains_key("TcpExt:ListenDrops") {
+        if has_ld {
             st.listen_drops
                 .trim(&mut deltas, d.get("TcpExt:ListenDrops"));
         }

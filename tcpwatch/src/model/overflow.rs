@@ -83,6 +83,12 @@ impl ListenDropBudget {
         let used = cap_to_listen_drops(listeners, budget);
         self.unseen = (budget - used).min(listen_drops);
     }
+
+    /// A window whose sockets could not be listed: its drops show in the next window's
+    /// listener deltas, so its `ListenDrops` go with them.
+    pub fn skip(&mut self, listen_drops: u64) {
+        self.unseen += listen_drops;
+    }
 }
 
 /// Splits each listener's drops into accept- and SYN-queue overflows (accept first, as the
@@ -197,6 +203,11 @@ mod tests {
         let mut v = [l(1, 2, 0, 4)];
         b.trim(&mut v, 0);
         assert_eq!(v[0].drops, 0);
+        // A window without a socket listing: its drops are in the next deltas.
+        b.skip(2);
+        let mut v = [l(1, 3, 0, 4)];
+        b.trim(&mut v, 1);
+        assert_eq!(v[0].drops, 3);
     }
 
     #[test]
