@@ -255,6 +255,8 @@ pub struct EventSource {
     pub inventory: Vec<SockRec>,
     /// Listener records from the samples since the last `take_listener_samples`.
     pub listener_samples: Vec<SockRec>,
+    /// Final-ACK overflows reported one by one since their listener's last sample.
+    final_acks: HashMap<u64, u64>,
     sampled: Receiver<Sampled>,
     sampled_tx: Option<Sender<Sampled>>,
     stop: Arc<AtomicBool>,
@@ -279,6 +281,7 @@ impl EventSource {
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
             listener_samples: Vec::new(),
+            final_acks: HashMap::new(),
             sampled: rx,
             sampled_tx: Some(tx),
             stop: Arc::new(AtomicBool::new(false)),
@@ -472,6 +475,11 @@ impl EventSource {
         out: &mut Vec<Event>,
     ) {
         let now = monotonic_ns();
+        let final_acks = &mut self.final_acks;
+        if final_acks.len() > 4096 {
+            // Listeners gone before a sample claimed theirs.
+            final_acks.clear();
+        }
         let Some(st) = self.namespaces.get_mut(&inode) else {
             return;
         };
@@ -500,6 +508,7 @@ impl EventSource {
                     .get(&r.skaddr)
                     .filter(|p| p.cookie == r.cookie)
                     .map_or(r.drops as u64, |p| r.drops.saturating_sub(p.drops) as u64),
+                final_ack_seen: final_acks.remove(&r.skaddr).unwrap_or(0),
                 syn_queue: r.syn_queue,
                 accept_max: r.accept_max,
             })
@@ -583,9 +592,18 @@ impl EventSource {
             });
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.
-        let (owners, timewait) = (&mut self.owners, &mut self.timewait);
+        let (owners, timewait, final_acks) =
+            (&mut self.owners, &mut self.timewait, &mut self.final_acks);
         self.reorder
             .release_with(if flush { u64::MAX } else { cut }, |mut ev| {
+                if let EventKind::Overflow {
+                    source: OverflowSource::Packet,
+                    count,
+                    ..
+                } = ev.kind
+                {
+                    *final_acks.entry(ev.skaddr).or_insert(0) += count;
+                }
                 owners.resolve(&mut ev);
                 timewait.apply(ev, out);
             });

@@ -11,6 +11,9 @@ pub struct ListenerDelta {
     pub skaddr: u64,
     /// Increase of the listener's drop counter.
     pub drops: u64,
+    /// Final-ACK overflows reported one by one (kfree_skb) in the window: each one counted
+    /// twice in `drops`.
+    pub final_ack_seen: u64,
     pub syn_queue: u32,
     pub accept_max: u32,
 }
@@ -37,9 +40,18 @@ pub struct Causes {
 /// counter counts more than listen drops: every final-ACK overflow twice (the kernel's
 /// `tcp_listendrop` and again when the ACK is discarded), and backlog or filter drops once.
 /// `ListenDrops` counts each listen drop once, so the per-listener deltas only apportion it:
+/// first the second counts of the final-ACK overflows seen one by one come off, then the rest
 /// in proportion, largest remainders first (exact when one listener drops in a window).
 pub fn cap_to_listen_drops(listeners: &mut [ListenerDelta], budget: u64) -> u64 {
-    let sum: u64 = listeners.iter().map(|l| l.drops).sum();
+    let mut sum: u64 = listeners.iter().map(|l| l.drops).sum();
+    for l in listeners.iter_mut() {
+        let t = l
+            .final_ack_seen
+            .min(l.drops)
+            .min(sum.saturating_sub(budget));
+        l.drops -= t;
+        sum -= t;
+    }
     if sum <= budget {
         return sum;
     }
@@ -160,6 +172,7 @@ mod tests {
         ListenerDelta {
             skaddr,
             drops,
+            final_ack_seen: 0,
             syn_queue,
             accept_max: max,
         }
@@ -185,6 +198,20 @@ mod tests {
         let mut v = [l(1, 2, 0, 4)];
         assert_eq!(cap_to_listen_drops(&mut v, 0), 0);
         assert_eq!(v[0].drops, 0);
+    }
+
+    #[test]
+    fn final_ack_overflows_seen_say_whose_counts_are_double() {
+        // Listener 1: two final-ACK overflows (counted 4); listener 2: two SYN-time drops.
+        let mut v = [l(1, 4, 0, 2), l(2, 2, 0, 2)];
+        v[0].final_ack_seen = 2;
+        assert_eq!(cap_to_listen_drops(&mut v, 4), 4);
+        assert_eq!((v[0].drops, v[1].drops), (2, 2));
+        // Events seen early (their drops are in the next window) trim nothing beyond the budget.
+        let mut v = [l(1, 3, 0, 2)];
+        v[0].final_ack_seen = 2;
+        assert_eq!(cap_to_listen_drops(&mut v, 3), 3);
+        assert_eq!(v[0].drops, 3);
     }
 
     #[test]
