@@ -24,6 +24,10 @@ pub const TESTS: &[crate::Test] = &[
         s5_accept_overflow_ack,
     ),
     ("s5_abort_on_overflow_resets", s5_abort_on_overflow),
+    (
+        "s5_two_listeners_each_their_own_overflows",
+        s5_two_listeners,
+    ),
     ("s6_syn_queue_overflow_drops", s6_syn_queue_drops),
     ("s6_syn_queue_overflow_cookies", s6_syn_queue_cookies),
     (
@@ -428,6 +432,59 @@ fn s5_final_ack(abort: bool) -> (Vec<Value>, Netns, Peer, Peer) {
     });
     std::thread::sleep(Duration::from_millis(500));
     (tracer.stop(), ns, server, client)
+}
+
+/// Both overflow paths at once, on two listeners of one namespace: 8093's held handshakes
+/// overflow at the final ACK when its SYN-ACK retransmit (1 s) draws them again, while 8094
+/// refuses SYNs, and again their retransmits (1 s). Each listener gets its own drops, once.
+fn s5_two_listeners() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8093 tcp sport { 41001, 41002 } tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n");
+    let mut server = ns.peer("tw-server");
+    server.ok("listen 127.0.0.1:8093 2");
+    server.ok("listen 127.0.0.1:8094 2");
+    let tracer = Tracer::start(&ns, &[]);
+    let mut client = ns.peer("tw-client");
+    client.ok("connect_nb 127.0.0.1:8093 2 41001");
+    client.ok("sleep 200");
+    client.ok("connect_nb 127.0.0.1:8093 3");
+    client.ok("connect_nb 127.0.0.1:8094 6");
+    client.ok("sleep 300");
+    ns.exec(&["nft", "delete", "table", "inet", "tw"]);
+    tracer.wait_for("overflow at the final ACK", W, |evs| {
+        !overflows(evs, "kfree_skb").is_empty()
+    });
+    // 8094's refused SYNs are retried once, at 1 s, and dropped again.
+    std::thread::sleep(Duration::from_millis(1200));
+    let evs = tracer.stop();
+    let ld = ns.counter("TcpExt", "ListenDrops");
+    let on = |src: &str, port: u64| -> u64 {
+        overflows(&evs, src)
+            .iter()
+            .filter(|e| e["listener"]["port"] == port)
+            .map(|e| u(e, "count"))
+            .sum()
+    };
+    let (c93, c94, k93) = (
+        on("counters", 8093),
+        on("counters", 8094),
+        on("kfree_skb", 8093),
+    );
+    let brief: Vec<String> = overflows(&evs, "counters")
+        .iter()
+        .map(|e| {
+            format!(
+                "{}@{} {}x{}",
+                e["listener"]["port"], e["ts_ns"], e["queue"], e["count"]
+            )
+        })
+        .collect();
+    assert!(k93 > 0 && c94 >= 3, "{brief:?}");
+    assert_eq!(c93 + c94, ld, "ListenDrops: {brief:?}");
+    assert_eq!(c93, k93, "8093 dropped only final ACKs: {brief:?}");
+    assert!(on("kfree_skb", 8094) == 0);
 }
 
 /// The listener's own counter counts a final-ACK overflow twice; tcpwatch counts it once.
