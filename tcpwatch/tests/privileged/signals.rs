@@ -408,10 +408,18 @@ fn s5_accept_overflow_syn() {
 /// S5, final-ACK time: two handshakes are held (their final ACKs dropped) while three others
 /// fill the accept queue; once the ACKs pass, the kernel drops them with TCP_LISTEN_OVERFLOW.
 fn s5_final_ack(abort: bool) -> (Vec<Value>, Netns, Peer, Peer) {
+    held_final_acks(abort, false)
+}
+
+/// The final-ACK case; `syn_refusing`: also a second listener, 8094 (listen(2)), that six
+/// clients reach at once, so it refuses SYNs, and refuses them again when they are retried
+/// (1 s, `tcp_syn_retries` 1) as 8093 overflows at the final ACK.
+fn held_final_acks(abort: bool, syn_refusing: bool) -> (Vec<Value>, Netns, Peer, Peer) {
     let ns = Netns::new();
     // One SYN-ACK retransmit (at 1 s) draws the held ACKs again; a second (at 3 s) would
     // draw more overflows while the test reads ListenDrops.
     ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
     ns.sysctl(
         "net.ipv4.tcp_abort_on_overflow",
         if abort { "1" } else { "0" },
@@ -419,18 +427,25 @@ fn s5_final_ack(abort: bool) -> (Vec<Value>, Netns, Peer, Peer) {
     ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8093 tcp sport { 41001, 41002 } tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n");
     let mut server = ns.peer("tw-server");
     server.ok("listen 127.0.0.1:8093 2");
+    if syn_refusing {
+        server.ok("listen 127.0.0.1:8094 2");
+    }
     let tracer = Tracer::start(&ns, &[]);
     let mut client = ns.peer("tw-client");
     client.ok("connect_nb 127.0.0.1:8093 2 41001");
     client.ok("sleep 200");
     client.ok("connect_nb 127.0.0.1:8093 3");
+    if syn_refusing {
+        client.ok("connect_nb 127.0.0.1:8094 6");
+    }
     client.ok("sleep 300");
     ns.exec(&["nft", "delete", "table", "inet", "tw"]);
     // The server's SYN-ACK retransmit (1 s after the SYN) draws the held ACKs again.
     tracer.wait_for("overflow at the final ACK", W, |evs| {
         !overflows(evs, "kfree_skb").is_empty()
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // (8094's retried SYNs are refused at about the same time.)
+    std::thread::sleep(Duration::from_millis(if syn_refusing { 1200 } else { 500 }));
     (tracer.stop(), ns, server, client)
 }
 
@@ -438,27 +453,7 @@ fn s5_final_ack(abort: bool) -> (Vec<Value>, Netns, Peer, Peer) {
 /// overflow at the final ACK when its SYN-ACK retransmit (1 s) draws them again, while 8094
 /// refuses SYNs, and again their retransmits (1 s). Each listener gets its own drops, once.
 fn s5_two_listeners() {
-    let ns = Netns::new();
-    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
-    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
-    ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8093 tcp sport { 41001, 41002 } tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n");
-    let mut server = ns.peer("tw-server");
-    server.ok("listen 127.0.0.1:8093 2");
-    server.ok("listen 127.0.0.1:8094 2");
-    let tracer = Tracer::start(&ns, &[]);
-    let mut client = ns.peer("tw-client");
-    client.ok("connect_nb 127.0.0.1:8093 2 41001");
-    client.ok("sleep 200");
-    client.ok("connect_nb 127.0.0.1:8093 3");
-    client.ok("connect_nb 127.0.0.1:8094 6");
-    client.ok("sleep 300");
-    ns.exec(&["nft", "delete", "table", "inet", "tw"]);
-    tracer.wait_for("overflow at the final ACK", W, |evs| {
-        !overflows(evs, "kfree_skb").is_empty()
-    });
-    // 8094's refused SYNs are retried once, at 1 s, and dropped again.
-    std::thread::sleep(Duration::from_millis(1200));
-    let evs = tracer.stop();
+    let (evs, ns, _server, _client) = held_final_acks(false, true);
     let ld = ns.counter("TcpExt", "ListenDrops");
     let on = |src: &str, port: u64| -> u64 {
         overflows(&evs, src)
