@@ -664,6 +664,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         if !text.contains("state: tp_btf/inet_sock_set_state") {
             bail!("the BTF state hook did not attach");
         }
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("segments per retransmit unknown"))
+        {
+            bail!("every kernel of the matrix has the segment offsets: {l}");
+        }
         let tw_line = text
             .lines()
             .find(|l| l.trim_start().starts_with("TIME_WAIT:"))

@@ -574,6 +574,16 @@ impl Probe {
                 };
                 status.push(st);
             }
+            // Retransmits still load without the segment offsets, one segment each: say so.
+            if let Some((_, e)) = group_err.iter().find(|(n, _)| *n == btf::RETRANS_SEGS.name)
+                && let Some(s) = status
+                    .iter_mut()
+                    .find(|s| s.signal == "retransmits" && s.hook.is_some())
+            {
+                s.note = Some(format!(
+                    "{e}; segments per retransmit unknown, each counts one"
+                ));
+            }
         }
         lap("attach", &mut t);
 
