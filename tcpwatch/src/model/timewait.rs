@@ -322,10 +322,17 @@ mod tests {
         }
     }
 
+    /// `tw` from task context (a syscall of the process acting on the socket).
+    fn task_tw(ts: u64, t: u64, op: TwOp, sub: TcpState) -> Event {
+        Event {
+            softirq: false,
+            ..tw(ts, t, op, sub)
+        }
+    }
+
     /// A cancel in a kworker's task context (netns teardown, or as seen on 6.1 before expiry).
     fn kworker_cancel(ts: u64, t: u64, sub: TcpState) -> Event {
-        let mut c = tw(ts, t, TwOp::Cancel, sub);
-        c.softirq = false;
+        let mut c = task_tw(ts, t, TwOp::Cancel, sub);
         c.kind = EventKind::TwTimer {
             op: TwOp::Cancel,
             substate: Some(sub),
@@ -358,9 +365,10 @@ mod tests {
         let mut m = TwMachine::new();
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
-        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
-        c.softirq = false;
-        m.apply(c, &mut out);
+        m.apply(
+            task_tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
         assert_eq!(kinds(&out), vec!["enter", "exit:reused"], "without waiting");
         m.apply(tw(2_000, 2, TwOp::Start, TcpState::TimeWait), &mut out);
         assert_eq!(kinds(&out), vec!["enter", "exit:reused", "enter"]);
@@ -455,9 +463,10 @@ mod tests {
         assert_eq!(m.live(), 1, "the other namespace's socket stays");
         // The kernel's teardown records come after: not a second end.
         let n = out.len();
-        let mut kill = tw(6_000, 1, TwOp::Cancel, TcpState::TimeWait);
-        kill.softirq = false;
-        m.apply(kill, &mut out);
+        m.apply(
+            task_tw(6_000, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
         m.flush(&mut out);
         assert_eq!(out.len(), n);
         assert_eq!(m.untracked_exits, 0);
@@ -475,9 +484,10 @@ mod tests {
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
         m.apply(tw(200, 2, TwOp::Start, TcpState::TimeWait), &mut out);
-        let mut d = tw(1_000, 1, TwOp::Deschedule, TcpState::TimeWait);
-        d.softirq = false;
-        m.apply(d, &mut out);
+        m.apply(
+            task_tw(1_000, 1, TwOp::Deschedule, TcpState::TimeWait),
+            &mut out,
+        );
         m.apply(tw(2_000, 2, TwOp::Deschedule, TcpState::TimeWait), &mut out);
         assert_eq!(
             kinds(&out),
@@ -507,9 +517,10 @@ mod tests {
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
         m.apply(tw(200, 2, TwOp::Start, TcpState::TimeWait), &mut out);
-        let mut c = tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait);
-        c.softirq = false;
-        m.apply(c, &mut out);
+        m.apply(
+            task_tw(1_000, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
         m.apply(tw(5_000, 2, TwOp::Cancel, TcpState::TimeWait), &mut out);
         // No follow-up arrives: the next poll resolves both.
         m.resolve_due(10_000_000, &mut out);
@@ -567,9 +578,10 @@ mod tests {
         let mut m = TwMachine::new();
         let mut out = Vec::new();
         m.apply(tw(100, 1, TwOp::Start, TcpState::TimeWait), &mut out);
-        let mut c = tw(2_000_000_000, 1, TwOp::Cancel, TcpState::TimeWait);
-        c.softirq = false;
-        m.apply(c, &mut out);
+        m.apply(
+            task_tw(2_000_000_000, 1, TwOp::Cancel, TcpState::TimeWait),
+            &mut out,
+        );
         let mut next = tw(2_000_200_000, 1, TwOp::Start, TcpState::FinWait2);
         next.cookie = 10;
         m.apply(next, &mut out);
