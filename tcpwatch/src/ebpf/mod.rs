@@ -619,18 +619,13 @@ impl Probe {
             (Some(b), true, None) => load_iter_named(&mut ebpf, b, "dump_task_file", "task_file"),
             _ => Err(anyhow!("no kernel BTF")),
         };
-        status.push(match &owners_ok {
-            Ok(()) => SignalStatus {
-                signal: "socket owners",
-                hook: Some("iter/task_file".into()),
-                note: None,
-            },
-            Err(e) => SignalStatus {
-                signal: "socket owners",
-                hook: Some("/proc/*/fd".into()),
-                note: Some(format!("iter/task_file: {e}")),
-            },
-        });
+        status.push(iterator_or(
+            "socket owners",
+            &owners_ok,
+            "iter/task_file",
+            "/proc/*/fd",
+            "",
+        ));
 
         // The queue sampler's iterator over the listeners marked in LISTEN_SK (by the state
         // hook and the inventory walk, so only with both): one read for every namespace.
@@ -642,20 +637,13 @@ impl Probe {
                 }
                 _ => Err(anyhow!("needs tp_btf and iter/tcp")),
             };
-            status.push(match ok {
-                Ok(()) => SignalStatus {
-                    signal: "listener samples",
-                    hook: Some("iter/bpf_sk_storage_map".into()),
-                    note: None,
-                },
-                Err(e) => SignalStatus {
-                    signal: "listener samples",
-                    hook: Some("inventory per namespace".into()),
-                    note: Some(format!(
-                        "iter/bpf_sk_storage_map: {e}; each sample walks that namespace's share of the socket hash"
-                    )),
-                },
-            });
+            status.push(iterator_or(
+                "listener samples",
+                &ok,
+                "iter/bpf_sk_storage_map",
+                "inventory per namespace",
+                "; each sample walks that namespace's share of the socket hash",
+            ));
         }
 
         lap("load iterator", &mut t);
@@ -931,6 +919,29 @@ impl Probe {
                 _ => p.recursion_misses,
             })
             .sum()
+    }
+}
+
+/// `signal` served by iterator `iter` when it loaded, else by `fallback`, saying why
+/// (`then` adds what the fallback costs).
+fn iterator_or(
+    signal: &'static str,
+    loaded: &anyhow::Result<()>,
+    iter: &str,
+    fallback: &str,
+    then: &str,
+) -> SignalStatus {
+    match loaded {
+        Ok(()) => SignalStatus {
+            signal,
+            hook: Some(iter.into()),
+            note: None,
+        },
+        Err(e) => SignalStatus {
+            signal,
+            hook: Some(fallback.into()),
+            note: Some(format!("{iter}: {e}{then}")),
+        },
     }
 }
 
