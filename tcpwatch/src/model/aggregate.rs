@@ -300,6 +300,31 @@ pub struct Totals {
     pub evicted: u64,
 }
 
+/// Resets grouped by who sent them and why: per namespace, direction, the kernel's reason code
+/// (sent) or the state they hit (received), and whether a socket answered (sent without one:
+/// nothing matched the segment).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResetKey {
+    pub netns: u32,
+    pub sent: bool,
+    pub reason: Option<u32>,
+    pub state: Option<TcpState>,
+    pub no_socket: bool,
+}
+
+/// What the reset findings name: how many, the first owner seen, a few connections.
+#[derive(Clone, Debug, Default)]
+pub struct ResetStats {
+    pub count: u64,
+    pub owner: Option<Owner>,
+    pub examples: Vec<(SocketAddr, SocketAddr)>,
+}
+
+/// Reset groups kept at most (reasons and states are few; namespaces can be many): resets of
+/// further groups still count in the totals.
+pub const RESET_GROUPS_MAX: usize = 1024;
+const RESET_EXAMPLES: usize = 5;
+
 pub struct Aggregator {
     pub cfg: Config,
     sockets: HashMap<u64, Timeline>,
@@ -310,6 +335,7 @@ pub struct Aggregator {
     seq: u64,
     pub listeners: HashMap<(u32, SocketAddr), ListenerStats>,
     pub timewait: HashMap<u64, TwEntry>,
+    pub resets: HashMap<ResetKey, ResetStats>,
     pub totals: Totals,
     pub handshake_us: Log2Hist,
     pub lifetime_ms: Log2Hist,
@@ -332,6 +358,7 @@ impl Aggregator {
             seq: 0,
             listeners: HashMap::default(),
             timewait: HashMap::default(),
+            resets: HashMap::default(),
             totals: Totals::default(),
             handshake_us: Log2Hist::default(),
             lifetime_ms: Log2Hist::default(),
@@ -359,6 +386,33 @@ impl Aggregator {
     pub fn socket_bound_bytes(cfg: &Config) -> usize {
         let slots = (cfg.max_sockets * 8 / 7 + 1).next_power_of_two();
         slots * (std::mem::size_of::<Timeline>() + 8 + 1) + (6 * cfg.max_sockets + 2048) * 16 * 2
+    }
+
+    fn count_reset(
+        &mut self,
+        ev: &Event,
+        sent: bool,
+        state: Option<TcpState>,
+        reason: Option<u32>,
+    ) {
+        let key = ResetKey {
+            netns: ev.netns,
+            sent,
+            reason: if sent { reason } else { None },
+            state: if sent { None } else { state },
+            no_socket: sent && ev.cookie == 0 && ev.skaddr == 0,
+        };
+        if self.resets.len() >= RESET_GROUPS_MAX && !self.resets.contains_key(&key) {
+            return;
+        }
+        let r = self.resets.entry(key).or_default();
+        r.count += 1;
+        if r.owner.is_none() {
+            r.owner = ev.owner;
+        }
+        if r.examples.len() < RESET_EXAMPLES && !r.examples.contains(&(ev.local, ev.remote)) {
+            r.examples.push((ev.local, ev.remote));
+        }
     }
 
     /// A timewait socket from the inventory.
@@ -535,12 +589,17 @@ impl Aggregator {
                     interval_ns,
                 });
             }
-            EventKind::Reset { sent, .. } => {
+            EventKind::Reset {
+                sent,
+                state,
+                reason,
+            } => {
                 if sent {
                     self.totals.resets_sent += 1;
                 } else {
                     self.totals.resets_received += 1;
                 }
+                self.count_reset(ev, sent, state, reason);
                 if ev.cookie == 0 && ev.skaddr == 0 {
                     return; // a reset for a closed port: no socket to file it under
                 }

@@ -1,6 +1,46 @@
 //! The decoded event model every output consumes: plain data, no kernel or wire types.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+static RST_REASONS: std::sync::OnceLock<Vec<(u32, &'static str)>> = std::sync::OnceLock::new();
+
+/// Names of `enum sk_rst_reason` values, from the kernel's BTF at start or from a capture's
+/// records (set once: the numbering changes between kernels, the names do not).
+pub fn set_rst_reasons(names: Vec<(u32, String)>) {
+    let leaked: Vec<(u32, &'static str)> = names
+        .into_iter()
+        .map(|(v, n)| (v, &*Box::leak(n.into_boxed_str())))
+        .collect();
+    let _ = RST_REASONS.set(leaked);
+}
+
+/// The reason table every unit test uses (the table is process-wide and set once).
+#[cfg(test)]
+pub fn test_rst_reasons() {
+    set_rst_reasons(
+        [
+            (0, "NOT_SPECIFIED"),
+            (1, "NO_SOCKET"),
+            (8, "TCP_ABORT_ON_DATA"),
+            (9, "TCP_TIMEWAIT_SOCKET"),
+            (11, "TCP_ABORT_ON_CLOSE"),
+            (12, "TCP_ABORT_ON_LINGER"),
+            (13, "TCP_ABORT_ON_MEMORY"),
+            (14, "TCP_STATE"),
+        ]
+        .into_iter()
+        .map(|(v, n)| (v, n.to_string()))
+        .collect(),
+    );
+}
+
+pub fn rst_reason_name(v: u32) -> Option<&'static str> {
+    RST_REASONS
+        .get()?
+        .iter()
+        .find(|(n, _)| *n == v)
+        .map(|(_, s)| *s)
+}
+
 /// Kernel TCP states, with the kernel's names (without `TCP_`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TcpState {

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 
 use super::Loss;
-use super::aggregate::{Aggregator, Log2Hist, Timeline};
+use super::aggregate::{Aggregator, Log2Hist, ResetKey, ResetStats, Timeline};
 use super::event::{Owner, RetransmitKind, TcpState, TwExitReason};
 use crate::source::inventory::{SockRec, ss_state};
 use crate::source::procnet::{Counters, Sockstat};
@@ -302,6 +302,9 @@ pub struct NamespaceView {
     pub netns: u32,
     pub sockstat_tw: u64,
     pub sockstat_inuse: u64,
+    /// Orphaned sockets (closed by their application, still in the kernel): host-wide, the
+    /// same in every namespace, against `net.ipv4.tcp_max_orphans`.
+    pub sockstat_orphan: u64,
     pub counters: BTreeMap<String, u64>,
     pub sysctls: BTreeMap<String, String>,
 }
@@ -355,6 +358,179 @@ fn code(what: &str) -> Governor {
         name: what.to_string(),
         value: None,
     }
+}
+
+/// Resets explained, per namespace. What made this host send them comes from the kernel's
+/// counters (exact on every kernel) or, in a capture, from the reason on each reset (6.10+),
+/// which also names the sockets; resets received are told apart by the state they hit.
+fn reset_findings<'a>(
+    agg: &Aggregator,
+    input: &Input<'_>,
+    s: &Snapshot,
+    sysctls_of: &dyn Fn(u32) -> &'a BTreeMap<String, String>,
+) -> Vec<Finding> {
+    use std::collections::BTreeSet;
+    let named = |k: &ResetKey, names: &[&str]| {
+        k.reason
+            .and_then(super::event::rst_reason_name)
+            .is_some_and(|n| names.contains(&n))
+    };
+    let mut nets: BTreeSet<u32> = agg.resets.keys().map(|k| k.netns).collect();
+    nets.extend(s.namespaces.iter().map(|n| n.netns));
+    // Host-wide sysctls exist only in the initial namespace: whichever namespace has them.
+    let global = |netns: u32, name: &str| -> Governor {
+        let value = std::iter::once(netns)
+            .chain(std::iter::once(input.home_netns))
+            .chain(input.namespaces.iter().map(|n| n.inode))
+            .find_map(|ns| sysctls_of(ns).get(name).cloned());
+        Governor {
+            name: name.to_string(),
+            value,
+        }
+    };
+    let mut out = Vec::new();
+    for netns in nets {
+        let ns = s.namespaces.iter().find(|n| n.netns == netns);
+        let counter = |name: &str| ns.and_then(|n| n.counters.get(name)).copied().unwrap_or(0);
+        let groups: Vec<(&ResetKey, &ResetStats)> = {
+            let mut g: Vec<_> = agg
+                .resets
+                .iter()
+                .filter(|(k, _)| k.netns == netns)
+                .collect();
+            g.sort_by_key(|(k, _)| **k);
+            g
+        };
+        // Count, first owner and examples of the groups `pick` selects.
+        let gather = |pick: &dyn Fn(&ResetKey) -> bool| {
+            let mut n = 0;
+            let mut owner = None;
+            let mut ex: Vec<String> = Vec::new();
+            for (_, r) in groups.iter().filter(|(k, _)| pick(k)) {
+                n += r.count;
+                owner = owner.or(r.owner);
+                for (l, rm) in &r.examples {
+                    if ex.len() < 5 {
+                        ex.push(tuple(l, rm));
+                    }
+                }
+            }
+            (n, owner, ex)
+        };
+        let sc = sysctls_of(netns);
+
+        let (ev, owner, examples) = gather(&|k| k.sent && named(k, &["TCP_ABORT_ON_CLOSE"]));
+        let n = counter("TcpExt:TCPAbortOnClose").max(ev);
+        if n > 0 {
+            out.push(Finding {
+                id: "reset_on_close",
+                severity: "warning",
+                netns,
+                what: format!("{n} connection(s) reset by close() with received data still unread"),
+                cause: "the application closed a socket before reading what the peer had sent: the kernel answers with RST instead of FIN (RFC 2525), and the peer gets ECONNRESET, often losing its last response".into(),
+                governed_by: vec![code(
+                    "the application: read to EOF (or shutdown(SHUT_WR) and drain) before close()",
+                )],
+                owner: owner.as_ref().map(OwnerView::from),
+                count: n,
+                examples,
+            });
+        }
+        // A zero-linger close resets with the generic TCP_STATE reason: examples, not a count.
+        let (_, owner, examples) =
+            gather(&|k| k.sent && (named(k, &["TCP_ABORT_ON_DATA"]) || (named(k, &["TCP_STATE"]))));
+        let specific = gather(&|k| k.sent && named(k, &["TCP_ABORT_ON_DATA"])).0;
+        let n = counter("TcpExt:TCPAbortOnData").max(specific);
+        if n > 0 {
+            out.push(Finding {
+                id: "abortive_close",
+                severity: "info",
+                netns,
+                what: format!("{n} connection(s) aborted with RST: closed with a zero SO_LINGER, or data arrived after close()"),
+                cause: "an abortive close by design (SO_LINGER on with a 0 s timeout skips FIN and TIME_WAIT), or a peer that kept sending after this side had closed".into(),
+                governed_by: vec![code("the application: SO_LINGER {on, 0}, or its shutdown order")],
+                owner: owner.as_ref().map(OwnerView::from),
+                count: n,
+                examples,
+            });
+        }
+        let (ev, owner, examples) = gather(&|k| k.sent && named(k, &["TCP_ABORT_ON_MEMORY"]));
+        let n = counter("TcpExt:TCPAbortOnMemory").max(ev);
+        if n > 0 {
+            let orphans = ns.map_or(0, |n| n.sockstat_orphan);
+            out.push(Finding {
+                id: "reset_on_memory",
+                severity: "critical",
+                netns,
+                what: format!("{n} connection(s) reset by the kernel for lack of memory ({orphans} orphaned sockets now)"),
+                cause: "orphaned sockets (closed, still sending) beyond net.ipv4.tcp_max_orphans, or TCP memory past its limit in net.ipv4.tcp_mem: the kernel logs \"too many orphaned sockets\" or \"out of memory -- consider tuning tcp_mem\" and resets".into(),
+                governed_by: vec![
+                    global(netns, "net.ipv4.tcp_max_orphans"),
+                    global(netns, "net.ipv4.tcp_mem"),
+                    gov(sc, "net.ipv4.tcp_orphan_retries"),
+                ],
+                owner: owner.as_ref().map(OwnerView::from),
+                count: n,
+                examples,
+            });
+        }
+        let (n, owner, examples) = gather(&|k| !k.sent && k.state == Some(TcpState::SynSent));
+        if n > 0 {
+            out.push(Finding {
+                id: "connect_refused",
+                severity: "warning",
+                netns,
+                what: format!("{n} connection attempt(s) refused: the SYN was answered with RST"),
+                cause: "nothing listens on the destination port (the service is down, not started yet, or the port is wrong), or a firewall rejects with tcp-reset".into(),
+                governed_by: vec![code("a listener at the destination")],
+                owner: owner.as_ref().map(OwnerView::from),
+                count: n,
+                examples,
+            });
+        }
+        let (n, owner, examples) = gather(&|k| {
+            !k.sent
+                && !matches!(
+                    k.state,
+                    Some(TcpState::SynSent | TcpState::TimeWait | TcpState::Close) | None
+                )
+        });
+        if n > 0 {
+            out.push(Finding {
+                id: "peer_resets",
+                severity: "info",
+                netns,
+                what: format!("{n} connection(s) reset by the peer (ECONNRESET)"),
+                cause: "the peer aborted: its application closed with unread data or a zero SO_LINGER, or it restarted; or a firewall, NAT or load balancer on the path dropped the connection's state after an idle timeout".into(),
+                governed_by: vec![
+                    code("the peer's application"),
+                    gov(sc, "net.ipv4.tcp_keepalive_time"),
+                ],
+                owner: owner.as_ref().map(OwnerView::from),
+                count: n,
+                examples,
+            });
+        }
+        let (n, _, examples) = gather(&|k| {
+            k.sent
+                && (named(k, &["NO_SOCKET"])
+                    || (k.no_socket && k.reason.and_then(super::event::rst_reason_name).is_none()))
+        });
+        if n > 0 {
+            out.push(Finding {
+                id: "reset_no_socket",
+                severity: "info",
+                netns,
+                what: format!("{n} segment(s) answered with RST: no socket here for them"),
+                cause: "nothing listens on the port (connection refused), or the connection is already gone on this side and its peer still sends".into(),
+                governed_by: vec![code("a listener on that port")],
+                owner: None,
+                count: n,
+                examples,
+            });
+        }
+    }
+    out
 }
 
 fn tuple(local: &SocketAddr, remote: &SocketAddr) -> String {
@@ -477,6 +653,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
             netns: n.inode,
             sockstat_tw: n.sockstat.tw,
             sockstat_inuse: n.sockstat.inuse,
+            sockstat_orphan: n.sockstat.orphan,
             counters,
             sysctls: n.sysctls.clone(),
         });
@@ -1068,6 +1245,8 @@ fn findings<'a>(
         });
     }
 
+    out.extend(reset_findings(agg, input, s, sysctls_of));
+
     let lost = input.loss.total();
     if lost > 0 {
         out.push(Finding {
@@ -1294,6 +1473,156 @@ mod tests {
             vec!["10.0.0.1:40003 -> 10.0.0.2:443".to_string()]
         );
         assert_eq!(finding(&s, "data_retransmits").map(|f| f.count), Some(1));
+    }
+
+    /// A reset event in namespace 1: `local` sent (or received) it in `state`.
+    fn reset(
+        agg: &mut Aggregator,
+        sent: bool,
+        state: Option<TcpState>,
+        reason: Option<u32>,
+        local: u16,
+        remote: u16,
+        pid: Option<u32>,
+    ) {
+        use crate::model::event::{Comm, Event, EventKind, Family, OwnerSource};
+        let no_socket = sent && state.is_none();
+        agg.apply(&Event {
+            ts_ns: 1000 * MS,
+            cookie: if no_socket { 0 } else { u64::from(local) },
+            skaddr: if no_socket { 0 } else { u64::from(local) },
+            netns: 1,
+            family: Family::Inet,
+            local: SocketAddr::from(([127, 0, 0, 1], local)),
+            remote: SocketAddr::from(([127, 0, 0, 1], remote)),
+            owner: pid.map(|pid| Owner {
+                pid,
+                tid: pid,
+                comm: Comm::new("app"),
+                cgroup_id: 0,
+                source: OwnerSource::Task,
+            }),
+            softirq: pid.is_none(),
+            kind: EventKind::Reset {
+                sent,
+                state,
+                reason,
+            },
+        });
+    }
+
+    fn with_counters<'a>(mut input: Input<'a>, counters: &[(&str, u64)]) -> Input<'a> {
+        input.namespaces[0].counters_now =
+            Counters(counters.iter().map(|(k, v)| (k.to_string(), *v)).collect());
+        input
+    }
+
+    #[test]
+    fn resets_are_explained_by_cause() {
+        crate::model::event::test_rst_reasons();
+        let mut agg = Aggregator::new(AggConfig::default());
+        let (est, close) = (Some(TcpState::Established), Some(TcpState::Close));
+        // A server closes with a request unread: its RST, and the client seeing it.
+        reset(&mut agg, true, close, Some(11), 80, 40000, Some(7));
+        reset(&mut agg, false, est, None, 40000, 80, Some(8));
+        // A zero-linger close (the generic TCP_STATE reason) and what its peer sees.
+        reset(&mut agg, true, close, Some(14), 40001, 80, Some(8));
+        reset(
+            &mut agg,
+            false,
+            Some(TcpState::CloseWait),
+            None,
+            80,
+            40001,
+            Some(7),
+        );
+        // A SYN to a closed port, both sides.
+        reset(&mut agg, true, None, Some(1), 81, 40002, None);
+        reset(
+            &mut agg,
+            false,
+            Some(TcpState::SynSent),
+            None,
+            40002,
+            81,
+            Some(8),
+        );
+        let counters = [("TcpExt:TCPAbortOnClose", 1), ("TcpExt:TCPAbortOnData", 1)];
+        let s = build(&agg, &with_counters(input(Some(&[])), &counters));
+        let ids: Vec<&str> = s.findings.iter().map(|f| f.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "reset_on_close",
+                "abortive_close",
+                "connect_refused",
+                "peer_resets",
+                "reset_no_socket"
+            ]
+        );
+        let f = finding(&s, "reset_on_close").unwrap();
+        assert_eq!((f.severity, f.count), ("warning", 1));
+        assert_eq!(f.owner.as_ref().map(|o| o.pid), Some(7));
+        assert_eq!(f.examples, ["127.0.0.1:80 -> 127.0.0.1:40000"]);
+        let f = finding(&s, "abortive_close").unwrap();
+        assert_eq!(
+            (f.count, &f.examples[..]),
+            (1, &["127.0.0.1:40001 -> 127.0.0.1:80".to_string()][..])
+        );
+        let f = finding(&s, "connect_refused").unwrap();
+        assert_eq!((f.count, f.owner.as_ref().map(|o| o.pid)), (1, Some(8)));
+        assert_eq!(f.examples, ["127.0.0.1:40002 -> 127.0.0.1:81"]);
+        let f = finding(&s, "peer_resets").unwrap();
+        assert_eq!(f.count, 2);
+        let f = finding(&s, "reset_no_socket").unwrap();
+        assert_eq!((f.count, f.owner.is_none()), (1, true));
+        assert_eq!(f.examples, ["127.0.0.1:81 -> 127.0.0.1:40002"]);
+    }
+
+    #[test]
+    fn reset_counts_come_from_the_kernel_counters_where_events_lack_reasons() {
+        crate::model::event::test_rst_reasons();
+        let mut agg = Aggregator::new(AggConfig::default());
+        // A kernel without reset reasons (before 6.10): a reset without a socket is still a
+        // segment nothing matched.
+        reset(
+            &mut agg,
+            true,
+            Some(TcpState::Close),
+            None,
+            80,
+            40000,
+            Some(7),
+        );
+        reset(&mut agg, true, None, None, 81, 40002, None);
+        let counters = [
+            ("TcpExt:TCPAbortOnClose", 3),
+            ("TcpExt:TCPAbortOnMemory", 2),
+        ];
+        let mut inp = with_counters(input(Some(&[])), &counters);
+        inp.namespaces[0].sockstat.orphan = 70_000;
+        inp.namespaces[0]
+            .sysctls
+            .insert("net.ipv4.tcp_max_orphans".into(), "65536".into());
+        let s = build(&agg, &inp);
+        let f = finding(&s, "reset_on_close").unwrap();
+        assert_eq!((f.count, f.examples.len()), (3, 0));
+        let f = finding(&s, "reset_on_memory").unwrap();
+        assert_eq!((f.severity, f.count), ("critical", 2));
+        assert!(f.what.contains("70000 orphaned"), "{}", f.what);
+        assert_eq!(
+            (
+                f.governed_by[0].name.as_str(),
+                f.governed_by[0].value.as_deref()
+            ),
+            ("net.ipv4.tcp_max_orphans", Some("65536"))
+        );
+        assert_eq!(finding(&s, "reset_no_socket").map(|f| f.count), Some(1));
+        assert!(finding(&s, "abortive_close").is_none());
+        // Without counters (a capture), nothing is claimed the events do not show.
+        let s = build(&agg, &input(None));
+        assert!(finding(&s, "reset_on_close").is_none());
+        assert!(finding(&s, "reset_on_memory").is_none());
     }
 
     #[test]

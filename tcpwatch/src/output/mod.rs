@@ -7,24 +7,7 @@ pub mod snapshot;
 pub mod trace;
 pub mod tui;
 
-static RST_REASONS: std::sync::OnceLock<Vec<(u32, &'static str)>> = std::sync::OnceLock::new();
-
-/// Names of `enum sk_rst_reason` values, from the kernel's BTF at start (set once).
-pub fn set_rst_reasons(names: Vec<(u32, String)>) {
-    let leaked: Vec<(u32, &'static str)> = names
-        .into_iter()
-        .map(|(v, n)| (v, &*Box::leak(n.into_boxed_str())))
-        .collect();
-    let _ = RST_REASONS.set(leaked);
-}
-
-pub fn rst_reason_name(v: u32) -> Option<&'static str> {
-    RST_REASONS
-        .get()?
-        .iter()
-        .find(|(n, _)| *n == v)
-        .map(|(_, s)| *s)
-}
+pub use crate::model::event::{rst_reason_name, set_rst_reasons};
 
 /// Converts CLOCK_MONOTONIC nanoseconds into wall-clock time for human output.
 #[derive(Clone, Copy, Debug)]

@@ -130,19 +130,28 @@ pub fn event_from_json(v: &Value) -> Option<Event> {
 pub fn read(r: impl BufRead) -> std::io::Result<(Vec<Event>, usize)> {
     let mut out = Vec::new();
     let mut skipped = 0;
+    // Reset reason codes are the capturing kernel's numbering: its names come along.
+    let mut reasons: Vec<(u32, String)> = Vec::new();
     for line in r.lines() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Value>(&line)
-            .ok()
-            .as_ref()
-            .and_then(event_from_json)
+        let v = serde_json::from_str::<Value>(&line).ok();
+        if let Some(v) = &v
+            && let (Some(code), Some(name)) = (v["reason_code"].as_u64(), v["reason"].as_str())
+            && v["type"] == "reset"
+            && !reasons.iter().any(|(c, _)| u64::from(*c) == code)
         {
+            reasons.push((code as u32, name.to_string()));
+        }
+        match v.as_ref().and_then(event_from_json) {
             Some(e) => out.push(e),
             None => skipped += 1,
         }
+    }
+    if !reasons.is_empty() {
+        crate::model::event::set_rst_reasons(reasons);
     }
     out.sort_by_key(|e| e.ts_ns);
     Ok((out, skipped))

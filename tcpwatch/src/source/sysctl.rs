@@ -22,6 +22,9 @@ pub const NAMES: &[&str] = &[
     "net.ipv4.tcp_keepalive_time",
     "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
+    // Host-wide: only the initial namespace has them.
+    "net.ipv4.tcp_max_orphans",
+    "net.ipv4.tcp_mem",
 ];
 
 pub fn path(name: &str) -> String {

@@ -1,6 +1,6 @@
 //! `tcpwatch snapshot`: per-state counts equal `ss` on the same namespace; findings for S5
-//! (accept-queue overflow), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), and none
-//! on clean traffic.
+//! (accept-queue overflow), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), S11,
+//! resets by cause, and none on clean traffic.
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ pub const TESTS: &[crate::Test] = &[
         "snapshot_s11_retransmit_storm_vs_recovered_loss",
         s11_storm_vs_loss,
     ),
+    ("snapshot_resets_explained_by_cause", resets_explained),
 ];
 
 fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
@@ -505,4 +506,114 @@ fn clean() {
     assert_eq!(snap["histograms"]["handshake_us"]["count"], 20);
     assert_eq!(snap["time_wait"]["entered"], 20);
     assert_eq!(snap["loss"]["kernel_dropped"], 0);
+}
+
+/// Three ways to a reset, each named with its cause: a server closing with a request unread, a
+/// client closing with a zero linger, a connect to a port nothing listens on. The counts are
+/// the kernel's (TCPAbortOnClose, TCPAbortOnData, OutRsts) in that namespace.
+fn resets_explained() {
+    let ns = Netns::new();
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:8120 16");
+    let id_port = |r: String| {
+        let mut it = r.split_whitespace();
+        let id = it.next().unwrap().to_string();
+        (id, it.next().unwrap().to_string())
+    };
+    let ns_name = ns.name.clone();
+    let counters = |ns: &Netns| {
+        (
+            ns.counter("TcpExt", "TCPAbortOnClose"),
+            ns.counter("TcpExt", "TCPAbortOnData"),
+            ns.counter("Tcp", "OutRsts"),
+        )
+    };
+    let (snap, before, after, ports) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let out = Command::new(TCPWATCH)
+                .args(["snapshot", "--json", "--duration", "2", "--netns", &ns_name])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        let before = counters(&ns);
+        let (c1, p1) = id_port(client.ok("connect 127.0.0.1:8120"));
+        let (a1, _) = id_port(server.ok(&format!("accept {l}")));
+        client.ok(&format!("send {c1} 10"));
+        client.ok("sleep 50");
+        server.ok(&format!("close {a1}"));
+        client.ok(&format!("close {c1}"));
+        let (c2, p2) = id_port(client.ok("connect 127.0.0.1:8120"));
+        let (a2, _) = id_port(server.ok(&format!("accept {l}")));
+        client.ok(&format!("linger0 {c2}"));
+        client.ok(&format!("close {c2}"));
+        server.ok("sleep 50");
+        server.ok(&format!("close {a2}"));
+        assert_eq!(
+            client.cmd_timeout("connect 127.0.0.1:8121", Duration::from_secs(5)),
+            "err ECONNREFUSED"
+        );
+        let after = counters(&ns);
+        (h.join().unwrap(), before, after, (p1, p2))
+    });
+    let ids: Vec<&str> = snap["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "reset_on_close",
+            "abortive_close",
+            "connect_refused",
+            "peer_resets",
+            "reset_no_socket"
+        ],
+        "{:#}",
+        snap["findings"]
+    );
+    let one = |id: &str| findings(&snap, id)[0].clone();
+    let f = one("reset_on_close");
+    assert_eq!(f["count"].as_u64(), Some(after.0 - before.0), "{f:#}");
+    assert_eq!(f["count"], 1);
+    assert_eq!(f["owner"]["pid"].as_u64(), Some(server.pid as u64));
+    assert_eq!(
+        f["examples"][0],
+        format!("127.0.0.1:8120 -> 127.0.0.1:{}", ports.0)
+    );
+    let f = one("abortive_close");
+    assert_eq!(f["count"].as_u64(), Some(after.1 - before.1), "{f:#}");
+    assert_eq!(f["count"], 1);
+    assert_eq!(f["owner"]["pid"].as_u64(), Some(client.pid as u64));
+    assert_eq!(
+        f["examples"][0],
+        format!("127.0.0.1:{} -> 127.0.0.1:8120", ports.1)
+    );
+    let f = one("connect_refused");
+    assert_eq!(f["count"], 1, "{f:#}");
+    assert_eq!(f["owner"]["pid"].as_u64(), Some(client.pid as u64));
+    assert!(
+        f["examples"][0]
+            .as_str()
+            .unwrap()
+            .ends_with(" -> 127.0.0.1:8121")
+    );
+    // The client saw the first reset, the server the second.
+    let f = one("peer_resets");
+    assert_eq!(f["count"], 2, "{f:#}");
+    let f = one("reset_no_socket");
+    assert_eq!(f["count"], 1, "{f:#}");
+    assert!(
+        f["examples"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:8121 -> ")
+    );
+    assert_eq!(snap["resets"]["sent"].as_u64(), Some(after.2 - before.2));
+    assert_eq!(snap["resets"]["sent"], 3);
 }
