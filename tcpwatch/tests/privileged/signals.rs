@@ -245,10 +245,22 @@ fn s3_syn_lost(linear: u32) {
     });
     let evs = tracer.stop();
     let syn = retransmits(&evs, "syn");
+    // Every retransmit record (attempts not sent included) and the kernel's count, to tell a
+    // missed event from a kernel that retransmitted differently.
+    let brief: Vec<String> = of_type(&evs, "retransmit")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} #{} +{}ns segs {} err {}",
+                e["kind"], e["nth"], e["interval_ns"], e["segs"], e["err"]
+            )
+        })
+        .collect();
     assert_eq!(
         syn.len(),
         times.len(),
-        "schedule {times:?}: {syn:#?}; loss: {:?}",
+        "schedule {times:?}: {brief:?}; TCPSynRetrans +{}; loss: {:?}",
+        ns.counter("TcpExt", "TCPSynRetrans") - before,
         of_type(&evs, "loss")
     );
     let key = sock_key(syn[0]);
