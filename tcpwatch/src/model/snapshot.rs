@@ -156,6 +156,15 @@ pub struct PortCount {
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct OwnerCount {
+    pub pid: u32,
+    pub comm: String,
+    pub count: u64,
+    /// How it is known: `closed` (seen closing), `listener` (on its listening port).
+    pub source: &'static str,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct RemoteCount {
     pub netns: u32,
     pub addr: String,
@@ -184,6 +193,11 @@ pub struct TimeWaitView {
     pub fin_wait2: u64,
     pub by_local_port: Vec<PortCount>,
     pub by_remote: Vec<RemoteCount>,
+    /// Who closed them: the owner seen closing the socket (events), else the listener on
+    /// whose port it is (a server closed first). The kernel keeps no owner for them.
+    pub by_owner: Vec<OwnerCount>,
+    /// Those neither way attributes (an instant snapshot of client-side TIME_WAIT).
+    pub owner_unknown: u64,
     pub port_headroom: Vec<Headroom>,
     /// sockstat `tw` per namespace against what tcpwatch tracks (health).
     pub drift: Vec<Drift>,
@@ -358,6 +372,55 @@ fn code(what: &str) -> Governor {
         name: what.to_string(),
         value: None,
     }
+}
+
+/// TIME_WAIT by who closed it: the timewait registry knows the owner of sockets seen closing;
+/// a timewait socket on a listening port is the server side of a connection its listener
+/// accepted, closed first by the server.
+fn time_wait_owners(agg: &Aggregator, inv: &[SockRec], tws: &[&SockRec]) -> (Vec<OwnerCount>, u64) {
+    use rustc_hash::FxHashMap;
+    let closed: FxHashMap<(u32, SocketAddr, SocketAddr), Owner> = agg
+        .timewait
+        .values()
+        .filter_map(|e| Some(((e.netns, e.local, e.remote), e.owner?)))
+        .collect();
+    let listeners: FxHashMap<(u32, u16), Owner> = inv
+        .iter()
+        .filter(|r| r.state == TcpState::Listen)
+        .filter_map(|r| Some(((r.netns, r.local.port()), r.owner?)))
+        .collect();
+    let mut counts: BTreeMap<(u32, String, &'static str), u64> = BTreeMap::new();
+    let mut unknown = 0;
+    for r in tws {
+        let known = closed
+            .get(&(r.netns, r.local, r.remote))
+            .map(|o| (o, "closed"))
+            .or_else(|| {
+                listeners
+                    .get(&(r.netns, r.local.port()))
+                    .map(|o| (o, "listener"))
+            });
+        match known {
+            Some((o, source)) => {
+                *counts
+                    .entry((o.pid, o.comm.to_string_lossy(), source))
+                    .or_insert(0) += 1
+            }
+            None => unknown += 1,
+        }
+    }
+    let mut v: Vec<OwnerCount> = counts
+        .into_iter()
+        .map(|((pid, comm, source), count)| OwnerCount {
+            pid,
+            comm,
+            count,
+            source,
+        })
+        .collect();
+    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+    v.truncate(TOP);
+    (v, unknown)
 }
 
 /// Resets explained, per namespace. What made this host send them comes from the kernel's
@@ -769,6 +832,9 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     remotes.sort_by_key(|r| std::cmp::Reverse(r.count));
     remotes.truncate(TOP);
     s.time_wait.by_remote = remotes;
+    let (by_owner, unknown) = time_wait_owners(agg, inv, &tws);
+    s.time_wait.by_owner = by_owner;
+    s.time_wait.owner_unknown = unknown;
     for n in &input.namespaces {
         // An instant snapshot follows no events: what it tracks is what it just listed.
         let tracked = if input.window_ns == 0 {
@@ -1623,6 +1689,56 @@ mod tests {
         let s = build(&agg, &input(None));
         assert!(finding(&s, "reset_on_close").is_none());
         assert!(finding(&s, "reset_on_memory").is_none());
+    }
+
+    #[test]
+    fn time_wait_is_owned_by_its_closer_or_its_listener() {
+        use crate::model::aggregate::TwEntry;
+        use crate::model::event::{Comm, OwnerSource};
+        let who = |pid, comm: &str| Owner {
+            pid,
+            tid: pid,
+            comm: Comm::new(comm),
+            cgroup_id: 0,
+            source: OwnerSource::Task,
+        };
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let mut agg = Aggregator::new(AggConfig::default());
+        // A client's TIME_WAIT seen entering after its owner closed it.
+        agg.seed_timewait(
+            9,
+            TwEntry {
+                netns: 1,
+                local: a(40001),
+                remote: a(5432),
+                enter_ns: Some(1),
+                substate: Some(TcpState::TimeWait),
+                owner: Some(who(10, "client")),
+            },
+        );
+        let mut listener = crate::source::inventory::test_rec(TcpState::Listen, 1, a(80), a(0));
+        listener.owner = Some(who(20, "nginx"));
+        let mut inv = vec![listener];
+        for (l, r) in [(40001, 5432), (80, 50000), (80, 50001), (40002, 5432)] {
+            inv.push(crate::source::inventory::test_rec(
+                TcpState::TimeWait,
+                1,
+                a(l),
+                a(r),
+            ));
+        }
+        let s = build(&agg, &input(Some(&inv)));
+        let got: Vec<(u32, &str, u64, &str)> = s
+            .time_wait
+            .by_owner
+            .iter()
+            .map(|o| (o.pid, o.comm.as_str(), o.count, o.source))
+            .collect();
+        assert_eq!(
+            got,
+            [(20, "nginx", 2, "listener"), (10, "client", 1, "closed")]
+        );
+        assert_eq!(s.time_wait.owner_unknown, 1);
     }
 
     #[test]

@@ -146,6 +146,22 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
             .map(|p| format!("{} {}", p.port, p.count))
             .collect();
         writeln!(w, "  by local port:      {}", p.join(", "))?;
+        let mut o: Vec<String> = tw
+            .by_owner
+            .iter()
+            .map(|o| {
+                let how = if o.source == "listener" {
+                    " (on its listening port)"
+                } else {
+                    ""
+                };
+                format!("{} (pid {}) {}{how}", o.comm, o.pid, o.count)
+            })
+            .collect();
+        if tw.owner_unknown > 0 {
+            o.push(format!("unknown {}", tw.owner_unknown));
+        }
+        writeln!(w, "  by owner:           {}", o.join(", "))?;
     }
     for h in &tw.port_headroom {
         writeln!(

@@ -321,17 +321,34 @@ fn s7_finding() {
     let mut server = ns.peer("tw-server");
     let l = server.ok("listen 127.0.0.1:8115 4096");
     server.cmd_timeout(&format!("churn {l} 2000"), Duration::from_secs(120));
+    // Five more where the server closes first: their TIME_WAIT is on the listening port.
+    let mut client = ns.peer("tw-client");
+    for _ in 0..5 {
+        let c = client.ok("connect 127.0.0.1:8115");
+        let c = c.split_whitespace().next().unwrap();
+        let a = server.ok(&format!("accept {l}"));
+        server.ok(&format!("close {}", a.split_whitespace().next().unwrap()));
+        assert_eq!(client.ok(&format!("recv {c} 1")), "0");
+        client.ok(&format!("close {c}"));
+    }
     let snap = snapshot(&ns, &[]);
     assert_states(&snap, &ns);
     let tw = &snap["time_wait"];
-    assert_eq!(tw["total"], 2000);
+    assert_eq!(tw["total"], 2005);
     assert_eq!(tw["by_remote"][0]["port"], 8115);
     assert_eq!(tw["by_remote"][0]["count"], 2000);
-    assert_eq!(tw["drift"][0]["sockstat"], 2000);
+    assert_eq!(tw["drift"][0]["sockstat"], 2005);
     assert_eq!(
-        tw["drift"][0]["tracked"], 2000,
+        tw["drift"][0]["tracked"], 2005,
         "an instant snapshot tracks what it listed"
     );
+    // Who closed them: the server side by its listener; the churn's client side closed
+    // before tcpwatch looked, so nothing names it.
+    assert_eq!(
+        tw["by_owner"],
+        serde_json::json!([{"pid": server.pid, "comm": "tw-server", "count": 5, "source": "listener"}])
+    );
+    assert_eq!(tw["owner_unknown"], 2000);
     assert_eq!(tw["port_headroom"][0]["in_use"], 2000);
     assert_eq!(tw["port_headroom"][0]["range"], 3000);
     let f = findings(&snap, "ephemeral_port_pressure");
@@ -505,6 +522,12 @@ fn clean() {
     );
     assert_eq!(snap["histograms"]["handshake_us"]["count"], 20);
     assert_eq!(snap["time_wait"]["entered"], 20);
+    // The client closed first: its TIME_WAIT sockets are named by the close tcpwatch saw.
+    assert_eq!(
+        snap["time_wait"]["by_owner"],
+        serde_json::json!([{"pid": client.pid, "comm": "tw-client", "count": 20, "source": "closed"}])
+    );
+    assert_eq!(snap["time_wait"]["owner_unknown"], 0);
     assert_eq!(snap["loss"]["kernel_dropped"], 0);
 }
 

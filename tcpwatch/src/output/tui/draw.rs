@@ -260,6 +260,12 @@ fn timewait_panel(f: &mut Frame, app: &App, area: Rect) {
         .take(6)
         .map(|p| format!("{} {}", p.port, p.count))
         .collect();
+    let owners: Vec<String> = tw
+        .by_owner
+        .iter()
+        .take(3)
+        .map(|o| format!("{}/{} {}", o.pid, o.comm, o.count))
+        .collect();
     let headroom = tw
         .port_headroom
         .first()
@@ -285,11 +291,16 @@ fn timewait_panel(f: &mut Frame, app: &App, area: Rect) {
             }
         )),
         Line::from(format!(
-            "by local port: {}",
+            "by local port: {}{}",
             if ports.is_empty() {
                 "-".into()
             } else {
                 ports.join(", ")
+            },
+            if owners.is_empty() {
+                String::new()
+            } else {
+                format!("   by owner: {}", owners.join(", "))
             }
         )),
     ];
@@ -653,6 +664,13 @@ mod tests {
             port: 40000,
             count: 1,
         });
+        s.time_wait.by_owner.push(OwnerCount {
+            pid: 4242,
+            comm: "loadgen".into(),
+            count: 2990,
+            source: "closed",
+        });
+        s.time_wait.owner_unknown = 10;
         s.findings.push(Finding {
             id: "accept_queue_overflow",
             severity: "critical",
