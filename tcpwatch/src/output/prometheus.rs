@@ -363,6 +363,16 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
         );
     }
 
+    // Host-wide: every namespace's sockstat shows the same figure.
+    if let Some(n) = s.namespaces.first() {
+        w.head(
+            "tcpwatch_orphan_sockets",
+            "gauge",
+            "Orphaned TCP sockets (closed by their application, still in the kernel), host-wide; the kernel resets beyond net.ipv4.tcp_max_orphans.",
+        );
+        w.sample("tcpwatch_orphan_sockets", &[], n.sockstat_orphan as f64);
+    }
+
     w.head("tcpwatch_findings", "gauge", "Findings firing now, by id and severity (see tcpwatch snapshot for the cause and the sysctl).");
     let mut f: std::collections::BTreeMap<(&str, &str), u64> = std::collections::BTreeMap::new();
     for x in &s.findings {
@@ -484,6 +494,14 @@ mod tests {
         };
         s.states.insert("TIME_WAIT", 3000);
         s.states.insert("ESTABLISHED", 12);
+        s.namespaces.push(crate::model::snapshot::NamespaceView {
+            netns: 4026531840,
+            sockstat_tw: 3000,
+            sockstat_inuse: 15,
+            sockstat_orphan: 4,
+            counters: Default::default(),
+            sysctls: Default::default(),
+        });
         s.listeners = vec![
             listener(8080, 24, 24),
             listener(9000, 0, 0),
@@ -543,6 +561,7 @@ mod tests {
             "tcpwatch_snapshot_build_seconds 0.012",
             "tcpwatch_events_lost_total{where=\"kernel_ring_full\"} 0",
             "tcpwatch_listeners 3",
+            "tcpwatch_orphan_sockets 4",
         ] {
             assert!(t.lines().any(|l| l == want), "missing {want}\n{t}");
         }

@@ -77,6 +77,13 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
             states.join("  ")
         }
     )?;
+    if let Some(n) = s.namespaces.first().filter(|n| n.sockstat_orphan > 0) {
+        writeln!(
+            w,
+            "  orphaned (closed, still in the kernel; host-wide): {}",
+            n.sockstat_orphan
+        )?;
+    }
     writeln!(w)?;
     writeln!(w, "LISTENERS ({})", s.listeners.len())?;
     if !s.listeners.is_empty() {
