@@ -432,6 +432,9 @@ fn held_final_acks(abort: bool, syn_refusing: bool) -> (Vec<Value>, Netns, Peer,
     // draw more overflows while the test reads ListenDrops.
     ns.sysctl("net.ipv4.tcp_synack_retries", "1");
     ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    // Refused SYNs are retried once (at 1 s): with linear timeouts a second retry at 2 s
+    // would land while the test stops the tracer and reads ListenDrops.
+    ns.sysctl("net.ipv4.tcp_syn_linear_timeouts", "0");
     ns.sysctl(
         "net.ipv4.tcp_abort_on_overflow",
         if abort { "1" } else { "0" },
@@ -872,6 +875,7 @@ fn s11_data_retransmits() {
     let (c, _cport) = id_port(&client.ok("connect 127.0.0.1:8100"));
     server.ok(&format!("accept {l}"));
     let before = ns.counter("Tcp", "RetransSegs");
+    let timeouts = ns.counter("TcpExt", "TCPTimeouts");
     ns.nft(&drop_rule("tcp dport 8100"));
     client.ok(&format!("send {c} 100"));
     tracer.wait_for("the abort", Duration::from_secs(30), |evs| {
@@ -889,10 +893,24 @@ fn s11_data_retransmits() {
         data[0]["interval_ns"].is_null(),
         "nothing before the first retransmit"
     );
+    let brief: Vec<String> = of_type(&evs, "retransmit")
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} #{} +{}ns segs {} err {}",
+                e["sport"], e["dport"], e["nth"], e["interval_ns"], e["segs"], e["err"]
+            )
+        })
+        .chain(of_type(&evs, "loss").iter().map(|e| e.to_string()))
+        .collect();
     for w in data[1..].windows(2) {
         let (a, b) = (u(w[0], "interval_ns").max(1), u(w[1], "interval_ns"));
         let r = b as f64 / a as f64;
-        assert!((1.6..2.4).contains(&r), "backoff ratio {r:.2}: {data:#?}");
+        assert!(
+            (1.6..2.4).contains(&r),
+            "backoff ratio {r:.2}: {brief:?}; TCPTimeouts +{}",
+            ns.counter("TcpExt", "TCPTimeouts") - timeouts
+        );
     }
     near(
         "second interval",
