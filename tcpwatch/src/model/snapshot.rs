@@ -156,6 +156,14 @@ pub struct PortCount {
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct OwnerStates {
+    pub pid: u32,
+    pub comm: String,
+    pub sockets: u64,
+    pub states: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct OwnerCount {
     pub pid: u32,
     pub comm: String,
@@ -334,6 +342,9 @@ pub struct Snapshot {
     /// Sockets per state as `ss -tan` counts them (a timewait socket by its substate, a
     /// request socket as SYN_RECV), TIME_WAIT included.
     pub states: BTreeMap<&'static str, u64>,
+    /// Sockets per owning process and state, the most first (the tally people make of
+    /// `ss -tanp`); timewait sockets, which no process holds, are in `time_wait.by_owner`.
+    pub owners: Vec<OwnerStates>,
     pub listeners: Vec<ListenerView>,
     pub time_wait: TimeWaitView,
     /// Kernel MIB deltas over the window (TcpExt/Tcp, the watched or home namespace).
@@ -372,6 +383,48 @@ fn code(what: &str) -> Governor {
         name: what.to_string(),
         value: None,
     }
+}
+
+/// Sockets by owner and state: the listing's owners, or in a replay the live timelines'.
+fn owner_states(agg: &Aggregator, inventory: Option<&[SockRec]>) -> Vec<OwnerStates> {
+    let mut by: BTreeMap<(u32, String), BTreeMap<&'static str, u64>> = BTreeMap::new();
+    let mut add = |o: &Owner, st: TcpState| {
+        *by.entry((o.pid, o.comm.to_string_lossy()))
+            .or_default()
+            .entry(st.name())
+            .or_insert(0) += 1;
+    };
+    match inventory {
+        Some(inv) => {
+            for r in inv.iter().filter(|r| r.state != TcpState::TimeWait) {
+                if let Some(o) = &r.owner {
+                    add(o, ss_state(r));
+                }
+            }
+        }
+        None => {
+            for t in agg
+                .sockets()
+                .filter(|t| t.ended_ns().is_none() && t.state != Some(TcpState::Close))
+            {
+                if let (Some(o), Some(st)) = (&t.owner, t.state) {
+                    add(o, st);
+                }
+            }
+        }
+    }
+    let mut v: Vec<OwnerStates> = by
+        .into_iter()
+        .map(|((pid, comm), states)| OwnerStates {
+            pid,
+            comm,
+            sockets: states.values().sum(),
+            states,
+        })
+        .collect();
+    v.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.pid.cmp(&b.pid)));
+    v.truncate(TOP);
+    v
 }
 
 /// TIME_WAIT by who closed it: the timewait registry knows the owner of sockets seen closing;
@@ -694,6 +747,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
         }
         *s.states.entry(TcpState::Listen.name()).or_insert(0) += agg.listeners.len() as u64;
     }
+    s.owners = owner_states(agg, input.inventory);
 
     // Namespaces: the top-level counters and sysctls are the watched one's when only one is
     // watched, else tcpwatch's own.
@@ -1689,6 +1743,79 @@ mod tests {
         let s = build(&agg, &input(None));
         assert!(finding(&s, "reset_on_close").is_none());
         assert!(finding(&s, "reset_on_memory").is_none());
+    }
+
+    #[test]
+    fn sockets_by_owner_from_the_listing_or_the_events() {
+        use crate::model::event::{Comm, Event, EventKind, Family, OwnerSource};
+        let who = |pid| Owner {
+            pid,
+            tid: pid,
+            comm: Comm::new(if pid == 1 { "db" } else { "app" }),
+            cgroup_id: 0,
+            source: OwnerSource::Task,
+        };
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let rec = |st, l, r, pid: Option<u32>| {
+            let mut x = crate::source::inventory::test_rec(st, 1, a(l), a(r));
+            x.owner = pid.map(who);
+            x
+        };
+        let inv = vec![
+            rec(TcpState::Listen, 5432, 0, Some(1)),
+            rec(TcpState::Established, 5432, 40000, Some(1)),
+            rec(TcpState::Established, 40000, 5432, Some(2)),
+            rec(TcpState::CloseWait, 5432, 40001, Some(1)),
+            rec(TcpState::TimeWait, 40002, 5432, None),
+        ];
+        let agg = Aggregator::new(AggConfig::default());
+        let s = build(&agg, &input(Some(&inv)));
+        type Row<'a> = (u32, u64, Vec<(&'a str, u64)>);
+        let got: Vec<Row> = s
+            .owners
+            .iter()
+            .map(|o| {
+                (
+                    o.pid,
+                    o.sockets,
+                    o.states.iter().map(|(k, v)| (*k, *v)).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    1,
+                    3,
+                    vec![("CLOSE_WAIT", 1), ("ESTABLISHED", 1), ("LISTEN", 1)]
+                ),
+                (2, 1, vec![("ESTABLISHED", 1)])
+            ]
+        );
+        // A capture: the live timelines, closed ones left out.
+        let mut agg = Aggregator::new(AggConfig::default());
+        for (cookie, new) in [(7, TcpState::Established), (8, TcpState::Close)] {
+            agg.apply(&Event {
+                ts_ns: 5,
+                cookie,
+                skaddr: cookie,
+                netns: 1,
+                family: Family::Inet,
+                local: a(40000 + cookie as u16),
+                remote: a(80),
+                owner: Some(who(2)),
+                softirq: false,
+                kind: EventKind::State {
+                    old: TcpState::SynSent,
+                    new,
+                    prev_state_ns: None,
+                },
+            });
+        }
+        let s = build(&agg, &input(None));
+        assert_eq!(s.owners.len(), 1);
+        assert_eq!((s.owners[0].pid, s.owners[0].sockets), (2, 1));
     }
 
     #[test]

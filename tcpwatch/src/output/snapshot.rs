@@ -77,6 +77,17 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
             states.join("  ")
         }
     )?;
+    for o in &s.owners {
+        let st: Vec<String> = o.states.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        writeln!(
+            w,
+            "  {} (pid {}): {} socket(s): {}",
+            o.comm,
+            o.pid,
+            o.sockets,
+            st.join(", ")
+        )?;
+    }
     if let Some(n) = s.namespaces.first().filter(|n| n.sockstat_orphan > 0) {
         writeln!(
             w,

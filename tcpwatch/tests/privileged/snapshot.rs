@@ -41,23 +41,26 @@ fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
 fn ss_states(ns: &Netns) -> std::collections::BTreeMap<String, u64> {
     let mut m = std::collections::BTreeMap::new();
     for l in ns.ss(&[]) {
-        let st = l.split_whitespace().next().unwrap_or("");
-        let name = match st {
-            "ESTAB" => "ESTABLISHED",
-            "SYN-SENT" => "SYN_SENT",
-            "SYN-RECV" => "SYN_RECV",
-            "FIN-WAIT-1" => "FIN_WAIT1",
-            "FIN-WAIT-2" => "FIN_WAIT2",
-            "TIME-WAIT" => "TIME_WAIT",
-            "CLOSE-WAIT" => "CLOSE_WAIT",
-            "LAST-ACK" => "LAST_ACK",
-            "LISTEN" => "LISTEN",
-            "CLOSING" => "CLOSING",
-            other => panic!("unexpected ss state {other}"),
-        };
+        let name = ss_name(l.split_whitespace().next().unwrap_or(""));
         *m.entry(name.to_string()).or_insert(0) += 1;
     }
     m
+}
+
+fn ss_name(st: &str) -> &'static str {
+    match st {
+        "ESTAB" => "ESTABLISHED",
+        "SYN-SENT" => "SYN_SENT",
+        "SYN-RECV" => "SYN_RECV",
+        "FIN-WAIT-1" => "FIN_WAIT1",
+        "FIN-WAIT-2" => "FIN_WAIT2",
+        "TIME-WAIT" => "TIME_WAIT",
+        "CLOSE-WAIT" => "CLOSE_WAIT",
+        "LAST-ACK" => "LAST_ACK",
+        "LISTEN" => "LISTEN",
+        "CLOSING" => "CLOSING",
+        other => panic!("unexpected ss state {other}"),
+    }
 }
 
 fn assert_states(snap: &Value, ns: &Netns) {
@@ -86,6 +89,49 @@ fn findings<'a>(snap: &'a Value, id: &str) -> Vec<&'a Value> {
         .iter()
         .filter(|f| f["id"] == id)
         .collect()
+}
+
+/// `ss -tanp` tallied by process and state (what people do by hand) against the snapshot's
+/// `owners`: the same processes with the same counts.
+fn assert_owners(snap: &Value, ns: &Netns) {
+    use std::collections::BTreeMap;
+    let mut ss: BTreeMap<(u64, String), BTreeMap<String, u64>> = BTreeMap::new();
+    for l in ns.ss(&["-p"]) {
+        let st = ss_name(l.split_whitespace().next().unwrap_or(""));
+        // users:(("tw-server",pid=123,fd=5))
+        let Some(u) = l.split("users:((\"").nth(1) else {
+            continue;
+        };
+        let comm = u.split('"').next().unwrap().to_string();
+        let pid: u64 = u
+            .split("pid=")
+            .nth(1)
+            .and_then(|p| p.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        *ss.entry((pid, comm))
+            .or_default()
+            .entry(st.to_string())
+            .or_insert(0) += 1;
+    }
+    let mut got: BTreeMap<(u64, String), BTreeMap<String, u64>> = BTreeMap::new();
+    for o in snap["owners"].as_array().unwrap() {
+        let states = o["states"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect();
+        got.insert(
+            (
+                o["pid"].as_u64().unwrap(),
+                o["comm"].as_str().unwrap().to_string(),
+            ),
+            states,
+        );
+    }
+    assert!(!ss.is_empty());
+    assert_eq!(got, ss, "snapshot owners vs ss -tanp");
 }
 
 /// Every kind of socket at once: listeners, established pairs, CLOSE_WAIT, FIN_WAIT2 (full and
@@ -124,6 +170,7 @@ fn states_equal_ss() {
     std::thread::sleep(Duration::from_millis(300));
     let snap = snapshot(&ns, &[]);
     assert_states(&snap, &ns);
+    assert_owners(&snap, &ns);
     assert_eq!(snap["states"]["SYN_RECV"], 1);
     assert_eq!(snap["states"]["TIME_WAIT"], 1);
     assert_eq!(snap["states"]["CLOSE_WAIT"], 1);
@@ -161,13 +208,13 @@ fn states_equal_ss() {
     let iter = snapshot(&ns, &["--disable-hook", "sock_diag"]);
     assert_eq!(hook(&iter, "inventory"), "iter/tcp");
     assert_eq!(hook(&iter, "socket owners"), "iter/task_file");
-    for k in ["states", "listeners", "time_wait"] {
+    for k in ["states", "owners", "listeners", "time_wait"] {
         assert_eq!(iter[k], snap[k], "{k}: iter/tcp vs sock_diag");
     }
     // sock_diag asked once per family (the fallback for a kernel refusing the one-walk
     // request) lists the same.
     let per_family = snapshot(&ns, &["--disable-hook", "tcpdiag_getsock"]);
-    for k in ["states", "listeners", "time_wait"] {
+    for k in ["states", "owners", "listeners", "time_wait"] {
         assert_eq!(per_family[k], snap[k], "{k}: per family vs both at once");
     }
     // And the iterator with the /proc/*/fd owners.
@@ -188,6 +235,7 @@ fn states_equal_ss() {
         v
     };
     assert_eq!(owners(&fallback), owners(&snap));
+    assert_eq!(fallback["owners"], snap["owners"]);
     // Watching events where iter/tcp is missing: sock_diag serves the start-up inventory, the
     // listener samples and the final listing.
     let live = snapshot(&ns, &["--duration", "0.6", "--disable-hook", "iter_tcp"]);
