@@ -37,6 +37,38 @@ fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// `snapshot --json --duration SECS` on `ns` while `work` runs (started once tcpwatch has had
+/// `lead_ms` to attach); the snapshot and what `work` returned (return what must outlive
+/// the window, such as peers).
+fn snapshot_while<T>(ns: &Netns, secs: &str, lead_ms: u64, work: impl FnOnce() -> T) -> (Value, T) {
+    let ns_name = ns.name.clone();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let out = Command::new(TCPWATCH)
+                .args([
+                    "snapshot",
+                    "--json",
+                    "--duration",
+                    secs,
+                    "--netns",
+                    &ns_name,
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(lead_ms));
+        let t = work();
+        (h.join().unwrap(), t)
+    })
+}
+
 /// `ss -tan` state counts, under tcpwatch's names.
 fn ss_states(ns: &Netns) -> std::collections::BTreeMap<String, u64> {
     let mut m = std::collections::BTreeMap::new();
@@ -280,25 +312,11 @@ fn s5_finding() {
     server.ok("listen 127.0.0.1:8113 2");
     server.ok("listen 127.0.0.1:8114 64");
     let drops0 = ns.counter("TcpExt", "ListenDrops");
-    let ns_name = ns.name.clone();
-    let snap = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = Command::new(TCPWATCH)
-                .args(["snapshot", "--json", "--duration", "5", "--netns", &ns_name])
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(1200));
+    // The client lives until the snapshot ends.
+    let (snap, _client) = snapshot_while(&ns, "5", 1200, || {
         let mut client = ns.peer("tw-client");
         client.ok("connect_nb 127.0.0.1:8113 6");
-        h.join().unwrap()
+        client
     });
     let drops = ns.counter("TcpExt", "ListenDrops") - drops0;
     assert!(drops > 0);
@@ -471,34 +489,17 @@ fn s11_storm_vs_loss() {
     ns.nft("table inet tw {\n chain in {\n  type filter hook input priority -10;\n  tcp dport 8118 drop\n  tcp dport 8119 numgen inc mod 20 == 0 drop\n }\n}\n");
     let cport = stalled.split_whitespace().nth(1).unwrap().to_string();
     client.ok(&format!("send {} 100", id(stalled)));
-    let ns_name = ns.name.clone();
     const N: usize = 16 << 20;
-    let (snap, _server) = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = Command::new(TCPWATCH)
-                .args([
-                    "snapshot",
-                    "--json",
-                    "--duration",
-                    "2.5",
-                    "--netns",
-                    &ns_name,
-                ])
-                .output()
-                .unwrap();
-            assert_eq!(out.status.code(), Some(0));
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(300));
+    let (snap, _server) = snapshot_while(&ns, "2.5", 300, || {
         // The server lives on: its closing sockets would retransmit FINs into the drop.
-        let r = s.spawn(move || {
+        let r = std::thread::spawn(move || {
             let got = server.ok(&format!("recv {a} {N}"));
             (server, got)
         });
         client.ok(&format!("send {bulk} {N}"));
         let (server, got) = r.join().unwrap();
         assert_eq!(got, N.to_string());
-        (h.join().unwrap(), server)
+        server
     });
     // The stalled socket timed out at +0.2, +0.6 and +1.4 s, the next is at +3 s.
     let f = findings(&snap, "retransmit_storm");
@@ -532,17 +533,7 @@ fn clean() {
     let mut server = ns.peer("tw-server");
     let mut client = ns.peer("tw-client");
     let l = server.ok("listen 127.0.0.1:8117 64");
-    let ns_name = ns.name.clone();
-    let snap = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = Command::new(TCPWATCH)
-                .args(["snapshot", "--json", "--duration", "2", "--netns", &ns_name])
-                .output()
-                .unwrap();
-            assert_eq!(out.status.code(), Some(0));
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(800));
+    let (snap, ()) = snapshot_while(&ns, "2", 800, || {
         for _ in 0..20 {
             let c = client
                 .ok("connect 127.0.0.1:8117")
@@ -561,7 +552,6 @@ fn clean() {
             client.ok(&format!("close {c}"));
             server.ok(&format!("close {a}"));
         }
-        h.join().unwrap()
     });
     assert!(
         snap["findings"].as_array().unwrap().is_empty(),
@@ -592,7 +582,6 @@ fn resets_explained() {
         let id = it.next().unwrap().to_string();
         (id, it.next().unwrap().to_string())
     };
-    let ns_name = ns.name.clone();
     let counters = |ns: &Netns| {
         (
             ns.counter("TcpExt", "TCPAbortOnClose"),
@@ -600,16 +589,7 @@ fn resets_explained() {
             ns.counter("Tcp", "OutRsts"),
         )
     };
-    let (snap, before, after, ports) = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = Command::new(TCPWATCH)
-                .args(["snapshot", "--json", "--duration", "2", "--netns", &ns_name])
-                .output()
-                .unwrap();
-            assert_eq!(out.status.code(), Some(0));
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(800));
+    let (snap, (before, after, ports)) = snapshot_while(&ns, "2", 800, || {
         let before = counters(&ns);
         let (c1, p1) = id_port(client.ok("connect 127.0.0.1:8120"));
         let (a1, _) = id_port(server.ok(&format!("accept {l}")));
@@ -627,8 +607,7 @@ fn resets_explained() {
             client.cmd_timeout("connect 127.0.0.1:8121", Duration::from_secs(5)),
             "err ECONNREFUSED"
         );
-        let after = counters(&ns);
-        (h.join().unwrap(), before, after, (p1, p2))
+        (before, counters(&ns), (p1, p2))
     });
     let ids: Vec<&str> = snap["findings"]
         .as_array()
