@@ -385,6 +385,12 @@ fn code(what: &str) -> Governor {
     }
 }
 
+/// Timelines of sockets that still exist: what a capture says is open now.
+fn live_timelines(agg: &Aggregator) -> impl Iterator<Item = &Timeline> {
+    agg.sockets()
+        .filter(|t| t.ended_ns().is_none() && t.state != Some(TcpState::Close))
+}
+
 /// Sockets by owner and state: the listing's owners, or in a replay the live timelines'.
 fn owner_states(agg: &Aggregator, inventory: Option<&[SockRec]>) -> Vec<OwnerStates> {
     let mut by: BTreeMap<(u32, String), BTreeMap<&'static str, u64>> = BTreeMap::new();
@@ -403,10 +409,7 @@ fn owner_states(agg: &Aggregator, inventory: Option<&[SockRec]>) -> Vec<OwnerSta
             }
         }
         None => {
-            for t in agg
-                .sockets()
-                .filter(|t| t.ended_ns().is_none() && t.state != Some(TcpState::Close))
-            {
+            for t in live_timelines(agg) {
                 if let (Some(o), Some(st)) = (&t.owner, t.state) {
                     add(o, st);
                 }
@@ -732,10 +735,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     } else {
         // From the events: every timeline that has not ended, by its current state, and the
         // timewait registry by substate.
-        for t in agg
-            .sockets()
-            .filter(|t| t.ended_ns().is_none() && t.state != Some(TcpState::Close))
-        {
+        for t in live_timelines(agg) {
             if let Some(st) = t.state {
                 *s.states.entry(st.name()).or_insert(0) += 1;
             }
