@@ -33,8 +33,8 @@ fn check(ns: &Netns, args: &[&str], script: &str, during: impl FnOnce()) -> Run 
     let json = dir.join(format!("twcheck-{}.json", std::process::id()));
     let junit = dir.join(format!("twcheck-{}.xml", std::process::id()));
     let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(TCPWATCH)
-        .arg("check")
+    let mut cmd = Command::new(TCPWATCH);
+    cmd.arg("check")
         .args(args)
         .args([
             "--json",
@@ -45,24 +45,22 @@ fn check(ns: &Netns, args: &[&str], script: &str, during: impl FnOnce()) -> Run 
         .args(["--", "ip", "netns", "exec", &ns.name])
         .arg(exe)
         .args(["peer", "tw-app"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tcpwatch check");
+        .stdin(Stdio::piped());
+    // `during` runs once tcpwatch is attached and has started the command.
+    let mut run = Watching::start(&mut cmd, "tcpwatch: watching");
     // The peer reads its script only once tcpwatch is attached and has started it.
-    child
+    run.child
         .stdin
         .take()
         .unwrap()
         .write_all(script.as_bytes())
         .unwrap();
     during();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let out = run.finish();
+    let stderr = out.stderr;
     let text = std::fs::read_to_string(&json).unwrap_or_default();
     let run = Run {
-        code: out.status.code().unwrap_or(-1),
+        code: out.code.unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         json: serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("JSON report ({e}): {text}\nstderr:\n{stderr}")),

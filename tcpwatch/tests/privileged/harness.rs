@@ -1,6 +1,6 @@
 //! Test plumbing: network namespaces that clean up after themselves, peer processes driven by
 //! commands, and tcpwatch itself as a child process whose JSON lines are collected.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, channel};
@@ -475,4 +475,72 @@ pub fn census(evs: &[Value]) -> String {
     }
     let parts: Vec<String> = n.iter().map(|(k, v)| format!("{k}={v}")).collect();
     parts.join(" ")
+}
+
+/// A tcpwatch run whose output is read once it ends, started and then waited on until its
+/// stderr says it is attached: a fixed delay from spawn loses the first events whenever
+/// loading is slow (a cold debug build, a loaded CI machine).
+pub struct Watching {
+    pub child: Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Watching {
+    /// Spawns `cmd` (stdin is left to the caller) and returns once a stderr line contains
+    /// `marker`.
+    pub fn start(cmd: &mut Command, marker: &'static str) -> Watching {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning tcpwatch");
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let (tx, rx) = channel();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in err.lines().map_while(Result::ok) {
+                if line.contains(marker) {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tcpwatch never said {marker:?}: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        Watching {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn finish(mut self) -> Finished {
+        let status = self.child.wait().expect("waiting for tcpwatch");
+        Finished {
+            code: status.code(),
+            stdout: self.stdout.join().unwrap(),
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
 }

@@ -37,36 +37,29 @@ fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// `snapshot --json --duration SECS` on `ns` while `work` runs (started once tcpwatch has had
-/// `lead_ms` to attach); the snapshot and what `work` returned (return what must outlive
-/// the window, such as peers).
+/// `snapshot --json --duration SECS` on `ns` while `work` runs, started `lead_ms` after
+/// tcpwatch says it is watching (attached and inventoried: a fixed delay from spawn loses the
+/// first events whenever loading is slow); the snapshot and what `work` returned (return what
+/// must outlive the window, such as peers).
 fn snapshot_while<T>(ns: &Netns, secs: &str, lead_ms: u64, work: impl FnOnce() -> T) -> (Value, T) {
-    let ns_name = ns.name.clone();
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = Command::new(TCPWATCH)
-                .args([
-                    "snapshot",
-                    "--json",
-                    "--duration",
-                    secs,
-                    "--netns",
-                    &ns_name,
-                ])
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(lead_ms));
-        let t = work();
-        (h.join().unwrap(), t)
-    })
+    let run = Watching::start(
+        Command::new(TCPWATCH).args([
+            "snapshot",
+            "--json",
+            "--duration",
+            secs,
+            "--netns",
+            &ns.name,
+        ]),
+        "watching for",
+    );
+    std::thread::sleep(Duration::from_millis(lead_ms));
+    let t = work();
+    let end = run.finish();
+    assert_eq!(end.code, Some(0), "{}", end.stderr);
+    let snap = serde_json::from_slice::<Value>(&end.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&end.stdout)));
+    (snap, t)
 }
 
 /// `ss -tan` state counts, under tcpwatch's names.
@@ -313,7 +306,7 @@ fn s5_finding() {
     server.ok("listen 127.0.0.1:8114 64");
     let drops0 = ns.counter("TcpExt", "ListenDrops");
     // The client lives until the snapshot ends.
-    let (snap, _client) = snapshot_while(&ns, "5", 1200, || {
+    let (snap, _client) = snapshot_while(&ns, "5", 300, || {
         let mut client = ns.peer("tw-client");
         client.ok("connect_nb 127.0.0.1:8113 6");
         client
@@ -490,7 +483,7 @@ fn s11_storm_vs_loss() {
     let cport = stalled.split_whitespace().nth(1).unwrap().to_string();
     client.ok(&format!("send {} 100", id(stalled)));
     const N: usize = 16 << 20;
-    let (snap, _server) = snapshot_while(&ns, "2.5", 300, || {
+    let (snap, _server) = snapshot_while(&ns, "2.5", 100, || {
         // The server lives on: its closing sockets would retransmit FINs into the drop.
         let r = std::thread::spawn(move || {
             let got = server.ok(&format!("recv {a} {N}"));
@@ -533,7 +526,7 @@ fn clean() {
     let mut server = ns.peer("tw-server");
     let mut client = ns.peer("tw-client");
     let l = server.ok("listen 127.0.0.1:8117 64");
-    let (snap, ()) = snapshot_while(&ns, "2", 800, || {
+    let (snap, ()) = snapshot_while(&ns, "2", 200, || {
         for _ in 0..20 {
             let c = client
                 .ok("connect 127.0.0.1:8117")
@@ -589,7 +582,7 @@ fn resets_explained() {
             ns.counter("Tcp", "OutRsts"),
         )
     };
-    let (snap, (before, after, ports)) = snapshot_while(&ns, "2", 800, || {
+    let (snap, (before, after, ports)) = snapshot_while(&ns, "2", 200, || {
         let before = counters(&ns);
         let (c1, p1) = id_port(client.ok("connect 127.0.0.1:8120"));
         let (a1, _) = id_port(server.ok(&format!("accept {l}")));
