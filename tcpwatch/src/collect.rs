@@ -405,7 +405,8 @@ impl EventSource {
                     match r.state {
                         TcpState::Listen => {
                             if let Some(o) = r.owner {
-                                self.owners.seed_listener(r.netns, r.local.port(), o);
+                                self.owners
+                                    .seed_listener(r.netns, r.local.port(), r.cookie, o);
                                 self.probe().seed_listener(r.netns, r.local.port(), &o);
                             }
                             listeners.insert(r.skaddr, *r);

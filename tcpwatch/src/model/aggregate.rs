@@ -333,7 +333,9 @@ pub struct Aggregator {
     /// Ended sockets, in end order, for retention.
     ended: VecDeque<(u64, u64)>,
     seq: u64,
-    pub listeners: HashMap<(u32, SocketAddr), ListenerStats>,
+    /// By (netns, local address); the members of an SO_REUSEPORT group share the address and
+    /// are told apart by their socket cookie, one entry each.
+    listeners: HashMap<(u32, SocketAddr), Vec<ListenerStats>>,
     pub timewait: HashMap<u64, TwEntry>,
     pub resets: HashMap<ResetKey, ResetStats>,
     pub totals: Totals,
@@ -437,7 +439,7 @@ impl Aggregator {
 
     /// Starts a new peak window for every listener (after a scrape: peaks since the last one).
     pub fn reset_listener_peaks(&mut self) {
-        for l in self.listeners.values_mut() {
+        for l in self.listeners.values_mut().flatten() {
             l.accept_peak = l.accept_now;
             l.syn_peak = l.syn_now;
         }
@@ -445,7 +447,34 @@ impl Aggregator {
 
     /// Forgets listeners not seen since `before` (closed).
     pub fn drop_listeners_before(&mut self, before: u64) {
-        self.listeners.retain(|_, l| l.last_ns >= before);
+        self.listeners.retain(|_, g| {
+            g.retain(|l| l.last_ns >= before);
+            !g.is_empty()
+        });
+    }
+
+    /// Every listener seen, each member of an SO_REUSEPORT group on its own.
+    pub fn listeners(&self) -> impl Iterator<Item = &ListenerStats> {
+        self.listeners.values().flatten()
+    }
+
+    pub fn listener_count(&self) -> usize {
+        self.listeners.values().map(Vec::len).sum()
+    }
+
+    /// The listener at `local` with `cookie`; a caller without a cookie (0: the /proc
+    /// inventory) gets the address's first one.
+    pub fn listener_stats(
+        &self,
+        netns: u32,
+        local: SocketAddr,
+        cookie: u64,
+    ) -> Option<&ListenerStats> {
+        let g = self.listeners.get(&(netns, local))?;
+        if cookie == 0 {
+            return g.first();
+        }
+        g.iter().find(|l| l.cookie == cookie)
     }
 
     fn listener(
@@ -455,26 +484,43 @@ impl Aggregator {
         cookie: u64,
         now: u64,
     ) -> &mut ListenerStats {
-        self.listeners
-            .entry((netns, local))
-            .or_insert(ListenerStats {
-                netns,
-                local,
-                cookie,
-                owner: None,
-                accept_now: 0,
-                accept_max: 0,
-                accept_peak: 0,
-                syn_now: 0,
-                syn_peak: 0,
-                drops: 0,
-                overflow_accept: 0,
-                overflow_syn: 0,
-                syncookies: 0,
-                overflow_packets: 0,
-                synack_retransmits: 0,
-                last_ns: now,
-            })
+        let g = self.listeners.entry((netns, local)).or_default();
+        // A record without a cookie (a fallback hook) goes to the address's first listener;
+        // the first record with one claims an entry made without.
+        let at = if cookie == 0 {
+            (!g.is_empty()).then_some(0)
+        } else {
+            g.iter()
+                .position(|l| l.cookie == cookie)
+                .or_else(|| g.iter().position(|l| l.cookie == 0))
+        };
+        if let Some(i) = at {
+            let l = &mut g[i];
+            if l.cookie == 0 {
+                l.cookie = cookie;
+            }
+            return l;
+        }
+        g.push(ListenerStats {
+            netns,
+            local,
+            cookie,
+            owner: None,
+            accept_now: 0,
+            accept_max: 0,
+            accept_peak: 0,
+            syn_now: 0,
+            syn_peak: 0,
+            drops: 0,
+            overflow_accept: 0,
+            overflow_syn: 0,
+            syncookies: 0,
+            overflow_packets: 0,
+            synack_retransmits: 0,
+            last_ns: now,
+        });
+        let last = g.len() - 1;
+        &mut g[last]
     }
 
     fn timeline(&mut self, ev: &Event) -> &mut Timeline {
@@ -1025,6 +1071,68 @@ mod tests {
         assert_eq!(a.timewait_by_local_port().len(), 3);
     }
 
+    fn overflow(ts: u64, cookie: u64, local: SocketAddr, count: u64) -> Event {
+        let mut o = ev(
+            ts,
+            cookie,
+            EventKind::Overflow {
+                queue: Queue::Accept,
+                len: Some(3),
+                max: Some(2),
+                count,
+                source: OverflowSource::Counters,
+                action: OverflowAction::Dropped,
+            },
+        );
+        o.local = local;
+        o.owner = None;
+        o
+    }
+
+    #[test]
+    fn reuseport_members_are_listeners_of_their_own() {
+        let mut a = Aggregator::new(Config::default());
+        let l: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        // A fallback hook without a cookie makes an entry; the first sample with one claims it.
+        a.apply(&overflow(5, 0, l, 1));
+        for (cookie, pid) in [(3, 30), (4, 40)] {
+            a.observe_listener(
+                &ListenerSample {
+                    netns: 1,
+                    local: l,
+                    cookie,
+                    owner: Some(owner(pid)),
+                    accept_now: 0,
+                    accept_max: 2,
+                    syn_now: 0,
+                    drops: 0,
+                },
+                10,
+            );
+        }
+        a.apply(&overflow(20, 4, l, 7));
+        a.apply(&overflow(21, 3, l, 2));
+        a.apply(&overflow(22, 0, l, 1));
+        assert_eq!(a.listener_count(), 2);
+        let got = |cookie| {
+            let s = a.listener_stats(1, l, cookie).unwrap();
+            (s.owner.unwrap().pid, s.overflow_accept)
+        };
+        assert_eq!(
+            got(3),
+            (30, 1 + 2 + 1),
+            "cookie-less records go to the first"
+        );
+        assert_eq!(got(4), (40, 7));
+        assert!(a.listener_stats(1, l, 5).is_none());
+        // A restarted server's new socket is another listener; the old one ages out.
+        a.apply(&overflow(30, 9, l, 1));
+        assert_eq!(a.listener_count(), 3);
+        a.drop_listeners_before(25);
+        assert_eq!(a.listener_count(), 1);
+        assert_eq!(a.listeners().next().unwrap().cookie, 9);
+    }
+
     #[test]
     fn listeners_from_overflows_synacks_and_samples() {
         let mut a = Aggregator::new(Config::default());
@@ -1074,7 +1182,7 @@ mod tests {
         s.local = l;
         s.owner = Some(owner(9));
         a.apply(&s);
-        let ls = a.listeners[&(1, l)];
+        let ls = *a.listener_stats(1, l, 3).unwrap();
         assert_eq!(
             (
                 ls.overflow_accept,

@@ -11,8 +11,12 @@ use super::event::{Event, EventKind, Owner, OwnerSource, TcpState, TwOp};
 pub struct OwnerBook {
     /// Pre-existing sockets by cookie; entries leave when the socket closes.
     by_cookie: HashMap<u64, Owner>,
-    /// Listener owners by (netns, local port).
+    /// Listener owners by (netns, local port), for their children: with SO_REUSEPORT any
+    /// member's, the latest `listen()` (a child does not say which member took it).
     listeners: HashMap<(u32, u16), Owner>,
+    /// Listener owners by cookie, for the listener's own events (overflows, SYN-ACK
+    /// retransmits): exact for each member of an SO_REUSEPORT group.
+    listener_sockets: HashMap<u64, ((u32, u16), Owner)>,
     /// Owners of sockets on their way to TIME_WAIT (FIN_WAIT1/2, CLOSING), for the timewait
     /// socket that takes over: it carries the same cookie but no owner, and its timer is armed
     /// just *before* the full socket's last transition to CLOSE.
@@ -60,18 +64,22 @@ impl OwnerBook {
         }
     }
 
-    pub fn seed_listener(&mut self, netns: u32, port: u16, owner: Owner) {
-        self.listeners.insert(
-            (netns, port),
-            Owner {
-                source: OwnerSource::Inventory,
-                ..owner
-            },
-        );
+    pub fn seed_listener(&mut self, netns: u32, port: u16, cookie: u64, owner: Owner) {
+        let o = Owner {
+            source: OwnerSource::Inventory,
+            ..owner
+        };
+        self.listeners.insert((netns, port), o);
+        if cookie != 0 {
+            self.listener_sockets.insert(cookie, ((netns, port), o));
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.by_cookie.len() + self.listeners.len() + self.closing.len()
+        self.by_cookie.len()
+            + self.listeners.len()
+            + self.listener_sockets.len()
+            + self.closing.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,6 +112,9 @@ impl OwnerBook {
                 && let Some(o) = ev.owner
             {
                 self.listeners.insert(key, o);
+                if ev.cookie != 0 {
+                    self.listener_sockets.insert(ev.cookie, (key, o));
+                }
             }
             if new == TcpState::Close {
                 let id = SockId::of(ev);
@@ -112,7 +123,12 @@ impl OwnerBook {
                 }
                 self.by_cookie.remove(&ev.cookie);
                 if old == TcpState::Listen {
-                    self.listeners.remove(&key);
+                    self.listener_sockets.remove(&ev.cookie);
+                    // Another member of its SO_REUSEPORT group may still listen.
+                    match self.listener_sockets.values().find(|(k, _)| *k == key) {
+                        Some((_, o)) => self.listeners.insert(key, *o),
+                        None => self.listeners.remove(&key),
+                    };
                 }
             }
         }
@@ -139,7 +155,15 @@ impl OwnerBook {
             _ => false,
         };
         if listener_side {
-            return self.listeners.get(&key).map(|o| Owner {
+            let own = match ev.kind {
+                EventKind::Overflow { .. } | EventKind::Retransmit { .. } => self
+                    .listener_sockets
+                    .get(&ev.cookie)
+                    .filter(|_| ev.cookie != 0)
+                    .map(|(_, o)| o),
+                _ => None,
+            };
+            return own.or_else(|| self.listeners.get(&key)).map(|o| Owner {
                 source: OwnerSource::Listener,
                 ..*o
             });
@@ -251,7 +275,7 @@ mod tests {
     #[test]
     fn child_of_preexisting_listener_takes_listener_owner() {
         let mut b = OwnerBook::new();
-        b.seed_listener(7, 80, owner(300, "nginx"));
+        b.seed_listener(7, 80, 0, owner(300, "nginx"));
         let mut e = state(8, "10.0.0.1:80", TcpState::Listen, TcpState::SynRecv, None);
         b.resolve(&mut e);
         let o = e.owner.unwrap();
@@ -347,5 +371,60 @@ mod tests {
         let mut c = state(3, "0.0.0.0:8080", TcpState::Listen, TcpState::SynRecv, None);
         b.resolve(&mut c);
         assert_eq!(c.owner, None);
+    }
+
+    #[test]
+    fn reuseport_members_keep_their_own_owners() {
+        let mut b = OwnerBook::new();
+        b.seed_listener(1, 8080, 10, owner(10, "old"));
+        for (cookie, pid) in [(11, 11), (12, 12)] {
+            let mut l = state(
+                cookie,
+                "0.0.0.0:8080",
+                TcpState::Close,
+                TcpState::Listen,
+                Some(owner(pid, "worker")),
+            );
+            b.resolve(&mut l);
+        }
+        let overflow = |cookie: u64| {
+            let mut e = state(
+                cookie,
+                "0.0.0.0:8080",
+                TcpState::Listen,
+                TcpState::Listen,
+                None,
+            );
+            e.kind = EventKind::Overflow {
+                queue: crate::model::event::Queue::Accept,
+                len: None,
+                max: None,
+                count: 1,
+                source: crate::model::event::OverflowSource::Counters,
+                action: crate::model::event::OverflowAction::Dropped,
+            };
+            e
+        };
+        for cookie in [10, 11, 12] {
+            let mut e = overflow(cookie);
+            b.resolve(&mut e);
+            assert_eq!(e.owner.map(|o| o.pid), Some(cookie as u32));
+        }
+        // The latest listen() closes: children go to a member still listening.
+        let mut l = state(12, "0.0.0.0:8080", TcpState::Listen, TcpState::Close, None);
+        b.resolve(&mut l);
+        let mut c = state(
+            20,
+            "0.0.0.0:8080",
+            TcpState::Listen,
+            TcpState::SynRecv,
+            None,
+        );
+        b.resolve(&mut c);
+        assert!(
+            matches!(c.owner.map(|o| o.pid), Some(10 | 11)),
+            "{:?}",
+            c.owner
+        );
     }
 }

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 
 use super::Loss;
-use super::aggregate::{Aggregator, Log2Hist, ResetKey, ResetStats, Timeline};
+use super::aggregate::{Aggregator, ListenerStats, Log2Hist, ResetKey, ResetStats, Timeline};
 use super::event::{Owner, RetransmitKind, TcpState, TwExitReason};
 use crate::source::inventory::{SockRec, ss_state};
 use crate::source::procnet::{Counters, Sockstat};
@@ -98,6 +99,9 @@ pub struct ListenerView {
     pub netns: u32,
     pub addr: String,
     pub port: u16,
+    /// The socket cookie (0 where the source has none): the members of an SO_REUSEPORT
+    /// group share the address, each has its own queues, drops and owner.
+    pub cookie: u64,
     pub owner: Option<OwnerView>,
     pub accept_queue: QueueView,
     pub syn_queue: QueueView,
@@ -117,6 +121,7 @@ pub fn overflowing_listener(netns: u32, port: u16) -> ListenerView {
         netns,
         addr: "127.0.0.1".into(),
         port,
+        cookie: u64::from(port),
         owner: Some(OwnerView {
             pid: 42,
             comm: "srv".into(),
@@ -745,7 +750,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
                 .entry(e.substate.unwrap_or(TcpState::TimeWait).name())
                 .or_insert(0) += 1;
         }
-        *s.states.entry(TcpState::Listen.name()).or_insert(0) += agg.listeners.len() as u64;
+        *s.states.entry(TcpState::Listen.name()).or_insert(0) += agg.listener_count() as u64;
     }
     s.owners = owner_states(agg, input.inventory);
 
@@ -785,12 +790,15 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     };
 
     // Listeners: the inventory's now, the aggregator's window.
+    let mut shown: FxHashSet<(u32, SocketAddr, u64)> = FxHashSet::default();
     for r in inv.iter().filter(|r| r.state == TcpState::Listen) {
-        let a = agg.listeners.get(&(r.netns, r.local));
+        let a = agg.listener_stats(r.netns, r.local, r.cookie);
+        shown.extend(a.map(|a| (a.netns, a.local, a.cookie)));
         s.listeners.push(ListenerView {
             netns: r.netns,
             addr: r.local.ip().to_string(),
             port: r.local.port(),
+            cookie: r.cookie,
             owner: r
                 .owner
                 .as_ref()
@@ -816,14 +824,25 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
             synack_retransmits: a.map_or(0, |a| a.synack_retransmits),
         });
     }
-    if input.inventory.is_none() {
-        // A replay or a check run: the listeners the window's events and samples saw, with
-        // their last sampled queues.
-        for a in agg.listeners.values() {
+    // Without an inventory (a replay or a check run), the listeners the window's events and
+    // samples saw, with their last sampled queues; with one, also those that overflowed or
+    // retransmitted in the window and are gone now (a restarted server's old socket).
+    let busy = |a: &ListenerStats| {
+        a.overflow_accept
+            + a.overflow_syn
+            + a.syncookies
+            + a.overflow_packets
+            + a.synack_retransmits
+            > 0
+    };
+    for a in agg.listeners() {
+        if input.inventory.is_none() || (busy(a) && !shown.contains(&(a.netns, a.local, a.cookie)))
+        {
             s.listeners.push(ListenerView {
                 netns: a.netns,
                 addr: a.local.ip().to_string(),
                 port: a.local.port(),
+                cookie: a.cookie,
                 owner: a.owner.as_ref().map(OwnerView::from),
                 accept_queue: QueueView {
                     now: a.accept_now,
@@ -1150,7 +1169,25 @@ fn findings<'a>(
 
     // Listener overflows.
     for l in &s.listeners {
+        if l.overflows.accept + l.overflows.syn + l.overflows.syncookies == 0 {
+            continue;
+        }
         let sc = sysctls_of(l.netns);
+        // One member of an SO_REUSEPORT group can overflow while the others keep up (a
+        // stuck worker): say which socket of how many, the owner names it.
+        let group = s
+            .listeners
+            .iter()
+            .filter(|o| (o.netns, o.port, &o.addr) == (l.netns, l.port, &l.addr))
+            .count();
+        let name = if group > 1 {
+            format!(
+                "{}:{} (one of {group} SO_REUSEPORT sockets)",
+                l.addr, l.port
+            )
+        } else {
+            format!("{}:{}", l.addr, l.port)
+        };
         let somaxconn: Option<u32> = sc.get("net.core.somaxconn").and_then(|v| v.parse().ok());
         if l.overflows.accept > 0 {
             let limit = match somaxconn {
@@ -1169,8 +1206,8 @@ fn findings<'a>(
                 severity: "critical",
                 netns: l.netns,
                 what: format!(
-                    "listener {}:{} dropped {} connection(s): its accept queue was full (peak {}/{})",
-                    l.addr, l.port, l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
+                    "listener {name} dropped {} connection(s): its accept queue was full (peak {}/{})",
+                    l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
                 ),
                 cause: format!("the application does not call accept() fast enough; {limit}"),
                 governed_by: vec![
@@ -1187,16 +1224,16 @@ fn findings<'a>(
             let (what, sev) = if l.overflows.syn > 0 {
                 (
                     format!(
-                        "listener {}:{} dropped {} SYN(s): its SYN queue was full (peak {}/{})",
-                        l.addr, l.port, l.overflows.syn, l.syn_queue.peak, l.syn_queue.max
+                        "listener {name} dropped {} SYN(s): its SYN queue was full (peak {}/{})",
+                        l.overflows.syn, l.syn_queue.peak, l.syn_queue.max
                     ),
                     "critical",
                 )
             } else {
                 (
                     format!(
-                        "listener {}:{} answered {} SYN(s) with syncookies: its SYN queue was full",
-                        l.addr, l.port, l.overflows.syncookies
+                        "listener {name} answered {} SYN(s) with syncookies: its SYN queue was full",
+                        l.overflows.syncookies
                     ),
                     "warning",
                 )
@@ -1521,6 +1558,91 @@ mod tests {
     }
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn reuseport_members_overflow_on_their_own() {
+        use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
+        let l = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let listener = |cookie: u64, pid: u32, queued: u32| SockRec {
+            skaddr: cookie,
+            cookie,
+            accept_queue: queued,
+            accept_max: 2,
+            owner: Some(Owner {
+                pid,
+                tid: pid,
+                comm: crate::model::event::Comm::new("worker"),
+                cgroup_id: 0,
+                source: crate::model::event::OwnerSource::Task,
+            }),
+            ..crate::source::inventory::test_rec(
+                TcpState::Listen,
+                1,
+                l,
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+            )
+        };
+        let inv = vec![listener(7, 70, 0), listener(8, 80, 3)];
+        let mut agg = Aggregator::new(AggConfig::default());
+        let overflow = |cookie: u64, count: u64| Event {
+            ts_ns: 1,
+            cookie,
+            skaddr: cookie,
+            netns: 1,
+            family: crate::model::event::Family::Inet,
+            local: l,
+            remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+            owner: None,
+            softirq: false,
+            kind: EventKind::Overflow {
+                queue: Queue::Accept,
+                len: Some(3),
+                max: Some(2),
+                count,
+                source: OverflowSource::Counters,
+                action: OverflowAction::Dropped,
+            },
+        };
+        agg.apply(&overflow(8, 5));
+        // Gone before the listing: it overflowed in the window, so it still has a row; a
+        // gone listener that did nothing has none.
+        agg.apply(&overflow(9, 2));
+        agg.apply(&Event {
+            kind: EventKind::Retransmit {
+                kind: RetransmitKind::SynAck,
+                state: Some(TcpState::SynRecv),
+                nth: 0,
+                interval_ns: None,
+                err: 0,
+                segs: 0,
+                accept_queue: None,
+                syn_queue: None,
+            },
+            ..overflow(10, 0)
+        });
+        let s = build(&agg, &input(Some(&inv)));
+        let rows: Vec<(u64, u64)> = s
+            .listeners
+            .iter()
+            .map(|l| (l.cookie, l.overflows.accept))
+            .collect();
+        assert_eq!(rows, vec![(7, 0), (8, 5), (9, 2)]);
+        let f: Vec<&Finding> = s
+            .findings
+            .iter()
+            .filter(|f| f.id == "accept_queue_overflow")
+            .collect();
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0].count, 5);
+        assert_eq!(f[0].owner.as_ref().map(|o| o.pid), Some(80));
+        assert!(
+            f[0].what
+                .contains("127.0.0.1:8080 (one of 3 SO_REUSEPORT sockets)"),
+            "{}",
+            f[0].what
+        );
+        assert_eq!(s.states.get("LISTEN"), Some(&2), "states count the listing");
+    }
 
     #[test]
     fn a_storm_is_timeouts_in_a_row_not_many_retransmits() {

@@ -426,9 +426,9 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
 }
 
 /// SO_REUSEPORT listeners share an address: one view each would give identical label sets
-/// (Prometheus keeps one). Queues and drops are per socket and add up; the limit is the
-/// largest; overflow counts come from the aggregator per address, so every member already
-/// carries the group's total.
+/// (Prometheus keeps one), and a socket cookie as a label would be unbounded churn. Queues,
+/// drops, overflows and SYN-ACK retransmits are per socket and add up; the limit is the
+/// largest.
 fn merge_reuseport(ls: &[ListenerView]) -> Vec<ListenerView> {
     let mut out: Vec<ListenerView> = Vec::with_capacity(ls.len());
     let mut at: std::collections::HashMap<(u32, &str, u16), usize> =
@@ -443,6 +443,11 @@ fn merge_reuseport(ls: &[ListenerView]) -> Vec<ListenerView> {
                 m.syn_queue.now += l.syn_queue.now;
                 m.syn_queue.peak += l.syn_queue.peak;
                 m.drops += l.drops;
+                m.overflows.accept += l.overflows.accept;
+                m.overflows.syn += l.overflows.syn;
+                m.overflows.syncookies += l.overflows.syncookies;
+                m.overflows.final_ack_packets += l.overflows.final_ack_packets;
+                m.synack_retransmits += l.synack_retransmits;
                 if m.owner.is_none() {
                     m.owner = l.owner.clone();
                 }
@@ -575,7 +580,7 @@ mod tests {
     #[test]
     fn reuseport_groups_are_one_series() {
         let mut s = snap();
-        s.listeners = vec![listener(8080, 24, 24), listener(8080, 6, 24)];
+        s.listeners = vec![listener(8080, 24, 24), listener(8080, 6, 6)];
         let t = render(
             &s,
             &Extras {
@@ -608,7 +613,7 @@ mod tests {
                 .any(|l| l == format!("tcpwatch_listener_accept_queue_max{lb} 2")),
             "{t}"
         );
-        assert!(t.lines().any(|l| l.starts_with("tcpwatch_listener_overflows_total{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\"") && l.ends_with("queue=\"accept\"} 24")), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("tcpwatch_listener_overflows_total{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\"") && l.ends_with("queue=\"accept\"} 30")), "{t}");
         assert!(t.lines().any(|l| l == "tcpwatch_listeners 1"), "{t}");
     }
 

@@ -86,9 +86,12 @@ fn setopt(
         .map(|_| ())
 }
 
-fn listen(addr: &SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+fn listen(addr: &SocketAddr, backlog: i32, reuseport: bool) -> std::io::Result<TcpListener> {
     let fd = new_socket(addr)?;
     setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if reuseport {
+        setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
     let (ss, len) = sockaddr(addr);
     // SAFETY: valid fd and sockaddr.
     check(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
@@ -152,9 +155,9 @@ pub fn main(name: &str) -> ! {
         let id = |i: usize| -> u32 { w.get(i).and_then(|s| s.parse().ok()).unwrap_or(0) };
         let reply: Result<String, String> = match w.as_slice() {
             ["pid"] => Ok(std::process::id().to_string()),
-            ["listen", addr, backlog] => {
+            [cmd @ ("listen" | "listen_rp"), addr, backlog] => {
                 let a: SocketAddr = addr.parse().expect("listen address");
-                match listen(&a, backlog.parse().expect("backlog")) {
+                match listen(&a, backlog.parse().expect("backlog"), *cmd == "listen_rp") {
                     Ok(l) => {
                         socks.insert(next, Sock::L(l));
                         next += 1;

@@ -1,6 +1,6 @@
 //! `tcpwatch snapshot`: per-state counts equal `ss` on the same namespace; findings for S5
 //! (accept-queue overflow), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), S11,
-//! resets by cause, and none on clean traffic.
+//! resets by cause, SO_REUSEPORT members as listeners of their own, and none on clean traffic.
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,6 +19,10 @@ pub const TESTS: &[crate::Test] = &[
         s11_storm_vs_loss,
     ),
     ("snapshot_resets_explained_by_cause", resets_explained),
+    (
+        "snapshot_reuseport_members_are_separate_listeners",
+        reuseport_members,
+    ),
 ];
 
 fn snapshot(ns: &Netns, extra: &[&str]) -> Value {
@@ -371,6 +375,75 @@ fn s5_finding() {
         "the refused clients retransmit"
     );
     assert_eq!(snap["counters"]["TcpExt:ListenDrops"].as_u64(), Some(drops));
+}
+
+/// Two SO_REUSEPORT listeners on one address: the kernel spreads connections over them and
+/// each has its own accept queue, so only the small one overflows. Each must be its own row
+/// (cookie, owner, queue as `ss` shows it, its own drops) and the finding must name the small
+/// one's owner, not the group's.
+fn reuseport_members() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    let mut small = ns.peer("rp-small");
+    let mut big = ns.peer("rp-big");
+    small.ok("listen_rp 127.0.0.1:8120 1");
+    big.ok("listen_rp 127.0.0.1:8120 64");
+    let drops0 = ns.counter("TcpExt", "ListenDrops");
+    // 24 connections over two members by 4-tuple hash: the small one gets more than the two
+    // it can hold with all but negligible probability.
+    let (snap, _client) = snapshot_while(&ns, "5", 300, || {
+        let mut client = ns.peer("rp-client");
+        client.ok("connect_nb 127.0.0.1:8120 24");
+        client
+    });
+    let drops = ns.counter("TcpExt", "ListenDrops") - drops0;
+    assert!(drops > 0, "the small member overflowed");
+    let rows: Vec<&Value> = snap["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["port"] == 8120)
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per member: {rows:#?}");
+    assert_ne!(rows[0]["cookie"], rows[1]["cookie"], "{rows:#?}");
+    let row = |p: &Peer| -> &Value {
+        rows.iter()
+            .find(|l| l["owner"]["pid"].as_u64() == Some(p.pid as u64))
+            .unwrap_or_else(|| panic!("no listener row owned by {}: {rows:#?}", p.comm))
+    };
+    let (s, b) = (row(&small), row(&big));
+    assert_eq!(s["overflows"]["accept"].as_u64(), Some(drops), "{s}");
+    assert_eq!(b["overflows"]["accept"].as_u64(), Some(0), "{b}");
+    assert_eq!(s["accept_queue"]["max"].as_u64(), Some(1));
+    assert_eq!(b["accept_queue"]["max"].as_u64(), Some(64));
+    // Each member's queue as `ss` shows it for that owner (Recv-Q of a listener).
+    let ss = ns.exec(&["ss", "-ltnpH", "sport", "= :8120"]);
+    for (p, r) in [(&small, s), (&big, b)] {
+        let line = ss
+            .lines()
+            .find(|l| l.contains(&format!("pid={},", p.pid)))
+            .unwrap_or_else(|| panic!("ss has no listener of {}: {ss}", p.comm));
+        let recvq: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert_eq!(
+            r["accept_queue"]["now"].as_u64(),
+            Some(recvq),
+            "{line} vs {r}"
+        );
+    }
+    assert_eq!(
+        s["accept_queue"]["now"].as_u64(),
+        Some(2),
+        "a full queue holds max + 1"
+    );
+    let f = findings(&snap, "accept_queue_overflow");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    assert_eq!(f[0]["count"].as_u64(), Some(drops));
+    assert_eq!(f[0]["owner"]["pid"].as_u64(), Some(small.pid as u64));
+    let what = f[0]["what"].as_str().unwrap();
+    assert!(
+        what.contains("127.0.0.1:8120") && what.contains("SO_REUSEPORT"),
+        "{what}"
+    );
 }
 
 /// S7: TIME_WAIT equal to ss, by remote endpoint; with a narrow ephemeral range, port pressure.

@@ -640,6 +640,7 @@ mod tests {
             netns: 7,
             addr: "::".into(),
             port: 443,
+            cookie: 1,
             owner: None,
             accept_queue: QueueView {
                 now: 0,

@@ -321,6 +321,7 @@ pub(crate) mod tests {
             netns: 1,
             addr: "0.0.0.0".into(),
             port: 80,
+            cookie: 1,
             owner: None,
             accept_queue: QueueView::default(),
             syn_queue: QueueView::default(),
