@@ -113,6 +113,16 @@ pub struct ListenerView {
     pub synack_retransmits: u64,
 }
 
+/// `ADDR:PORT` as a socket address is written, the IPv6 address in brackets (`[::]:80`, not
+/// the ambiguous `:::80`).
+pub fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
 /// The outputs' test fixture: a listener whose accept queue overflowed (owner `srv`, pid 42;
 /// 3 queued of 2, SYN queue peak 1; 24 drops, all accept overflows).
 #[cfg(test)]
@@ -1182,11 +1192,11 @@ fn findings<'a>(
             .count();
         let name = if group > 1 {
             format!(
-                "{}:{} (one of {group} SO_REUSEPORT sockets)",
-                l.addr, l.port
+                "{} (one of {group} SO_REUSEPORT sockets)",
+                endpoint(&l.addr, l.port)
             )
         } else {
-            format!("{}:{}", l.addr, l.port)
+            endpoint(&l.addr, l.port)
         };
         let somaxconn: Option<u32> = sc.get("net.core.somaxconn").and_then(|v| v.parse().ok());
         if l.overflows.accept > 0 {
@@ -1217,7 +1227,7 @@ fn findings<'a>(
                 ],
                 owner: l.owner.clone(),
                 count: l.overflows.accept,
-                examples: vec![format!("{}:{}", l.addr, l.port)],
+                examples: vec![endpoint(&l.addr, l.port)],
             });
         }
         if l.overflows.syn > 0 || l.overflows.syncookies > 0 {
@@ -1247,7 +1257,7 @@ fn findings<'a>(
                 governed_by: vec![gov(sc, "net.ipv4.tcp_syncookies"), gov(sc, "net.ipv4.tcp_max_syn_backlog"), gov(sc, "net.core.somaxconn")],
                 owner: l.owner.clone(),
                 count: l.overflows.syn + l.overflows.syncookies,
-                examples: vec![format!("{}:{}", l.addr, l.port)],
+                examples: vec![endpoint(&l.addr, l.port)],
             });
         }
     }
@@ -1263,8 +1273,12 @@ fn findings<'a>(
             severity: if h.free < h.range / 10 { "critical" } else { "warning" },
             netns: h.netns,
             what: format!(
-                "{} of {} ephemeral ports from {} to {}:{} in use ({} in TIME_WAIT)",
-                h.in_use, h.range, h.local_addr, h.remote_addr, h.remote_port, h.time_wait
+                "{} of {} ephemeral ports from {} to {} in use ({} in TIME_WAIT)",
+                h.in_use,
+                h.range,
+                h.local_addr,
+                endpoint(&h.remote_addr, h.remote_port),
+                h.time_wait
             ),
             cause: "many short connections to one destination, each leaving a TIME_WAIT socket on the side that closed first".into(),
             governed_by: vec![
@@ -1642,6 +1656,45 @@ mod tests {
             f[0].what
         );
         assert_eq!(s.states.get("LISTEN"), Some(&2), "states count the listing");
+    }
+
+    #[test]
+    fn ipv6_listeners_are_named_with_brackets() {
+        use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
+        let l: SocketAddr = "[::]:8200".parse().unwrap();
+        let mut agg = Aggregator::new(AggConfig::default());
+        agg.apply(&Event {
+            ts_ns: 1,
+            cookie: 4,
+            skaddr: 4,
+            netns: 1,
+            family: crate::model::event::Family::Inet6,
+            local: l,
+            remote: "[::1]:40000".parse().unwrap(),
+            owner: None,
+            softirq: false,
+            kind: EventKind::Overflow {
+                queue: Queue::Accept,
+                len: Some(3),
+                max: Some(2),
+                count: 1,
+                source: OverflowSource::Counters,
+                action: OverflowAction::Dropped,
+            },
+        });
+        let s = build(&agg, &input(None));
+        let f = s
+            .findings
+            .iter()
+            .find(|f| f.id == "accept_queue_overflow")
+            .unwrap();
+        assert!(
+            f.what.starts_with("listener [::]:8200 dropped"),
+            "{}",
+            f.what
+        );
+        assert_eq!(f.examples, vec!["[::]:8200".to_string()]);
+        assert_eq!(endpoint("10.0.0.1", 80), "10.0.0.1:80");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use std::io::{self, Write};
 
 use super::human_ns;
-use crate::model::snapshot::{QueueView, Snapshot};
+use crate::model::snapshot::{QueueView, Snapshot, endpoint};
 
 /// A queue as a 10-cell bar of `now` against `max` (the kernel holds `max + 1`).
 pub fn bar(q: &QueueView) -> String {
@@ -111,11 +111,7 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
             "SYNACK"
         )?;
         for l in &s.listeners {
-            let addr = if l.addr.contains(':') {
-                format!("[{}]:{}", l.addr, l.port)
-            } else {
-                format!("{}:{}", l.addr, l.port)
-            };
+            let addr = endpoint(&l.addr, l.port);
             writeln!(
                 w,
                 "  {:<11} {:<24} {:<18} {} {:>3}/{:<3} ({:>3})   {:>3} ({:>3})      {:>6} {:>16} {:>7}",
@@ -155,7 +151,7 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
         let r: Vec<String> = tw
             .by_remote
             .iter()
-            .map(|r| format!("{}:{} {}", r.addr, r.port, r.count))
+            .map(|r| format!("{} {}", endpoint(&r.addr, r.port), r.count))
             .collect();
         writeln!(w, "  by remote endpoint: {}", r.join(", "))?;
         let p: Vec<String> = tw
@@ -184,8 +180,13 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     for h in &tw.port_headroom {
         writeln!(
             w,
-            "  ports {} -> {}:{}: {} of {} in use ({} TIME_WAIT), {} free",
-            h.local_addr, h.remote_addr, h.remote_port, h.in_use, h.range, h.time_wait, h.free
+            "  ports {} -> {}: {} of {} in use ({} TIME_WAIT), {} free",
+            h.local_addr,
+            endpoint(&h.remote_addr, h.remote_port),
+            h.in_use,
+            h.range,
+            h.time_wait,
+            h.free
         )?;
     }
     for d in tw.drift.iter().filter(|d| d.sockstat != d.tracked) {

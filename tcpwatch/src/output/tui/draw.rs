@@ -8,6 +8,7 @@ use ratatui::widgets::{
 };
 
 use super::{App, Detail, View};
+use crate::model::snapshot::endpoint;
 use crate::output::human_ns;
 use crate::output::snapshot::{bar, bar_n};
 
@@ -184,11 +185,7 @@ fn listener_table(f: &mut Frame, app: &App, area: Rect) {
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = app.snap.listeners.iter().map(|l| {
-        let addr = if l.addr.contains(':') {
-            format!("[{}]:{}", l.addr, l.port)
-        } else {
-            format!("{}:{}", l.addr, l.port)
-        };
+        let addr = endpoint(&l.addr, l.port);
         let ovfl = l.overflows.accept + l.overflows.syn + l.overflows.syncookies;
         let style = if ovfl > 0 {
             Style::new().fg(Color::Red)
@@ -252,7 +249,7 @@ fn timewait_panel(f: &mut Frame, app: &App, area: Rect) {
         .by_remote
         .iter()
         .take(4)
-        .map(|r| format!("{}:{} {}", r.addr, r.port, r.count))
+        .map(|r| format!("{} {}", endpoint(&r.addr, r.port), r.count))
         .collect();
     let ports: Vec<String> = tw
         .by_local_port
@@ -271,8 +268,11 @@ fn timewait_panel(f: &mut Frame, app: &App, area: Rect) {
         .first()
         .map_or("ports: plenty".into(), |h| {
             format!(
-                "ports to {}:{}: {}/{} in use, {} free",
-                h.remote_addr, h.remote_port, h.in_use, h.range, h.free
+                "ports to {}: {}/{} in use, {} free",
+                endpoint(&h.remote_addr, h.remote_port),
+                h.in_use,
+                h.range,
+                h.free
             )
         });
     let lines = vec![
