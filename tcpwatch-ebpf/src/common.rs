@@ -3,7 +3,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_RB_NO_WAKEUP, bpf_map_type},
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
@@ -34,9 +34,37 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::L
 #[map]
 pub static DROPS_BY_KIND: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
 /// Per-socket owner and timing for hooks with a typed `struct sock *` (tp_btf, iter): socket
-/// local storage lives and dies with the socket, and costs no hash lookup.
+/// local storage lives and dies with the socket, and costs no hash lookup. Cloned: the kernel
+/// copies a listener's value into each child it clones (`sk_clone_lock`), so a child knows
+/// the owner of the very socket that took it, exact within an SO_REUSEPORT group.
 #[btf_map]
-pub static SK_INFO: SkStorage<SockInfo> = SkStorage::new();
+pub static SK_INFO: ClonedSkStorage<SockInfo> = ClonedSkStorage::new();
+
+/// aya's `SkStorage` definition with `BPF_F_CLONE` added to the flags it fixes (a BTF map
+/// definition is this struct: each value is the length of an array type).
+#[repr(C)]
+pub struct ClonedSkStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholders the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+}
 /// Every listening socket, marked when it starts listening (tp_btf) or when the inventory
 /// walk meets it: the 4 Hz queue sampler iterates this map (`iter/bpf_sk_storage_map`) and so
 /// visits listeners only, of every namespace at once, instead of walking the hash tables.
@@ -67,7 +95,9 @@ fn storage(map: *mut c_void, sk: *const c_void, create: bool) -> *mut c_void {
 /// until the socket reaches CLOSE; LRU so sockets that vanish unseen cannot fill it.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(262_144, 0);
-/// Listener owners, for accepted children that are born in softirq.
+/// Listener owners by port, for accepted children born in softirq where the listener's own
+/// cloned storage names none: the classic-tracepoint fallback (no socket storage), and
+/// listeners older than tcpwatch (userspace seeds those from the inventory).
 #[map]
 pub static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(16_384, 0);
 /// Current softirq vector + 1 on this CPU, 0 in task context.

@@ -196,8 +196,16 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
             // Task context: a syscall (connect, listen, close, shutdown, or release_sock
             // draining the backlog) of the process acting on this socket.
             take_current_owner(info, &cur);
-        } else if (*info).flags & flags::OWNER_KNOWN == 0 && m.old_state == tcp_state::LISTEN {
-            // A child born from a listener in softirq: the interrupted task is never the owner.
+        } else if m.old_state == tcp_state::LISTEN
+            && m.new_state == tcp_state::SYN_RECV
+            && (*info).flags & flags::OWNER_KNOWN != 0
+        {
+            // A child born from a listener in softirq, its storage cloned from that listener's:
+            // the owner is the listener's (the interrupted task is never the owner).
+            (*info).flags = flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER;
+        } else if m.old_state == tcp_state::LISTEN {
+            // The same for a listener whose owner the kernel side never saw (it existed before
+            // start): what userspace seeded for its port.
             if let Some(o) = listener_owner(m.netns, m.sport) {
                 (*info).pid = (*o).pid;
                 (*info).tid = (*o).tid;

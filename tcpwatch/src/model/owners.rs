@@ -11,8 +11,9 @@ use super::event::{Event, EventKind, Owner, OwnerSource, TcpState, TwOp};
 pub struct OwnerBook {
     /// Pre-existing sockets by cookie; entries leave when the socket closes.
     by_cookie: HashMap<u64, Owner>,
-    /// Listener owners by (netns, local port), for their children: with SO_REUSEPORT any
-    /// member's, the latest `listen()` (a child does not say which member took it).
+    /// Listener owners by (netns, local port), for the children of listeners older than
+    /// tcpwatch (the kernel side names a newer listener's exactly, from cloned socket
+    /// storage): with SO_REUSEPORT any member's, as a child does not say which member took it.
     listeners: HashMap<(u32, u16), Owner>,
     /// Listener owners by cookie, for the listener's own events (overflows, SYN-ACK
     /// retransmits): exact for each member of an SO_REUSEPORT group.

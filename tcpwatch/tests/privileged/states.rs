@@ -14,6 +14,10 @@ pub const TESTS: &[crate::Test] = &[
     ("s9_half_close_vs_orphaned_fin_wait2", s9_half_close),
     ("s10_connection_refused", s10_refused),
     ("s14_owners_across_processes", s14_owners),
+    (
+        "s14_reuseport_children_owned_by_their_member",
+        s14_reuseport_children,
+    ),
     ("s16_reused_four_tuple_two_timelines", s16_reused_tuple),
     ("filters_port_pid_family_in_kernel", filters),
     ("loss_is_counted_and_reported", loss_reported),
@@ -401,6 +405,64 @@ fn s14_owners() {
     );
     for e in of_type(&evs, "state") {
         assert!(!e["pid"].is_null(), "every event has an owner: {e}");
+    }
+}
+
+/// S14 with SO_REUSEPORT: two processes each listen on the same address and the kernel picks
+/// a member per connection by 4-tuple hash. Each child, born in softirq, must carry the owner
+/// of the member that took it (as `ss -tnp` shows once accepted), not whoever listened last.
+fn s14_reuseport_children() {
+    let ns = Netns::new();
+    let tracer = Tracer::start(&ns, &[]);
+    let mut a = ns.peer("tw-rp-a");
+    let mut b = ns.peer("tw-rp-b");
+    let la = a.ok("listen_rp 127.0.0.1:8086 64");
+    let lb = b.ok("listen_rp 127.0.0.1:8086 64");
+    let mut client = ns.peer("tw-client");
+    // 16 connections: both members get some but with probability 2^-15.
+    let ports: Vec<u16> = (0..16)
+        .map(|_| conn_id(&client.ok("connect 127.0.0.1:8086")).1)
+        .collect();
+    // Each member accepts what its own queue holds (Recv-Q of its listener).
+    let ss = ns.exec(&["ss", "-ltnpH", "sport", "= :8086"]);
+    for (p, l) in [(&mut a, &la), (&mut b, &lb)] {
+        let line = ss
+            .lines()
+            .find(|x| x.contains(&format!("pid={},", p.pid)))
+            .unwrap_or_else(|| panic!("no listener of {}: {ss}", p.comm));
+        let queued: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(queued > 0, "both members took connections: {ss}");
+        for _ in 0..queued {
+            p.ok(&format!("accept {l}"));
+        }
+    }
+    tracer.wait_for("16 children established", W, |evs| {
+        evs.iter()
+            .filter(|e| is(e, "SYN_RECV", "ESTABLISHED") && e["sport"] == 8086)
+            .count()
+            == 16
+    });
+    let evs = tracer.stop();
+    let est = ns.exec(&["ss", "-tnpH", "state", "established", "sport", "= :8086"]);
+    for port in ports {
+        let line = est
+            .lines()
+            .find(|l| l.contains(&format!("127.0.0.1:{port} ")))
+            .unwrap_or_else(|| panic!("child for client port {port} not in ss: {est}"));
+        let owner = [&a, &b]
+            .into_iter()
+            .find(|p| line.contains(&format!("pid={},", p.pid)))
+            .unwrap_or_else(|| panic!("child owned by neither member: {line}"));
+        let tl = child_tl(&evs, 8086, port);
+        assert_eq!(
+            transitions(&tl),
+            seq(&[("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED")]),
+            "{tl:#?}"
+        );
+        assert_owner(&tl, owner);
+        for e in &tl {
+            assert_eq!(e["owner_source"], "listener", "{e}");
+        }
     }
 }
 
