@@ -221,6 +221,18 @@ pub fn in_softirq() -> bool {
     }
 }
 
+/// `TIMER_SOFTIRQ`, the vector in which timer callbacks run.
+pub const TIMER_SOFTIRQ: u32 = 1;
+
+/// The softirq vector running on this CPU, if any.
+#[inline(always)]
+pub fn softirq_vector() -> Option<u32> {
+    match SOFTIRQ.get(0) {
+        Some(v) if *v != 0 => Some(*v - 1),
+        _ => None,
+    }
+}
+
 /// Network namespace inode of a `sock_common`-prefixed socket.
 #[inline(always)]
 pub fn netns_of(sk: u64) -> u32 {

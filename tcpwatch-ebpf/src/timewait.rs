@@ -15,8 +15,8 @@ use aya_ebpf::{
 use tcpwatch_common::{flags, kind};
 
 use crate::common::{
-    AddrSrc, Meta, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, current, emit,
-    in_softirq, ld, now_ns, rd,
+    AddrSrc, Meta, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, TIMER_SOFTIRQ,
+    current, emit, in_softirq, ld, now_ns, rd, softirq_vector,
 };
 use crate::signals::OFF_SKC_NUM;
 
@@ -98,6 +98,13 @@ pub fn tw_start_btf(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn tw_cancel_btf(ctx: BtfTracePointContext) -> i32 {
+    // The timer softirq detaches every timer it is about to run, and the detach fires this
+    // tracepoint: not a cancel, the expiry record follows. Left to userspace to pair by time,
+    // a stalled CPU (seen under QEMU TCG) split the pair into a kill and a stray expiry.
+    // Real cancels come from a peer's segment (NET_RX), a task or a kworker.
+    if softirq_vector() == Some(TIMER_SOFTIRQ) {
+        return 0;
+    }
     if let Some(tw) = tw_of(&ctx) {
         tw_event(kind::TW_CANCEL, tw);
     }
