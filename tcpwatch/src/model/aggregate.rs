@@ -1071,30 +1071,12 @@ mod tests {
         assert_eq!(a.timewait_by_local_port().len(), 3);
     }
 
-    fn overflow(ts: u64, cookie: u64, local: SocketAddr, count: u64) -> Event {
-        let mut o = ev(
-            ts,
-            cookie,
-            EventKind::Overflow {
-                queue: Queue::Accept,
-                len: Some(3),
-                max: Some(2),
-                count,
-                source: OverflowSource::Counters,
-                action: OverflowAction::Dropped,
-            },
-        );
-        o.local = local;
-        o.owner = None;
-        o
-    }
-
     #[test]
     fn reuseport_members_are_listeners_of_their_own() {
         let mut a = Aggregator::new(Config::default());
         let l: SocketAddr = "10.0.0.1:80".parse().unwrap();
         // A fallback hook without a cookie makes an entry; the first sample with one claims it.
-        a.apply(&overflow(5, 0, l, 1));
+        a.apply(&crate::model::event::test_overflow(5, 0, l, 1));
         for (cookie, pid) in [(3, 30), (4, 40)] {
             a.observe_listener(
                 &ListenerSample {
@@ -1110,9 +1092,9 @@ mod tests {
                 10,
             );
         }
-        a.apply(&overflow(20, 4, l, 7));
-        a.apply(&overflow(21, 3, l, 2));
-        a.apply(&overflow(22, 0, l, 1));
+        a.apply(&crate::model::event::test_overflow(20, 4, l, 7));
+        a.apply(&crate::model::event::test_overflow(21, 3, l, 2));
+        a.apply(&crate::model::event::test_overflow(22, 0, l, 1));
         assert_eq!(a.listener_count(), 2);
         let got = |cookie| {
             let s = a.listener_stats(1, l, cookie).unwrap();
@@ -1126,7 +1108,7 @@ mod tests {
         assert_eq!(got(4), (40, 7));
         assert!(a.listener_stats(1, l, 5).is_none());
         // A restarted server's new socket is another listener; the old one ages out.
-        a.apply(&overflow(30, 9, l, 1));
+        a.apply(&crate::model::event::test_overflow(30, 9, l, 1));
         assert_eq!(a.listener_count(), 3);
         a.drop_listeners_before(25);
         assert_eq!(a.listener_count(), 1);

@@ -1575,7 +1575,7 @@ mod tests {
 
     #[test]
     fn reuseport_members_overflow_on_their_own() {
-        use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
+        use crate::model::event::{Event, EventKind};
         let l = SocketAddr::from(([127, 0, 0, 1], 8080));
         let listener = |cookie: u64, pid: u32, queued: u32| SockRec {
             skaddr: cookie,
@@ -1598,25 +1598,8 @@ mod tests {
         };
         let inv = vec![listener(7, 70, 0), listener(8, 80, 3)];
         let mut agg = Aggregator::new(AggConfig::default());
-        let overflow = |cookie: u64, count: u64| Event {
-            ts_ns: 1,
-            cookie,
-            skaddr: cookie,
-            netns: 1,
-            family: crate::model::event::Family::Inet,
-            local: l,
-            remote: SocketAddr::from(([0, 0, 0, 0], 0)),
-            owner: None,
-            softirq: false,
-            kind: EventKind::Overflow {
-                queue: Queue::Accept,
-                len: Some(3),
-                max: Some(2),
-                count,
-                source: OverflowSource::Counters,
-                action: OverflowAction::Dropped,
-            },
-        };
+        let overflow =
+            |cookie: u64, count: u64| crate::model::event::test_overflow(1, cookie, l, count);
         agg.apply(&overflow(8, 5));
         // Gone before the listing: it overflowed in the window, so it still has a row; a
         // gone listener that did nothing has none.
@@ -1660,28 +1643,9 @@ mod tests {
 
     #[test]
     fn ipv6_listeners_are_named_with_brackets() {
-        use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
         let l: SocketAddr = "[::]:8200".parse().unwrap();
         let mut agg = Aggregator::new(AggConfig::default());
-        agg.apply(&Event {
-            ts_ns: 1,
-            cookie: 4,
-            skaddr: 4,
-            netns: 1,
-            family: crate::model::event::Family::Inet6,
-            local: l,
-            remote: "[::1]:40000".parse().unwrap(),
-            owner: None,
-            softirq: false,
-            kind: EventKind::Overflow {
-                queue: Queue::Accept,
-                len: Some(3),
-                max: Some(2),
-                count: 1,
-                source: OverflowSource::Counters,
-                action: OverflowAction::Dropped,
-            },
-        });
+        agg.apply(&crate::model::event::test_overflow(1, 4, l, 1));
         let s = build(&agg, &input(None));
         let f = s
             .findings
