@@ -93,6 +93,17 @@ impl Netns {
             .ino()
     }
 
+    /// The accept queue of `peer`'s listener on `port` as `ss -ltnp` shows it (a listener's
+    /// Recv-Q): how SO_REUSEPORT members are told apart from outside.
+    pub fn listener_queue(&self, port: u16, peer: &Peer) -> u64 {
+        let ss = self.exec(&["ss", "-ltnpH", "sport", &format!("= :{port}")]);
+        let line = ss
+            .lines()
+            .find(|l| l.contains(&format!("pid={},", peer.pid)))
+            .unwrap_or_else(|| panic!("ss has no listener of {} on {port}: {ss}", peer.comm));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     pub fn peer(&self, comm: &str) -> Peer {
         let exe = std::env::current_exe().expect("test binary path");
         let mut child = Command::new("ip")

@@ -417,18 +417,9 @@ fn reuseport_members() {
     assert_eq!(s["accept_queue"]["max"].as_u64(), Some(1));
     assert_eq!(b["accept_queue"]["max"].as_u64(), Some(64));
     // Each member's queue as `ss` shows it for that owner (Recv-Q of a listener).
-    let ss = ns.exec(&["ss", "-ltnpH", "sport", "= :8120"]);
     for (p, r) in [(&small, s), (&big, b)] {
-        let line = ss
-            .lines()
-            .find(|l| l.contains(&format!("pid={},", p.pid)))
-            .unwrap_or_else(|| panic!("ss has no listener of {}: {ss}", p.comm));
-        let recvq: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert_eq!(
-            r["accept_queue"]["now"].as_u64(),
-            Some(recvq),
-            "{line} vs {r}"
-        );
+        let recvq = ns.listener_queue(8120, p);
+        assert_eq!(r["accept_queue"]["now"].as_u64(), Some(recvq), "{r}");
     }
     assert_eq!(
         s["accept_queue"]["now"].as_u64(),

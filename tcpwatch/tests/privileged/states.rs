@@ -424,14 +424,9 @@ fn s14_reuseport_children() {
         .map(|_| conn_id(&client.ok("connect 127.0.0.1:8086")).1)
         .collect();
     // Each member accepts what its own queue holds (Recv-Q of its listener).
-    let ss = ns.exec(&["ss", "-ltnpH", "sport", "= :8086"]);
     for (p, l) in [(&mut a, &la), (&mut b, &lb)] {
-        let line = ss
-            .lines()
-            .find(|x| x.contains(&format!("pid={},", p.pid)))
-            .unwrap_or_else(|| panic!("no listener of {}: {ss}", p.comm));
-        let queued: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(queued > 0, "both members took connections: {ss}");
+        let queued = ns.listener_queue(8086, p);
+        assert!(queued > 0, "both members took connections");
         for _ in 0..queued {
             p.ok(&format!("accept {l}"));
         }
