@@ -928,10 +928,21 @@ fn s11_data_retransmits() {
         "aborted"
     );
     assert!(data.iter().all(|e| u(e, "segs") == 1), "{data:#?}");
-    assert_eq!(
+    // Exact, unless tcpwatch itself reported program runs the kernel skipped (a tp_btf
+    // program does not run while it is already running on that CPU): then the shortfall
+    // must be no more than what it reported. Seen twice in CI as 3 of 4; the lines say why.
+    let (kernel, ours) = (
         ns.counter("Tcp", "RetransSegs") - before,
         retransmitted_segments(&evs),
-        "RetransSegs agrees"
+    );
+    let skipped = of_type(&evs, "loss")
+        .last()
+        .map(|e| u(&e["total"], "kernel_skipped"))
+        .unwrap_or(0);
+    assert!(
+        ours == kernel || (ours < kernel && kernel - ours <= skipped),
+        "RetransSegs +{kernel}, retransmit events carry {ours} (kernel-skipped runs reported: \
+         {skipped}): {brief:?}"
     );
 }
 
