@@ -215,10 +215,7 @@ pub fn bump(idx: u32) {
 
 #[inline(always)]
 pub fn in_softirq() -> bool {
-    match SOFTIRQ.get(0) {
-        Some(v) => *v != 0,
-        None => false,
-    }
+    softirq_vector().is_some()
 }
 
 /// `TIMER_SOFTIRQ`, the vector in which timer callbacks run.

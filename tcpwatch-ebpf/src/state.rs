@@ -203,7 +203,7 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
             // A child born from a listener in softirq, its storage cloned from that listener's:
             // the owner is the listener's (the interrupted task is never the owner).
             (*info).flags = flags::OWNER_KNOWN | flags::OWNER_FROM_LISTENER;
-        } else if m.old_state == tcp_state::LISTEN {
+        } else if m.old_state == tcp_state::LISTEN && (*info).flags & flags::OWNER_KNOWN == 0 {
             // The same for a listener whose owner the kernel side never saw (it existed before
             // start): what userspace seeded for its port.
             if let Some(o) = listener_owner(m.netns, m.sport) {
