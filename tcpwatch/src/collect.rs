@@ -12,7 +12,7 @@ use crate::ebpf::reader::RingReader;
 use crate::ebpf::{Inventory, Probe, ProbeConfig};
 use crate::model::Loss;
 use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, Queue, TcpState};
-use crate::model::overflow::{self, Causes, ListenDropBudget, ListenerDelta};
+use crate::model::overflow::{self, Causes, FinalAckLedger, ListenDropBudget, ListenerDelta};
 use crate::model::owners::OwnerBook;
 use crate::model::reorder::Reorder;
 use crate::model::timewait::TwMachine;
@@ -51,6 +51,8 @@ pub enum Sampled {
     Inventory {
         ns: NetnsRef,
         socks: Vec<SockRec>,
+        /// When the socket listing began (monotonic ns).
+        read_at: u64,
         /// Records that did not decode.
         bad: usize,
         counters: Counters,
@@ -61,6 +63,7 @@ pub enum Sampled {
     Listeners {
         inode: u32,
         socks: Option<Vec<SockRec>>,
+        read_at: u64,
         bad: usize,
         counters: Option<Counters>,
         sockstat: Option<Sockstat>,
@@ -72,6 +75,8 @@ pub enum Sampled {
 /// Sockets, counters, sockstat and sysctls of one namespace, each absent when unreadable.
 struct NsRead {
     socks: Option<Vec<SockRec>>,
+    /// When the socket listing began (monotonic ns).
+    read_at: u64,
     /// Inventory records that did not decode (counted as decode errors).
     bad: usize,
     counters: Option<Counters>,
@@ -82,9 +87,10 @@ struct NsRead {
 impl NsRead {
     /// A listing of the current namespace completed with its counters, sockstat and, for a
     /// full read, its sysctls (call switched into it).
-    fn around(socks: Option<Vec<SockRec>>, bad: usize, full: bool) -> NsRead {
+    fn around(socks: Option<Vec<SockRec>>, read_at: u64, bad: usize, full: bool) -> NsRead {
         NsRead {
             socks,
+            read_at,
             bad,
             counters: procnet::read_counters().ok(),
             sockstat: procnet::read_sockstat().ok(),
@@ -101,6 +107,7 @@ impl NsRead {
 /// full read, its sysctls. Runs on the calling thread, switched into the namespace.
 fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
     netns::run_in(ns, || {
+        let read_at = monotonic_ns();
         let (source, one_walk) = {
             let p = probe.lock().unwrap_or_else(|e| e.into_inner());
             (p.inventory(), p.sock_diag_one_walk)
@@ -123,7 +130,7 @@ fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Re
             },
             None => (None, 0),
         };
-        NsRead::around(socks, bad, full)
+        NsRead::around(socks, read_at, bad, full)
     })
 }
 
@@ -136,6 +143,7 @@ fn full_read(probe: &SharedProbe, ns: NetnsRef, owners: &HashMap<u64, Owner>) ->
     Some(Sampled::Inventory {
         ns,
         socks,
+        read_at: r.read_at,
         bad: r.bad,
         counters: r.counters.unwrap_or_default(),
         sockstat: r.sockstat.unwrap_or_default(),
@@ -193,6 +201,7 @@ fn sampler(
         let mut gone = Vec::new();
         // Every namespace's listeners in one read where the kernel lists them apart from the
         // socket hash; else each namespace's own listeners-only walk.
+        let all_at = monotonic_ns();
         let all = probe
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -210,7 +219,7 @@ fn sampler(
                 let socks = Some(by_ns.remove(&ns.inode).unwrap_or_default());
                 // The undecodable records are reported once, with the first namespace read.
                 netns::run_in(ns, || {
-                    NsRead::around(socks, std::mem::take(&mut all_bad), false)
+                    NsRead::around(socks, all_at, std::mem::take(&mut all_bad), false)
                 })
             } else {
                 read_namespace(&probe, ns, false)
@@ -219,6 +228,7 @@ fn sampler(
                 Ok(r) => Sampled::Listeners {
                     inode: ns.inode,
                     socks: r.socks,
+                    read_at: r.read_at,
                     bad: r.bad,
                     counters: r.counters,
                     sockstat: r.sockstat,
@@ -255,8 +265,8 @@ pub struct EventSource {
     pub inventory: Vec<SockRec>,
     /// Listener records from the samples since the last `take_listener_samples`.
     pub listener_samples: Vec<SockRec>,
-    /// Final-ACK overflows reported one by one since their listener's last sample.
-    final_acks: HashMap<u64, u64>,
+    /// Final-ACK overflows reported one by one that no listener sample has claimed yet.
+    final_acks: FinalAckLedger,
     sampled: Receiver<Sampled>,
     sampled_tx: Option<Sender<Sampled>>,
     stop: Arc<AtomicBool>,
@@ -281,7 +291,7 @@ impl EventSource {
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
             listener_samples: Vec::new(),
-            final_acks: HashMap::new(),
+            final_acks: FinalAckLedger::default(),
             sampled: rx,
             sampled_tx: Some(tx),
             stop: Arc::new(AtomicBool::new(false)),
@@ -384,7 +394,7 @@ impl EventSource {
         for ns in list {
             if let Ok(r) = read_namespace(&self.probe, &ns, false) {
                 self.loss.decode_errors += r.bad as u64;
-                self.sample(ns.inode, r.socks, r.counters, r.sockstat, out);
+                self.sample(ns.inode, r.socks, r.read_at, r.counters, r.sockstat, out);
             }
         }
     }
@@ -394,6 +404,7 @@ impl EventSource {
             Sampled::Inventory {
                 ns,
                 socks,
+                read_at,
                 bad,
                 counters,
                 sockstat,
@@ -409,6 +420,8 @@ impl EventSource {
                                     .seed_listener(r.netns, r.local.port(), r.cookie, o);
                                 self.probe().seed_listener(r.netns, r.local.port(), &o);
                             }
+                            // Its drop counter starts here: overflows before are in it.
+                            self.final_acks.claim(r.skaddr, read_at);
                             listeners.insert(r.skaddr, *r);
                         }
                         TcpState::TimeWait => self.timewait.seed(
@@ -455,12 +468,13 @@ impl EventSource {
             Sampled::Listeners {
                 inode,
                 socks,
+                read_at,
                 bad,
                 counters,
                 sockstat,
             } => {
                 self.loss.decode_errors += bad as u64;
-                self.sample(inode, socks, counters, sockstat, out)
+                self.sample(inode, socks, read_at, counters, sockstat, out)
             }
         }
     }
@@ -471,16 +485,13 @@ impl EventSource {
         &mut self,
         inode: u32,
         socks: Option<Vec<SockRec>>,
+        read_at: u64,
         counters: Option<Counters>,
         sockstat: Option<Sockstat>,
         out: &mut Vec<Event>,
     ) {
         let now = monotonic_ns();
         let final_acks = &mut self.final_acks;
-        if final_acks.len() > 4096 {
-            // Listeners gone before a sample claimed theirs.
-            final_acks.clear();
-        }
         let Some(st) = self.namespaces.get_mut(&inode) else {
             return;
         };
@@ -509,7 +520,7 @@ impl EventSource {
                     .get(&r.skaddr)
                     .filter(|p| p.cookie == r.cookie)
                     .map_or(r.drops as u64, |p| r.drops.saturating_sub(p.drops) as u64),
-                final_ack_seen: final_acks.remove(&r.skaddr).unwrap_or(0),
+                final_ack_seen: final_acks.claim(r.skaddr, read_at),
                 syn_queue: r.syn_queue,
                 accept_max: r.accept_max,
             })
@@ -581,30 +592,35 @@ impl EventSource {
             self.reader.wait(timeout);
         }
         let start = out.len();
-        while let Ok(m) = self.sampled.try_recv() {
-            self.apply_sampled(m, out);
-        }
+        // The rings are drained after the samples are taken in: every final-ACK overflow that
+        // happened before a sample's socket read is then in the ledger when the sample is
+        // applied, however recently it happened.
+        let samples: Vec<Sampled> = self.sampled.try_iter().collect();
         let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
-        let (reorder, loss) = (&mut self.reorder, &mut self.loss);
+        let (reorder, loss, final_acks) = (&mut self.reorder, &mut self.loss, &mut self.final_acks);
         self.reader
             .drain(1 << 16, |ring, bytes| match decode::decode(bytes) {
-                Ok(ev) => reorder.push(ring, ev),
+                Ok(ev) => {
+                    if let EventKind::Overflow {
+                        source: OverflowSource::Packet,
+                        count,
+                        ..
+                    } = ev.kind
+                    {
+                        final_acks.record(ev.skaddr, ev.ts_ns, count);
+                    }
+                    reorder.push(ring, ev)
+                }
                 Err(_) => loss.decode_errors += 1,
             });
+        for m in samples {
+            self.apply_sampled(m, out);
+        }
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.
-        let (owners, timewait, final_acks) =
-            (&mut self.owners, &mut self.timewait, &mut self.final_acks);
+        let (owners, timewait) = (&mut self.owners, &mut self.timewait);
         self.reorder
             .release_with(if flush { u64::MAX } else { cut }, |mut ev| {
-                if let EventKind::Overflow {
-                    source: OverflowSource::Packet,
-                    count,
-                    ..
-                } = ev.kind
-                {
-                    *final_acks.entry(ev.skaddr).or_insert(0) += count;
-                }
                 owners.resolve(&mut ev);
                 timewait.apply(ev, out);
             });

@@ -27,6 +27,50 @@ pub struct Inferred {
     pub count: u64,
 }
 
+/// Final-ACK overflows reported one by one, kept by listener until a sample of that listener's
+/// drop counter includes them. Each is claimed by the first sample whose socket read began
+/// after it: the kernel counts the drop before the packet is freed, so that read saw both
+/// counts. One that comes later (the reader drains the rings in batches) waits for the next.
+#[derive(Debug, Default)]
+pub struct FinalAckLedger {
+    by_listener: std::collections::HashMap<u64, Vec<(u64, u64)>>,
+}
+
+/// Listeners whose overflows no sample claims (gone before one read them) are forgotten past
+/// this many, so the ledger stays bounded.
+const LEDGER_LISTENERS: usize = 4096;
+
+impl FinalAckLedger {
+    pub fn record(&mut self, listener: u64, ts_ns: u64, count: u64) {
+        if self.by_listener.len() >= LEDGER_LISTENERS && !self.by_listener.contains_key(&listener) {
+            self.by_listener.clear();
+        }
+        self.by_listener
+            .entry(listener)
+            .or_default()
+            .push((ts_ns, count));
+    }
+
+    /// The overflows of `listener` before `read_at`, taken out of the ledger.
+    pub fn claim(&mut self, listener: u64, read_at: u64) -> u64 {
+        let Some(v) = self.by_listener.get_mut(&listener) else {
+            return 0;
+        };
+        let mut n = 0;
+        v.retain(|&(ts, c)| {
+            let before = ts < read_at;
+            if before {
+                n += c;
+            }
+            !before
+        });
+        if v.is_empty() {
+            self.by_listener.remove(&listener);
+        }
+        n
+    }
+}
+
 /// The namespace counters that explain listener drops, as deltas over the sample window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Causes {
@@ -176,6 +220,21 @@ mod tests {
             syn_queue,
             accept_max: max,
         }
+    }
+
+    #[test]
+    fn final_acks_are_claimed_by_the_first_read_after_them() {
+        let mut led = FinalAckLedger::default();
+        led.record(7, 100, 1);
+        led.record(7, 200, 1);
+        led.record(8, 150, 2);
+        // A read that began at 150 saw the first overflow only.
+        assert_eq!(led.claim(7, 150), 1);
+        assert_eq!(led.claim(7, 150), 0);
+        assert_eq!(led.claim(7, 201), 1);
+        assert_eq!(led.claim(8, 151), 2);
+        assert_eq!(led.claim(9, 1000), 0);
+        assert!(led.by_listener.is_empty());
     }
 
     #[test]
