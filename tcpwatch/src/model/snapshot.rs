@@ -1164,14 +1164,45 @@ fn findings<'a>(
                 .map(|r| tuple(&r.local, &r.remote))
                 .collect();
         }
+        // The peer may be a listener of this very namespace that is refusing SYNs: say so
+        // rather than leave the operator to suspect the network.
+        let remotes: Vec<(u32, SocketAddr)> = stuck
+            .iter()
+            .map(|t| (t.netns, t.remote))
+            .chain(stuck_inv.iter().map(|r| (r.netns, r.remote)))
+            .collect();
+        let refusing = s.listeners.iter().find(|l| {
+            let busy =
+                l.accept_queue.now > l.accept_queue.max || l.overflows.accept + l.overflows.syn > 0;
+            busy && remotes.iter().any(|(ns, r)| {
+                *ns == l.netns
+                    && r.port() == l.port
+                    && (l.addr == r.ip().to_string() || l.addr == "0.0.0.0" || l.addr == "::")
+            })
+        });
+        let cause = match refusing {
+            Some(l) => format!(
+                "the peer is listener {} in this namespace and its queues are full ({} of {} queued for accept()): the kernel drops the SYNs it cannot queue and the clients retry",
+                endpoint(&l.addr, l.port),
+                l.accept_queue.now,
+                l.accept_queue.max
+            ),
+            None => "no SYN-ACK comes back: the peer or a firewall drops the SYN, the port is filtered, or the listener's queues are full".into(),
+        };
         out.push(Finding {
             id: "syn_sent_stuck",
             severity: "warning",
             netns,
             what: format!("{n} connection attempt(s) retransmitting their SYN"),
-            cause: "no SYN-ACK comes back: the peer or a firewall drops the SYN, the port is filtered, or the listener's queues are full".into(),
-            governed_by: vec![gov(sc, "net.ipv4.tcp_syn_retries"), gov(sc, "net.ipv4.tcp_syn_linear_timeouts")],
-            owner: stuck.first().and_then(|t| t.owner.as_ref()).map(OwnerView::from),
+            cause,
+            governed_by: vec![
+                gov(sc, "net.ipv4.tcp_syn_retries"),
+                gov(sc, "net.ipv4.tcp_syn_linear_timeouts"),
+            ],
+            owner: stuck
+                .first()
+                .and_then(|t| t.owner.as_ref())
+                .map(OwnerView::from),
             count: n as u64,
             examples: ex,
         });
@@ -1179,7 +1210,9 @@ fn findings<'a>(
 
     // Listener overflows.
     for l in &s.listeners {
-        if l.overflows.accept + l.overflows.syn + l.overflows.syncookies == 0 {
+        // The kernel refuses new handshakes once the accept queue holds more than its limit.
+        let full_now = l.accept_queue.now > l.accept_queue.max;
+        if l.overflows.accept + l.overflows.syn + l.overflows.syncookies == 0 && !full_now {
             continue;
         }
         let sc = sysctls_of(l.netns);
@@ -1199,7 +1232,7 @@ fn findings<'a>(
             endpoint(&l.addr, l.port)
         };
         let somaxconn: Option<u32> = sc.get("net.core.somaxconn").and_then(|v| v.parse().ok());
-        if l.overflows.accept > 0 {
+        if l.overflows.accept > 0 || full_now {
             let limit = match somaxconn {
                 Some(m) if l.accept_queue.max >= m => format!(
                     "the accept queue limit {} is net.core.somaxconn ({m}), which capped the application's listen() backlog",
@@ -1211,24 +1244,54 @@ fn findings<'a>(
                 ),
                 None => format!("the accept queue limit is {}", l.accept_queue.max),
             };
-            out.push(Finding {
-                id: "accept_queue_overflow",
-                severity: "critical",
-                netns: l.netns,
-                what: format!(
-                    "listener {name} dropped {} connection(s): its accept queue was full (peak {}/{})",
-                    l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
-                ),
-                cause: format!("the application does not call accept() fast enough; {limit}"),
-                governed_by: vec![
-                    code("listen() backlog in the application"),
-                    gov(sc, "net.core.somaxconn"),
-                    gov(sc, "net.ipv4.tcp_abort_on_overflow"),
-                ],
-                owner: l.owner.clone(),
-                count: l.overflows.accept,
-                examples: vec![endpoint(&l.addr, l.port)],
-            });
+            let governed_by = vec![
+                code("listen() backlog in the application"),
+                gov(sc, "net.core.somaxconn"),
+                gov(sc, "net.ipv4.tcp_abort_on_overflow"),
+            ];
+            let cause = format!("the application does not call accept() fast enough; {limit}");
+            if l.overflows.accept > 0 {
+                out.push(Finding {
+                    id: "accept_queue_overflow",
+                    severity: "critical",
+                    netns: l.netns,
+                    what: format!(
+                        "listener {name} dropped {} connection(s): its accept queue was full (peak {}/{})",
+                        l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
+                    ),
+                    cause,
+                    governed_by,
+                    owner: l.owner.clone(),
+                    count: l.overflows.accept,
+                    examples: vec![endpoint(&l.addr, l.port)],
+                });
+            } else {
+                // Nothing dropped while watching (or nothing watched: a plain snapshot), but
+                // the queue is full this instant and the socket's own drop counter says
+                // whether it has been refusing connections before.
+                let before = if l.drops > 0 {
+                    format!(
+                        "; it has dropped {} packet(s) since it started listening",
+                        l.drops
+                    )
+                } else {
+                    String::new()
+                };
+                out.push(Finding {
+                    id: "accept_queue_full",
+                    severity: if l.drops > 0 { "critical" } else { "warning" },
+                    netns: l.netns,
+                    what: format!(
+                        "listener {name} has a full accept queue now ({}/{}): new SYNs are dropped until it accepts{before}",
+                        l.accept_queue.now, l.accept_queue.max
+                    ),
+                    cause,
+                    governed_by,
+                    owner: l.owner.clone(),
+                    count: u64::from(l.accept_queue.now),
+                    examples: vec![endpoint(&l.addr, l.port)],
+                });
+            }
         }
         if l.overflows.syn > 0 || l.overflows.syncookies > 0 {
             let (what, sev) = if l.overflows.syn > 0 {
@@ -1639,6 +1702,70 @@ mod tests {
             f[0].what
         );
         assert_eq!(s.states.get("LISTEN"), Some(&2), "states count the listing");
+    }
+
+    #[test]
+    fn a_listener_full_right_now_is_a_finding_and_explains_stuck_syns() {
+        let l = SocketAddr::from(([127, 0, 0, 1], 9000));
+        let listener = |queued: u32, drops: u32| SockRec {
+            skaddr: 5,
+            cookie: 5,
+            accept_queue: queued,
+            accept_max: 2,
+            drops,
+            ..crate::source::inventory::test_rec(
+                TcpState::Listen,
+                1,
+                l,
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+            )
+        };
+        let syn_sent = |port: u16, remote: SocketAddr| SockRec {
+            skaddr: u64::from(port),
+            cookie: u64::from(port),
+            retransmits: 2,
+            ..crate::source::inventory::test_rec(
+                TcpState::SynSent,
+                1,
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                remote,
+            )
+        };
+        let agg = Aggregator::new(AggConfig::default());
+        // Full (3 queued of 2) with a history of drops, and a client of it stuck in SYN_SENT.
+        let inv = vec![listener(3, 6), syn_sent(44458, l)];
+        let s = build(&agg, &input(Some(&inv)));
+        let f = finding(&s, "accept_queue_full").expect("full queue found");
+        assert_eq!((f.severity, f.count), ("critical", 3));
+        assert!(
+            f.what
+                .contains("127.0.0.1:9000 has a full accept queue now (3/2)"),
+            "{}",
+            f.what
+        );
+        assert!(f.what.contains("dropped 6 packet(s)"), "{}", f.what);
+        assert!(finding(&s, "accept_queue_overflow").is_none());
+        let stuck = finding(&s, "syn_sent_stuck").expect("stuck SYNs found");
+        assert!(
+            stuck
+                .cause
+                .contains("listener 127.0.0.1:9000 in this namespace"),
+            "{}",
+            stuck.cause
+        );
+
+        // At its limit is not full (the kernel holds limit + 1), and a SYN_SENT toward
+        // another address keeps the generic cause.
+        let elsewhere = SocketAddr::from(([10, 0, 0, 9], 9000));
+        let inv = vec![listener(2, 0), syn_sent(44460, elsewhere)];
+        let s = build(&agg, &input(Some(&inv)));
+        assert!(finding(&s, "accept_queue_full").is_none());
+        let stuck = finding(&s, "syn_sent_stuck").expect("stuck SYNs found");
+        assert!(
+            stuck.cause.starts_with("no SYN-ACK comes back"),
+            "{}",
+            stuck.cause
+        );
     }
 
     #[test]

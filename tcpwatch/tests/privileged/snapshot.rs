@@ -1,5 +1,5 @@
 //! `tcpwatch snapshot`: per-state counts equal `ss` on the same namespace; findings for S5
-//! (accept-queue overflow), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), S11,
+//! (accept-queue overflow, and a queue full right now), S7 (TIME_WAIT and ephemeral ports), S8 (CLOSE_WAIT leak), S11,
 //! resets by cause, SO_REUSEPORT members as listeners of their own, and none on clean traffic.
 use std::process::Command;
 use std::time::Duration;
@@ -13,6 +13,7 @@ pub const TESTS: &[crate::Test] = &[
     ("snapshot_s5_accept_overflow_finding", s5_finding),
     ("snapshot_s7_timewait_and_port_pressure", s7_finding),
     ("snapshot_s8_close_wait_leak_finding", s8_finding),
+    ("snapshot_full_listener_right_now", full_now),
     ("snapshot_clean_traffic_has_no_findings", clean),
     (
         "snapshot_s11_retransmit_storm_vs_recovered_loss",
@@ -375,6 +376,49 @@ fn s5_finding() {
         "the refused clients retransmit"
     );
     assert_eq!(snap["counters"]["TcpExt:ListenDrops"].as_u64(), Some(drops));
+}
+
+/// A plain snapshot (no window, so no overflow seen happening) of a listener that is full
+/// right now: the full queue is a finding by itself, with the socket's drop counter, and the
+/// clients retrying their SYNs are told it is that local listener refusing them.
+fn full_now() {
+    let ns = Netns::new();
+    let mut server = ns.peer("tw-server");
+    server.ok("listen 127.0.0.1:8115 2");
+    let mut client = ns.peer("tw-client");
+    client.ok("connect_nb 127.0.0.1:8115 6");
+    // The first SYN retransmit is due after 1 s (tcp_syn_retries at its default).
+    std::thread::sleep(Duration::from_millis(1500));
+    let snap = snapshot(&ns, &[]);
+    let f = findings(&snap, "accept_queue_full");
+    assert_eq!(f.len(), 1, "{:#}", snap["findings"]);
+    let f = f[0];
+    assert_eq!(f["severity"], "critical", "{f}");
+    assert_eq!(
+        f["count"].as_u64(),
+        Some(ns.listener_queue(8115, &server)),
+        "{f}"
+    );
+    let what = f["what"].as_str().unwrap();
+    assert!(
+        what.contains("127.0.0.1:8115 has a full accept queue now (3/2)"),
+        "{what}"
+    );
+    assert_eq!(f["owner"]["pid"].as_u64(), Some(server.pid as u64));
+    assert!(
+        findings(&snap, "accept_queue_overflow").is_empty(),
+        "{:#}",
+        snap["findings"]
+    );
+    let stuck = findings(&snap, "syn_sent_stuck");
+    assert_eq!(stuck.len(), 1, "{:#}", snap["findings"]);
+    assert_eq!(stuck[0]["count"].as_u64(), Some(3), "{}", stuck[0]);
+    let cause = stuck[0]["cause"].as_str().unwrap();
+    assert!(
+        cause.contains("listener 127.0.0.1:8115 in this namespace"),
+        "{cause}"
+    );
+    drop(client);
 }
 
 /// Two SO_REUSEPORT listeners on one address: the kernel spreads connections over them and
