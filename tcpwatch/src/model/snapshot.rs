@@ -1209,6 +1209,10 @@ fn findings<'a>(
     }
 
     // Listener overflows.
+    let final_ack_hook = input
+        .hooks
+        .iter()
+        .any(|h| h.signal == "accept overflow at final ACK" && h.hook.is_some());
     for l in &s.listeners {
         // The kernel refuses new handshakes once the accept queue holds more than its limit.
         let full_now = l.accept_queue.now > l.accept_queue.max;
@@ -1249,14 +1253,40 @@ fn findings<'a>(
                 gov(sc, "net.core.somaxconn"),
                 gov(sc, "net.ipv4.tcp_abort_on_overflow"),
             ];
-            let cause = format!("the application does not call accept() fast enough; {limit}");
+            // What the kernel does depends on which packet met the full queue: a SYN is
+            // always dropped (the client retries it); a final ACK is dropped or reset.
+            let reaction = match sc.get("net.ipv4.tcp_abort_on_overflow").map(String::as_str) {
+                Some("1") => {
+                    "a final ACK that finds it full is answered with a RST (tcp_abort_on_overflow = 1): the client's connect() has succeeded and its first read or write fails with ECONNRESET"
+                }
+                Some(_) => {
+                    "a final ACK that finds it full is dropped (tcp_abort_on_overflow = 0): the client believes it is connected while the server retransmits its SYN-ACK until the queue has room"
+                }
+                None => {
+                    "a final ACK that finds it full is dropped, or reset where tcp_abort_on_overflow = 1"
+                }
+            };
+            let cause = format!(
+                "the application does not call accept() fast enough; {limit}. A SYN that finds the queue full is dropped and the client retransmits it; {reaction}"
+            );
             if l.overflows.accept > 0 {
+                // Final ACKs are seen one by one where the kernel has the hook; the rest of
+                // the listener's drops are then SYNs.
+                let split = if final_ack_hook {
+                    let acks = l.overflows.final_ack_packets.min(l.overflows.accept);
+                    format!(
+                        ": {} SYN(s), {acks} final ACK(s)",
+                        l.overflows.accept - acks
+                    )
+                } else {
+                    String::new()
+                };
                 out.push(Finding {
                     id: "accept_queue_overflow",
                     severity: "critical",
                     netns: l.netns,
                     what: format!(
-                        "listener {name} dropped {} connection(s): its accept queue was full (peak {}/{})",
+                        "listener {name} dropped {} handshake packet(s) with its accept queue full (peak {}/{}){split}",
                         l.overflows.accept, l.accept_queue.peak, l.accept_queue.max
                     ),
                     cause,
@@ -1765,6 +1795,67 @@ mod tests {
             stuck.cause.starts_with("no SYN-ACK comes back"),
             "{}",
             stuck.cause
+        );
+    }
+
+    #[test]
+    fn an_overflow_says_which_packets_met_the_full_queue_and_what_the_kernel_did() {
+        use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
+        let l = SocketAddr::from(([127, 0, 0, 1], 9100));
+        let mut agg = Aggregator::new(AggConfig::default());
+        // 5 drops by the counters, 2 of them final ACKs seen one by one.
+        agg.apply(&crate::model::event::test_overflow(1, 5, l, 5));
+        for ts in [10, 20] {
+            agg.apply(&Event {
+                ts_ns: ts,
+                kind: EventKind::Overflow {
+                    queue: Queue::Accept,
+                    len: Some(2),
+                    max: Some(1),
+                    count: 1,
+                    source: OverflowSource::Packet,
+                    action: OverflowAction::Dropped,
+                },
+                ..crate::model::event::test_overflow(1, 5, l, 1)
+            });
+        }
+        let mut inp = input(None);
+        inp.namespaces[0]
+            .sysctls
+            .insert("net.ipv4.tcp_abort_on_overflow".into(), "1".into());
+        let s = build(&agg, &inp);
+        let f = finding(&s, "accept_queue_overflow").unwrap();
+        assert!(
+            f.what.contains("dropped 5 handshake packet(s)"),
+            "{}",
+            f.what
+        );
+        assert!(
+            !f.what.contains("SYN(s)"),
+            "no split without the hook: {}",
+            f.what
+        );
+        assert!(
+            f.cause
+                .contains("answered with a RST (tcp_abort_on_overflow = 1)"),
+            "{}",
+            f.cause
+        );
+        inp.hooks.push(HookView {
+            signal: "accept overflow at final ACK".into(),
+            hook: Some("tp_btf/kfree_skb".into()),
+            note: None,
+        });
+        inp.namespaces[0]
+            .sysctls
+            .insert("net.ipv4.tcp_abort_on_overflow".into(), "0".into());
+        let s = build(&agg, &inp);
+        let f = finding(&s, "accept_queue_overflow").unwrap();
+        assert!(f.what.ends_with(": 3 SYN(s), 2 final ACK(s)"), "{}", f.what);
+        assert!(
+            f.cause.contains("is dropped (tcp_abort_on_overflow = 0)"),
+            "{}",
+            f.cause
         );
     }
 

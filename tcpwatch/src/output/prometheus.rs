@@ -229,7 +229,7 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     w.head(
         name,
         "counter",
-        "Connections dropped because the listener's accept or SYN queue was full.",
+        "Handshake packets (SYNs, final ACKs) the listener dropped because its accept or SYN queue was full, as TcpExt:ListenDrops counts them.",
     );
     for (q, f) in [
         ("accept", (|l: &ListenerView| l.overflows.accept) as Field),

@@ -295,7 +295,7 @@ mod tests {
             id: "accept_queue_overflow",
             severity: "critical",
             netns: 7,
-            what: "listener 127.0.0.1:8080 dropped 24 connection(s)".into(),
+            what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
             cause: "slow accept()".into(),
             governed_by: vec![Governor {
                 name: "net.core.somaxconn".into(),

@@ -334,6 +334,27 @@ fn s5_finding() {
         f["cause"].as_str().unwrap().contains("listen() backlog"),
         "{f}"
     );
+    // This kernel has the final-ACK hook: the drops split into SYNs and final ACKs, and the
+    // refused clients' SYNs (at least the first of each of the three) are among them.
+    let what = f["what"].as_str().unwrap();
+    let split: Vec<u64> = what
+        .rsplit_once(": ")
+        .map(|(_, t)| {
+            t.split(", ")
+                .filter_map(|p| p.split(' ').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(split.len(), 2, "{what}");
+    assert_eq!(split[0] + split[1], drops, "{what}");
+    assert!(split[0] >= 3, "{what}");
+    assert!(
+        f["cause"]
+            .as_str()
+            .unwrap()
+            .contains("is dropped (tcp_abort_on_overflow = 0)"),
+        "{f}"
+    );
     let names: Vec<&str> = f["governed_by"]
         .as_array()
         .unwrap()
