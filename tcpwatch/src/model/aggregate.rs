@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use rustc_hash::FxHashMap as HashMap;
 
+use super::slab::SlabMap;
+
 use super::event::{
     Event, EventKind, Family, OverflowAction, OverflowSource, Owner, Queue, RetransmitKind,
     TcpState, TwExitReason,
@@ -134,7 +136,10 @@ pub struct Timeline {
     pub closed_first: Option<bool>,
     pub closed_ns: Option<u64>,
     pub timewait: Option<TwPhase>,
+    /// Last activity (the aggregator's event sequence number).
     seq: u64,
+    /// The sequence number its entry in the touch log carries.
+    queued: u64,
 }
 
 fn rkind(k: RetransmitKind) -> usize {
@@ -170,6 +175,7 @@ impl Timeline {
             closed_ns: None,
             timewait: None,
             seq,
+            queued: seq,
         }
     }
 
@@ -327,8 +333,11 @@ const RESET_EXAMPLES: usize = 5;
 
 pub struct Aggregator {
     pub cfg: Config,
-    sockets: HashMap<u64, Timeline>,
-    /// (seq, key) in touch order; stale entries (seq no longer current) are skipped.
+    sockets: SlabMap<Timeline>,
+    /// (seq, key), one per timeline, oldest first: pushed when the timeline is made, pushed
+    /// again with its last activity when eviction finds it was active since (a CLOCK
+    /// approximation of least recently used, so an event costs no log entry); entries of
+    /// removed timelines are stale and skipped.
     touch: VecDeque<(u64, u64)>,
     /// Ended sockets, in end order, for retention.
     ended: VecDeque<(u64, u64)>,
@@ -336,7 +345,7 @@ pub struct Aggregator {
     /// By (netns, local address); the members of an SO_REUSEPORT group share the address and
     /// are told apart by their socket cookie, one entry each.
     listeners: HashMap<(u32, SocketAddr), Vec<ListenerStats>>,
-    pub timewait: HashMap<u64, TwEntry>,
+    pub timewait: SlabMap<TwEntry>,
     pub resets: HashMap<ResetKey, ResetStats>,
     pub totals: Totals,
     pub handshake_us: Log2Hist,
@@ -354,12 +363,12 @@ impl Aggregator {
     pub fn new(cfg: Config) -> Self {
         Aggregator {
             cfg,
-            sockets: HashMap::default(),
+            sockets: SlabMap::with_slots(cfg.max_sockets + 1),
             touch: VecDeque::new(),
             ended: VecDeque::new(),
             seq: 0,
             listeners: HashMap::default(),
-            timewait: HashMap::default(),
+            timewait: SlabMap::default(),
             resets: HashMap::default(),
             totals: Totals::default(),
             handshake_us: Log2Hist::default(),
@@ -381,13 +390,16 @@ impl Aggregator {
         self.sockets.len()
     }
 
-    /// Bytes the socket table can use at most (the documented bound): the hash table (each
-    /// slot a key, a timeline inline and a control byte; hashbrown sizes it to a power of two
-    /// at most 8/7 of the entries), plus the touch and end logs, compacted at 4x and 2x the
-    /// table. With the default 65 536 sockets: see `BENCHMARKS.md`.
+    /// Bytes the socket table can use at most (the documented bound): one slab slot per
+    /// timeline (allocated once for the cap + 1), the index (a key, a slot number and a
+    /// control byte per bucket; hashbrown sizes it to a power of two at most 8/7 of the
+    /// entries), plus the touch and end logs, compacted at 4x and 2x the table. With the
+    /// default 65 536 sockets: see `BENCHMARKS.md`.
     pub fn socket_bound_bytes(cfg: &Config) -> usize {
-        let slots = (cfg.max_sockets * 8 / 7 + 1).next_power_of_two();
-        slots * (std::mem::size_of::<Timeline>() + 8 + 1) + (6 * cfg.max_sockets + 2048) * 16 * 2
+        let buckets = ((cfg.max_sockets + 1) * 8 / 7 + 1).next_power_of_two();
+        (cfg.max_sockets + 1) * SlabMap::<Timeline>::slot_bytes()
+            + buckets * (16 + 1)
+            + (6 * cfg.max_sockets + 2048) * 16 * 2
     }
 
     fn count_reset(
@@ -419,7 +431,7 @@ impl Aggregator {
 
     /// A timewait socket from the inventory.
     pub fn seed_timewait(&mut self, tw: u64, e: TwEntry) {
-        self.timewait.entry(tw).or_insert(e);
+        self.timewait.get_or_insert_with(tw, || e);
     }
 
     /// A listener as sampled (inventory or the 4 Hz sampler).
@@ -527,11 +539,11 @@ impl Aggregator {
         self.seq += 1;
         let seq = self.seq;
         let key = key_of(ev);
-        self.touch.push_back((seq, key));
-        let t = self
-            .sockets
-            .entry(key)
-            .or_insert_with(|| Timeline::new(ev, seq));
+        let touch = &mut self.touch;
+        let t = self.sockets.get_or_insert_with(key, || {
+            touch.push_back((seq, key));
+            Timeline::new(ev, seq)
+        });
         t.seq = seq;
         t.last_ns = ev.ts_ns;
         if ev.owner.is_some() {
@@ -774,9 +786,19 @@ impl Aggregator {
             let Some((seq, key)) = self.touch.pop_front() else {
                 break;
             };
-            if self.sockets.get(&key).is_some_and(|t| t.seq == seq) {
+            let Some(t) = self.sockets.get_mut(&key) else {
+                continue;
+            };
+            if t.queued != seq {
+                continue;
+            }
+            if t.seq == seq {
                 self.sockets.remove(&key);
                 self.totals.evicted += 1;
+            } else {
+                // Active since it was queued: a second chance, behind the others.
+                t.queued = t.seq;
+                self.touch.push_back((t.seq, key));
             }
         }
         self.compact_touch();
@@ -787,7 +809,7 @@ impl Aggregator {
         let sockets = &self.sockets;
         if self.touch.len() > 4 * sockets.len() + 1024 {
             self.touch
-                .retain(|(seq, key)| sockets.get(key).is_some_and(|t| t.seq == *seq));
+                .retain(|(seq, key)| sockets.get(key).is_some_and(|t| t.queued == *seq));
         }
         if self.ended.len() > 2 * sockets.len() + 1024 {
             self.ended
@@ -1018,6 +1040,27 @@ mod tests {
     }
 
     #[test]
+    fn eviction_gives_the_active_a_second_chance() {
+        let mut a = Aggregator::new(Config {
+            max_sockets: 3,
+            retention_ns: 1,
+        });
+        for c in 1..=3 {
+            a.apply(&ev(c, c, st(Close, SynSent, None)));
+        }
+        // 1 and 2 are active again: 3 is the one to go, then (1 and 2 requeued behind 4) 4.
+        a.apply(&ev(10, 1, st(SynSent, Established, None)));
+        a.apply(&ev(11, 2, st(SynSent, Established, None)));
+        a.apply(&ev(12, 4, st(Close, SynSent, None)));
+        assert!(a.socket(3).is_none());
+        a.apply(&ev(13, 5, st(Close, SynSent, None)));
+        assert!(a.socket(4).is_none(), "4 was not active since it was made");
+        assert!(a.socket(1).is_some() && a.socket(2).is_some() && a.socket(5).is_some());
+        assert_eq!(a.totals.evicted, 2);
+        assert_eq!(a.touch.len(), 3, "one log entry per timeline");
+    }
+
+    #[test]
     fn seed_then_live_timewait_events() {
         let mut a = Aggregator::new(Config::default());
         let e = ev(0, 0, st(Close, Close, None));
@@ -1219,7 +1262,8 @@ mod tests {
             a.ended.len()
         );
         let bound = Aggregator::socket_bound_bytes(&cfg);
-        let used = a.sockets.capacity() * (std::mem::size_of::<Timeline>() + 9)
+        let used = a.sockets.capacity() * SlabMap::<Timeline>::slot_bytes()
+            + (a.sockets.index_capacity() * 8 / 7 + 1).next_power_of_two() * 17
             + (a.touch.capacity() + a.ended.capacity()) * 16;
         assert!(used <= bound, "used {used} vs documented bound {bound}");
         a.tick(2_000_000);

@@ -5,6 +5,7 @@ pub mod event;
 pub mod overflow;
 pub mod owners;
 pub mod reorder;
+pub mod slab;
 pub mod snapshot;
 pub mod timewait;
 

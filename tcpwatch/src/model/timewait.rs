@@ -7,6 +7,8 @@
 //! reports `rearm` and `deschedule` where the kernel does them, with no inference.
 use rustc_hash::FxHashMap as HashMap;
 
+use super::slab::SlabMap;
+
 use std::net::SocketAddr;
 
 use super::event::{Event, EventKind, Family, Owner, TcpState, TwExitReason, TwOp};
@@ -50,7 +52,7 @@ impl Origin {
 
 #[derive(Default)]
 pub struct TwMachine {
-    live: HashMap<u64, Live>,
+    live: SlabMap<Live>,
     /// Cancels waiting for their follow-up, by timewait socket.
     pending: HashMap<u64, Event>,
     /// Exits of sockets that were neither seen entering nor seeded.
@@ -70,7 +72,7 @@ impl TwMachine {
 
     /// A timewait socket from the inventory (already in TIME_WAIT when tcpwatch started).
     pub fn seed(&mut self, tw: u64, at: Origin, owner: Option<Owner>) {
-        self.live.entry(tw).or_insert(Live {
+        self.live.get_or_insert_with(tw, || Live {
             enter_ts: None,
             owner,
             at,
