@@ -417,6 +417,18 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
         }
         let mut prev = Loss::default();
         src.refresh_loss(&mut prev);
+        // As `trace` and `serve` end: the report has the loss too, this line is for whoever
+        // only watches stderr (scripts, the benchmark).
+        note!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
+        let l = src.loss;
+        if l.total() > 0 {
+            note!(
+                "tcpwatch: lost: kernel ring full {}, skipped by the kernel {}, undecodable {}",
+                l.kernel_dropped,
+                l.kernel_skipped,
+                l.decode_errors
+            );
+        }
     }
     let now = monotonic_ns();
     let (inventory, namespaces) = src.fresh_inventory();

@@ -209,7 +209,7 @@ fn start_tracer(
         if err.read_line(&mut line)? == 0 {
             bail!("tracer exited before attaching");
         }
-        if line.contains("tracing;") || line.contains("watching;") || line.contains("serving") {
+        if line.contains("tracing;") || line.contains("watching") || line.contains("serving") {
             return Ok((child, err));
         }
     }
@@ -234,6 +234,10 @@ fn run_traced(bin: &str, o: &Opts, tag: &str) -> anyhow::Result<Traced> {
     child.wait()?;
     let (mut events, mut lost) = (0, 0);
     for l in rest.lines() {
+        if l.starts_with("tcpwatch: lost") || l.contains(" LOST ") {
+            // Which kind of loss: printed as it comes, ahead of the pair's line.
+            println!("  tracer: {}", l.trim_start_matches("tcpwatch: "));
+        }
         // "tcpwatch: N events, M lost"
         if let Some(s) = l.strip_prefix("tcpwatch: ") {
             let w: Vec<&str> = s.split_whitespace().collect();
