@@ -237,7 +237,7 @@ fn overflow() {
                 && f["what"]
                     .as_str()
                     .unwrap()
-                    .ends_with("its accept queue was full (peak 3/2)")),
+                    .contains("with its accept queue full (peak 3/2)")),
         "the snapshot's finding names the sysctl: {}",
         r.json["findings"]
     );
