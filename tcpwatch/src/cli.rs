@@ -255,6 +255,20 @@ pub struct FilterArgs {
     pub ipv6: bool,
 }
 
+impl FilterArgs {
+    /// Whether the filters select some sockets of a namespace rather than whole namespaces:
+    /// the kernel's counters then count more than what is shown.
+    pub fn narrows_sockets(&self) -> bool {
+        self.port.is_some()
+            || self.lport.is_some()
+            || self.rport.is_some()
+            || self.pid.is_some()
+            || self.comm.is_some()
+            || self.ipv4
+            || self.ipv6
+    }
+}
+
 #[derive(Args, Debug, Clone, Default)]
 pub struct ProbeArgs {
     /// Ring buffer size in MiB (power of two).

@@ -446,6 +446,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
             close_wait_secs: a.close_wait_secs,
             ..Thresholds::default()
         },
+        sockets_filtered: a.filters.narrows_sockets(),
     };
     let snap = crate::model::snapshot::build(&agg, &input);
     let out = io::stdout().lock();
@@ -652,6 +653,7 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
                 close_wait_secs: a.close_wait_leak.map_or(10, |s| s.ceil() as u64),
                 ..Thresholds::default()
             },
+            sockets_filtered: !a.any_process || a.filters.narrows_sockets(),
         },
     );
     let (observed, assertions) = checker.finish(&limits, now);
@@ -885,6 +887,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<i32> {
                             close_wait_secs: a.close_wait_secs,
                             ..Thresholds::default()
                         },
+                        sockets_filtered: a.filters.narrows_sockets(),
                     },
                 );
                 let text = crate::output::prometheus::render(
@@ -1134,6 +1137,7 @@ fn top_live(a: &TopArgs) -> anyhow::Result<i32> {
                 close_wait_secs: a.close_wait_secs,
                 ..Thresholds::default()
             },
+            sockets_filtered: a.filters.narrows_sockets(),
         };
         let snap = crate::model::snapshot::build(&agg, &input);
         let el = rate_t.elapsed().as_secs_f64();
@@ -1202,6 +1206,7 @@ fn top_replay(a: &TopArgs, path: &std::path::Path) -> anyhow::Result<i32> {
                     close_wait_secs: a.close_wait_secs,
                     ..Thresholds::default()
                 },
+                sockets_filtered: a.filters.narrows_sockets(),
             };
             let snap = crate::model::snapshot::build(&agg, &input);
             app.update(

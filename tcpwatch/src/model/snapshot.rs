@@ -30,6 +30,9 @@ pub struct Input<'a> {
     /// exactly one other namespace is watched.
     pub home_netns: u32,
     pub thresholds: Thresholds,
+    /// Only some sockets of each namespace are shown (port, owner or family filters, or a
+    /// command's own sockets): the namespace's counters cannot be counts of them.
+    pub sockets_filtered: bool,
 }
 
 #[derive(Clone)]
@@ -525,7 +528,14 @@ fn reset_findings<'a>(
     let mut out = Vec::new();
     for netns in nets {
         let ns = s.namespaces.iter().find(|n| n.netns == netns);
-        let counter = |name: &str| ns.and_then(|n| n.counters.get(name)).copied().unwrap_or(0);
+        // Where the kernel gives no reason (older kernels) its counters stand in for the
+        // events, but they count the whole namespace: not under a socket filter.
+        let counter = |name: &str| {
+            if input.sockets_filtered {
+                return 0;
+            }
+            ns.and_then(|n| n.counters.get(name)).copied().unwrap_or(0)
+        };
         let groups: Vec<(&ResetKey, &ResetStats)> = {
             let mut g: Vec<_> = agg
                 .resets
@@ -1575,6 +1585,7 @@ mod tests {
             loss: Loss::default(),
             home_netns: 1,
             thresholds: Thresholds::default(),
+            sockets_filtered: false,
         };
         let agg = Aggregator::new(AggConfig::default());
         let d: Vec<(u32, u64, u64)> = build(&agg, &input)
@@ -1607,6 +1618,7 @@ mod tests {
             loss: Loss::default(),
             home_netns: 1,
             thresholds: Thresholds::default(),
+            sockets_filtered: false,
         }
     }
 
@@ -2100,6 +2112,12 @@ mod tests {
         let s = build(&agg, &input(None));
         assert!(finding(&s, "reset_on_close").is_none());
         assert!(finding(&s, "reset_on_memory").is_none());
+        // Nor under a socket filter: the namespace's counters count other sockets too.
+        inp.sockets_filtered = true;
+        let s = build(&agg, &inp);
+        assert!(finding(&s, "reset_on_close").is_none());
+        assert!(finding(&s, "reset_on_memory").is_none());
+        assert_eq!(finding(&s, "reset_no_socket").map(|f| f.count), Some(1));
     }
 
     #[test]
@@ -2244,6 +2262,7 @@ mod tests {
             },
             home_netns: 1,
             thresholds: Thresholds::default(),
+            sockets_filtered: false,
         };
         let snap = build(&Aggregator::new(AggConfig::default()), &input);
         assert_eq!(snap.loss.decode_errors, 3);
