@@ -268,9 +268,6 @@ pub struct EventSource {
     /// Final-ACK overflows reported one by one that no listener sample has claimed yet.
     final_acks: FinalAckLedger,
     sampled: Receiver<Sampled>,
-    /// Samples taken in while the rings still held older records (applied next poll).
-    held_samples: Vec<Sampled>,
-    held_polls: u32,
     sampled_tx: Option<Sender<Sampled>>,
     stop: Arc<AtomicBool>,
     sampler: Option<std::thread::JoinHandle<()>>,
@@ -296,8 +293,6 @@ impl EventSource {
             listener_samples: Vec::new(),
             final_acks: FinalAckLedger::default(),
             sampled: rx,
-            held_samples: Vec::new(),
-            held_polls: 0,
             sampled_tx: Some(tx),
             stop: Arc::new(AtomicBool::new(false)),
             sampler: None,
@@ -391,9 +386,6 @@ impl EventSource {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.sampler.take() {
             let _ = h.join();
-        }
-        for m in std::mem::take(&mut self.held_samples) {
-            self.apply_sampled(m, out);
         }
         while let Ok(m) = self.sampled.try_recv() {
             self.apply_sampled(m, out);
@@ -602,14 +594,11 @@ impl EventSource {
         let start = out.len();
         // The rings are drained after the samples are taken in: every final-ACK overflow that
         // happened before a sample's socket read is then in the ledger when the sample is
-        // applied, however recently it happened. If a ring had more than one drain takes,
-        // the samples wait for the next poll, when the older records are in.
-        let mut samples = std::mem::take(&mut self.held_samples);
-        samples.extend(self.sampled.try_iter());
+        // applied, however recently it happened.
+        let samples: Vec<Sampled> = self.sampled.try_iter().collect();
         let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
         let (reorder, loss, final_acks) = (&mut self.reorder, &mut self.loss, &mut self.final_acks);
-        let (_, more) = self
-            .reader
+        self.reader
             .drain(1 << 16, |ring, bytes| match decode::decode(bytes) {
                 Ok(ev) => {
                     if let EventKind::Overflow {
@@ -624,16 +613,8 @@ impl EventSource {
                 }
                 Err(_) => loss.decode_errors += 1,
             });
-        // Not forever: under a flood that never lets the rings empty, gauges must still move
-        // (the trim then apportions, as it did before the ledger).
-        if more && !flush && self.held_polls < 8 {
-            self.held_polls += 1;
-            self.held_samples = samples;
-        } else {
-            self.held_polls = 0;
-            for m in samples {
-                self.apply_sampled(m, out);
-            }
+        for m in samples {
+            self.apply_sampled(m, out);
         }
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.

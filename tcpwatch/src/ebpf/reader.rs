@@ -78,9 +78,9 @@ impl RingReader {
     }
 
     /// Hands pending records to `f(ring, bytes)`, at most `max` per ring so a flood cannot
-    /// starve the caller. Returns how many, and whether some ring had more.
-    pub fn drain(&mut self, max: usize, mut f: impl FnMut(usize, &[u8])) -> (usize, bool) {
-        let (mut n, mut more) = (0, false);
+    /// starve the caller.
+    pub fn drain(&mut self, max: usize, mut f: impl FnMut(usize, &[u8])) -> usize {
+        let mut n = 0;
         for (idx, ring) in self.rings.iter_mut().enumerate() {
             let mut k = 0;
             while k < max {
@@ -93,8 +93,7 @@ impl RingReader {
                 }
             }
             n += k;
-            more |= k == max;
         }
-        (n, more)
+        n
     }
 }
