@@ -792,7 +792,9 @@ impl Aggregator {
             if t.queued != seq {
                 continue;
             }
-            if t.seq == seq {
+            // The timeline of the event being applied is active whatever its log entry says
+            // (a new one's entry carries its creation): it is never the one to go.
+            if t.seq == seq && (t.seq != self.seq || self.cfg.max_sockets == 0) {
                 self.sockets.remove(&key);
                 self.totals.evicted += 1;
             } else {
@@ -1058,6 +1060,17 @@ mod tests {
         assert!(a.socket(1).is_some() && a.socket(2).is_some() && a.socket(5).is_some());
         assert_eq!(a.totals.evicted, 2);
         assert_eq!(a.touch.len(), 3, "one log entry per timeline");
+        // Every resident active again: the new one still stays, an older one goes.
+        for c in [1, 2, 5] {
+            a.apply(&ev(20 + c, c, st(SynSent, Established, None)));
+        }
+        a.apply(&ev(30, 6, st(Close, SynSent, None)));
+        assert!(
+            a.socket(6).is_some(),
+            "the timeline just made is not evicted"
+        );
+        assert_eq!(a.socket_count(), 3);
+        assert_eq!(a.totals.evicted, 3);
     }
 
     #[test]
