@@ -222,11 +222,9 @@ fn trace(a: TraceArgs) -> anyhow::Result<i32> {
             let delta = src.refresh_loss(&mut prev);
             if delta.total() > 0 {
                 note!(
-                    "tcpwatch: lost {} events (kernel ring full {}, skipped by the kernel {}, undecodable {}); {} so far",
+                    "tcpwatch: lost {} events ({}); {} so far",
                     delta.total(),
-                    delta.kernel_dropped,
-                    delta.kernel_skipped,
-                    delta.decode_errors,
+                    delta.breakdown(),
                     src.loss.total()
                 );
                 if !send(
@@ -420,14 +418,8 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
         // As `trace` and `serve` end: the report has the loss too, this line is for whoever
         // only watches stderr (scripts, the benchmark).
         note!("tcpwatch: {} events, {} lost", src.events, src.loss.total());
-        let l = src.loss;
-        if l.total() > 0 {
-            note!(
-                "tcpwatch: lost: kernel ring full {}, skipped by the kernel {}, undecodable {}",
-                l.kernel_dropped,
-                l.kernel_skipped,
-                l.decode_errors
-            );
+        if src.loss.total() > 0 {
+            note!("tcpwatch: lost: {}", src.loss.breakdown());
         }
     }
     let now = monotonic_ns();

@@ -78,4 +78,12 @@ impl Loss {
     pub fn total(&self) -> u64 {
         self.kernel_dropped + self.kernel_skipped + self.channel_dropped + self.decode_errors
     }
+
+    /// The kinds of loss `trace` and `snapshot` name on stderr.
+    pub fn breakdown(&self) -> String {
+        format!(
+            "kernel ring full {}, skipped by the kernel {}, undecodable {}",
+            self.kernel_dropped, self.kernel_skipped, self.decode_errors
+        )
+    }
 }

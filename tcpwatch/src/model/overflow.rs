@@ -33,7 +33,7 @@ pub struct Inferred {
 /// counts. One that comes later (the reader drains the rings in batches) waits for the next.
 #[derive(Debug, Default)]
 pub struct FinalAckLedger {
-    by_listener: std::collections::HashMap<u64, Vec<(u64, u64)>>,
+    by_listener: rustc_hash::FxHashMap<u64, Vec<(u64, u64)>>,
 }
 
 /// Listeners whose overflows no sample claims (gone before one read them) are forgotten past

@@ -97,6 +97,13 @@ pub struct QueueView {
     pub peak: u32,
 }
 
+impl QueueView {
+    /// Full as the kernel judges an accept queue: it holds more than its limit.
+    pub fn is_full(&self) -> bool {
+        self.now > self.max
+    }
+}
+
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct ListenerView {
     pub netns: u32,
@@ -1182,8 +1189,7 @@ fn findings<'a>(
             .chain(stuck_inv.iter().map(|r| (r.netns, r.remote)))
             .collect();
         let refusing = s.listeners.iter().find(|l| {
-            let busy =
-                l.accept_queue.now > l.accept_queue.max || l.overflows.accept + l.overflows.syn > 0;
+            let busy = l.accept_queue.is_full() || l.overflows.accept + l.overflows.syn > 0;
             busy && remotes.iter().any(|(ns, r)| {
                 *ns == l.netns
                     && r.port() == l.port
@@ -1224,8 +1230,8 @@ fn findings<'a>(
         .iter()
         .any(|h| h.signal == "accept overflow at final ACK" && h.hook.is_some());
     for l in &s.listeners {
-        // The kernel refuses new handshakes once the accept queue holds more than its limit.
-        let full_now = l.accept_queue.now > l.accept_queue.max;
+        // The kernel refuses new handshakes while the accept queue is full.
+        let full_now = l.accept_queue.is_full();
         if l.overflows.accept + l.overflows.syn + l.overflows.syncookies == 0 && !full_now {
             continue;
         }
