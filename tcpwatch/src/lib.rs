@@ -1,14 +1,14 @@
-//! tcpwatch: a live TCP connection-state observer on eBPF. The binary is a thin wrapper around
-//! [`runtime::main_entry`]; modules follow the data flow: cli → settings → ebpf → decode → model
-//! → output.
+//! tcpwatch: a live TCP connection-state observer on eBPF. Layers, bottom up: `model` (pure
+//! data and judgement), `source` and `ebpf` (read the system into model types), `output`
+//! (render model types), `settings` (validated command line), `session` (one observation:
+//! collector + analysis), `cmd` (one thin file per subcommand). See docs/architecture.md.
 pub mod cli;
-pub mod collect;
-pub mod decode;
+pub mod cmd;
 pub mod ebpf;
 pub mod model;
 pub mod output;
-pub mod runtime;
+pub mod session;
 pub mod settings;
 pub mod source;
 
-pub use runtime::main_entry;
+pub use cmd::main_entry;

@@ -59,7 +59,7 @@ impl Filters {
     }
 
     /// The same filters for a socket of the inventory (`--pid`/`--comm` need its owner known).
-    pub fn accepts_sock(&self, s: &crate::source::inventory::SockRec) -> bool {
+    pub fn accepts_sock(&self, s: &crate::model::system::SockRec) -> bool {
         let k = &self.kernel;
         self.accepts_sock_tuple(s)
             && (k.pid == 0 || s.owner.is_some_and(|o| o.pid == k.pid))
@@ -69,7 +69,7 @@ impl Filters {
     }
 
     /// Family and port filters only, for samples read without owners (listener gauges).
-    pub fn accepts_sock_tuple(&self, s: &crate::source::inventory::SockRec) -> bool {
+    pub fn accepts_sock_tuple(&self, s: &crate::model::system::SockRec) -> bool {
         let k = &self.kernel;
         let (sp, dp) = (s.local.port(), s.remote.port());
         (k.family == 0
@@ -103,7 +103,7 @@ pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {
         filters: filters.kernel,
         ring_bytes: p.ring_mib << 20,
         disabled: p.disable_hook.clone(),
-        trace: true,
+        ..ProbeConfig::default()
     }
 }
 

@@ -39,21 +39,27 @@ fn compare(name: &str, got: &[u8]) {
 #[test]
 fn a_capture_renders_as_it_always_did() {
     let f = std::fs::File::open(dir().join("capture.jsonl")).unwrap();
-    let (events, skipped) = tcpwatch::source::replay::read(std::io::BufReader::new(f)).unwrap();
-    assert!(events.len() > 100, "the capture has {} events", events.len());
+    let capture = tcpwatch::source::replay::read(std::io::BufReader::new(f)).unwrap();
+    let (events, skipped) = (&capture.events, capture.skipped);
+    assert!(
+        events.len() > 100,
+        "the capture has {} events",
+        events.len()
+    );
     let clock = Clock {
         offset_ns: 1_765_000_000_000_000_000,
         utc_offset_s: 0,
     };
     for (json, name) in [(true, "trace.jsonl"), (false, "trace.txt")] {
-        let mut w = TraceWriter::new(Vec::new(), json, clock, 4026531840);
-        for e in &events {
+        let mut w = TraceWriter::new(Vec::new(), json, clock, 4026531840)
+            .with_reasons(capture.reasons.clone());
+        for e in events {
             w.event(e).unwrap();
         }
         compare(name, &w.into_inner());
     }
     let mut agg = Aggregator::new(Config::default());
-    for e in &events {
+    for e in events {
         agg.apply(e);
     }
     let first = events.first().map_or(0, |e| e.ts_ns);
@@ -71,6 +77,7 @@ fn a_capture_renders_as_it_always_did() {
         home_netns: 0,
         thresholds: Thresholds::default(),
         sockets_filtered: false,
+        reasons: capture.reasons.clone(),
     };
     let snap = build(&agg, &input);
     let mut j = Vec::new();

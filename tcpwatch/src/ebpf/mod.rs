@@ -1,8 +1,9 @@
 //! Loading, configuring and attaching the eBPF programs, with one strategy list per signal chosen
 //! by what this kernel accepts, plus access to the ring buffer and the kernel-side counters.
 pub mod btf;
-pub mod caps;
+pub mod decode;
 pub mod reader;
+pub mod records;
 pub mod tracefs;
 
 use std::path::Path;
@@ -12,6 +13,8 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FEntry, Iter, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tcpwatch_common::{ListenKey, Owner, counter};
+
+use crate::model::event::RstReasons;
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwatch"));
@@ -58,6 +61,11 @@ pub struct ProbeConfig {
     /// Attach the tracing programs; without it only the inventory iterator is loaded (an
     /// instant snapshot needs nothing else).
     pub trace: bool,
+    /// Whether NETLINK_SOCK_DIAG answers here (the caller asks it), or why not: the inventory
+    /// falls back to it, and an instant snapshot needs no BPF when it answers.
+    pub sock_diag: Result<(), String>,
+    /// Limits of an unprivileged listing, to report with an instant snapshot's hooks.
+    pub listing_limits: Option<String>,
 }
 
 impl Default for ProbeConfig {
@@ -67,6 +75,8 @@ impl Default for ProbeConfig {
             ring_bytes: 16 << 20,
             disabled: Vec::new(),
             trace: true,
+            sock_diag: Ok(()),
+            listing_limits: None,
         }
     }
 }
@@ -147,6 +157,8 @@ pub struct Probe {
     pub sock_diag_one_walk: bool,
     /// How long each start-up phase took (shown by `doctor`).
     pub timings: Vec<(&'static str, std::time::Duration)>,
+    /// Names of this kernel's reset reasons.
+    pub rst_reasons: RstReasons,
 }
 
 /// One line for an aya error: its chain joined, and of a verifier log only the verdict.
@@ -308,13 +320,11 @@ fn one_walk(cfg: &ProbeConfig) -> bool {
 
 /// Whether this run needs BPF at all: everything but an instant snapshot served by sock_diag.
 pub fn needs_bpf(cfg: &ProbeConfig) -> bool {
-    cfg.trace
-        || cfg.disabled.iter().any(|d| d == "sock_diag")
-        || crate::source::sockdiag::available().is_err()
+    cfg.trace || cfg.disabled.iter().any(|d| d == "sock_diag") || cfg.sock_diag.is_err()
 }
 
-fn sock_diag_status(iter_error: Option<String>) -> SignalStatus {
-    match crate::source::sockdiag::available() {
+fn sock_diag_status(cfg: &ProbeConfig, iter_error: Option<String>) -> SignalStatus {
+    match &cfg.sock_diag {
         Ok(()) => SignalStatus {
             signal: "inventory",
             hook: Some("sock_diag".into()),
@@ -340,18 +350,18 @@ impl Probe {
         }
         let t0 = std::time::Instant::now();
         let mut status = vec![
-            sock_diag_status(None),
+            sock_diag_status(cfg, None),
             SignalStatus {
                 signal: "socket owners",
                 hook: Some("/proc/*/fd".into()),
                 note: None,
             },
         ];
-        if let Some(limits) = caps::effective().and_then(caps::listing_limits) {
+        if let Some(limits) = &cfg.listing_limits {
             status.push(SignalStatus {
                 signal: "privileges",
                 hook: Some("unprivileged listing".into()),
-                note: Some(limits),
+                note: Some(limits.clone()),
             });
         }
         Some(Probe {
@@ -360,6 +370,7 @@ impl Probe {
             counters: None,
             sock_diag_one_walk: one_walk(cfg),
             timings: vec![("sock_diag", t0.elapsed())],
+            rst_reasons: Default::default(),
         })
     }
 
@@ -419,9 +430,12 @@ impl Probe {
                 facts.as_ref().map_or(u32::MAX, |f| f.no_socket),
             ),
         ];
-        if let Some(f) = &facts {
-            crate::output::set_rst_reasons(f.rst_reasons.clone());
-        }
+        let rst_reasons = RstReasons::new(
+            facts
+                .as_ref()
+                .map(|f| f.rst_reasons.clone())
+                .unwrap_or_default(),
+        );
         lap("BTF (aya)", &mut t);
         let tw_handler: u64 = if cfg.trace {
             kallsyms_cached("tw_timer_handler")
@@ -607,7 +621,7 @@ impl Probe {
                     "iter/tcp: {e}; sock_diag disabled; sockets that existed before start are not seen"
                 )),
             },
-            Err(e) => sock_diag_status(Some(e.to_string())),
+            Err(e) => sock_diag_status(cfg, Some(e.to_string())),
         });
 
         // Owners of sockets that existed before start: one record per socket file, instead of
@@ -659,6 +673,7 @@ impl Probe {
             counters: Some(counters),
             sock_diag_one_walk: one_walk(cfg),
             timings,
+            rst_reasons,
         })
     }
 

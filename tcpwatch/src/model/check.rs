@@ -295,7 +295,7 @@ impl Checker {
                 *self
                     .obs
                     .errors
-                    .entry(crate::output::trace::errno_name(errno).to_string())
+                    .entry(super::system::errno_name(errno).to_string())
                     .or_default() += 1;
             }
             EventKind::TimeWait { enter, .. } => {

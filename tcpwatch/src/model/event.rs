@@ -1,44 +1,48 @@
 //! The decoded event model every output consumes: plain data, no kernel or wire types.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-static RST_REASONS: std::sync::OnceLock<Vec<(u32, &'static str)>> = std::sync::OnceLock::new();
-
 /// Names of `enum sk_rst_reason` values, from the kernel's BTF at start or from a capture's
-/// records (set once: the numbering changes between kernels, the names do not).
-pub fn set_rst_reasons(names: Vec<(u32, String)>) {
-    let leaked: Vec<(u32, &'static str)> = names
-        .into_iter()
-        .map(|(v, n)| (v, &*Box::leak(n.into_boxed_str())))
-        .collect();
-    let _ = RST_REASONS.set(leaked);
-}
+/// records: the numbering changes between kernels, the names do not. Cheap to clone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RstReasons(std::sync::Arc<[(u32, Box<str>)]>);
 
-/// The reason table every unit test uses (the table is process-wide and set once).
-#[cfg(test)]
-pub fn test_rst_reasons() {
-    set_rst_reasons(
-        [
-            (0, "NOT_SPECIFIED"),
-            (1, "NO_SOCKET"),
-            (8, "TCP_ABORT_ON_DATA"),
-            (9, "TCP_TIMEWAIT_SOCKET"),
-            (11, "TCP_ABORT_ON_CLOSE"),
-            (12, "TCP_ABORT_ON_LINGER"),
-            (13, "TCP_ABORT_ON_MEMORY"),
-            (14, "TCP_STATE"),
-        ]
-        .into_iter()
-        .map(|(v, n)| (v, n.to_string()))
-        .collect(),
-    );
-}
+impl RstReasons {
+    pub fn new(names: Vec<(u32, String)>) -> RstReasons {
+        RstReasons(
+            names
+                .into_iter()
+                .map(|(v, n)| (v, n.into_boxed_str()))
+                .collect(),
+        )
+    }
 
-pub fn rst_reason_name(v: u32) -> Option<&'static str> {
-    RST_REASONS
-        .get()?
-        .iter()
-        .find(|(n, _)| *n == v)
-        .map(|(_, s)| *s)
+    pub fn name(&self, v: u32) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == v).map(|(_, s)| &**s)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The table the unit tests use.
+    #[cfg(test)]
+    pub fn for_tests() -> RstReasons {
+        RstReasons::new(
+            [
+                (0, "NOT_SPECIFIED"),
+                (1, "NO_SOCKET"),
+                (8, "TCP_ABORT_ON_DATA"),
+                (9, "TCP_TIMEWAIT_SOCKET"),
+                (11, "TCP_ABORT_ON_CLOSE"),
+                (12, "TCP_ABORT_ON_LINGER"),
+                (13, "TCP_ABORT_ON_MEMORY"),
+                (14, "TCP_STATE"),
+            ]
+            .into_iter()
+            .map(|(v, n)| (v, n.to_string()))
+            .collect(),
+        )
+    }
 }
 
 /// Kernel TCP states, with the kernel's names (without `TCP_`).

@@ -7,6 +7,8 @@ pub mod owners;
 pub mod reorder;
 pub mod slab;
 pub mod snapshot;
+pub mod system;
+pub mod time;
 pub mod timewait;
 
 /// Events the pipeline lost, reported in every output.
@@ -77,6 +79,19 @@ impl ByType {
 impl Loss {
     pub fn total(&self) -> u64 {
         self.kernel_dropped + self.kernel_skipped + self.channel_dropped + self.decode_errors
+    }
+
+    /// What was lost since `prev` (an earlier reading of the same account).
+    pub fn minus(&self, prev: &Loss) -> Loss {
+        Loss {
+            kernel_dropped: self.kernel_dropped.saturating_sub(prev.kernel_dropped),
+            kernel_dropped_by_type: self
+                .kernel_dropped_by_type
+                .minus(&prev.kernel_dropped_by_type),
+            kernel_skipped: self.kernel_skipped.saturating_sub(prev.kernel_skipped),
+            channel_dropped: self.channel_dropped.saturating_sub(prev.channel_dropped),
+            decode_errors: self.decode_errors.saturating_sub(prev.decode_errors),
+        }
     }
 
     /// The kinds of loss `trace` and `snapshot` name on stderr.

@@ -9,9 +9,10 @@ use serde::Serialize;
 
 use super::Loss;
 use super::aggregate::{Aggregator, ListenerStats, Log2Hist, ResetKey, ResetStats, Timeline};
-use super::event::{Owner, RetransmitKind, TcpState, TwExitReason};
-use crate::source::inventory::{SockRec, ss_state};
-use crate::source::procnet::{Counters, Sockstat};
+use super::event::{Owner, RetransmitKind, RstReasons, TcpState, TwExitReason};
+use super::system::errno_name;
+use crate::model::system::{Counters, Sockstat};
+use crate::model::system::{SockRec, ss_state};
 
 /// What the snapshot is made from, besides the aggregator.
 pub struct Input<'a> {
@@ -33,6 +34,8 @@ pub struct Input<'a> {
     /// Only some sockets of each namespace are shown (port, owner or family filters, or a
     /// command's own sockets): the namespace's counters cannot be counts of them.
     pub sockets_filtered: bool,
+    /// Names of the reset reasons the events carry.
+    pub reasons: RstReasons,
 }
 
 #[derive(Clone)]
@@ -392,10 +395,6 @@ pub struct Snapshot {
 
 const TOP: usize = 10;
 
-fn errno_name(e: i32) -> &'static str {
-    crate::output::trace::errno_name(e)
-}
-
 fn gov(sysctls: &BTreeMap<String, String>, name: &str) -> Governor {
     Governor {
         name: name.to_string(),
@@ -516,7 +515,7 @@ fn reset_findings<'a>(
     use std::collections::BTreeSet;
     let named = |k: &ResetKey, names: &[&str]| {
         k.reason
-            .and_then(super::event::rst_reason_name)
+            .and_then(|r| input.reasons.name(r))
             .is_some_and(|n| names.contains(&n))
     };
     let mut nets: BTreeSet<u32> = agg.resets.keys().map(|k| k.netns).collect();
@@ -665,7 +664,7 @@ fn reset_findings<'a>(
         let (n, _, examples) = gather(&|k| {
             k.sent
                 && (named(k, &["NO_SOCKET"])
-                    || (k.no_socket && k.reason.and_then(super::event::rst_reason_name).is_none()))
+                    || (k.no_socket && k.reason.and_then(|r| input.reasons.name(r)).is_none()))
         });
         if n > 0 {
             out.push(Finding {
@@ -988,7 +987,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
         }
     }
     for ((netns, laddr, raddr, rport), (in_use, tw)) in use_by {
-        let Some((lo, hi)) = crate::source::sysctl::port_range(sysctls_of(netns)) else {
+        let Some((lo, hi)) = crate::model::system::port_range(sysctls_of(netns)) else {
             continue;
         };
         let range = (hi.saturating_sub(lo) as u64) + 1;
@@ -1554,7 +1553,7 @@ mod tests {
             skaddr: u64::from(port),
             cookie: u64::from(port),
             substate: Some(TcpState::TimeWait),
-            ..crate::source::inventory::test_rec(
+            ..crate::model::system::test_rec(
                 TcpState::TimeWait,
                 netns,
                 SocketAddr::from(([127, 0, 0, 1], port)),
@@ -1592,6 +1591,7 @@ mod tests {
             home_netns: 1,
             thresholds: Thresholds::default(),
             sockets_filtered: false,
+            reasons: crate::model::event::RstReasons::for_tests(),
         };
         let agg = Aggregator::new(AggConfig::default());
         let d: Vec<(u32, u64, u64)> = build(&agg, &input)
@@ -1625,6 +1625,7 @@ mod tests {
             home_netns: 1,
             thresholds: Thresholds::default(),
             sockets_filtered: false,
+            reasons: crate::model::event::RstReasons::for_tests(),
         }
     }
 
@@ -1700,7 +1701,7 @@ mod tests {
                 cgroup_id: 0,
                 source: crate::model::event::OwnerSource::Task,
             }),
-            ..crate::source::inventory::test_rec(
+            ..crate::model::system::test_rec(
                 TcpState::Listen,
                 1,
                 l,
@@ -1761,7 +1762,7 @@ mod tests {
             accept_queue: queued,
             accept_max: 2,
             drops,
-            ..crate::source::inventory::test_rec(
+            ..crate::model::system::test_rec(
                 TcpState::Listen,
                 1,
                 l,
@@ -1772,7 +1773,7 @@ mod tests {
             skaddr: u64::from(port),
             cookie: u64::from(port),
             retransmits: 2,
-            ..crate::source::inventory::test_rec(
+            ..crate::model::system::test_rec(
                 TcpState::SynSent,
                 1,
                 SocketAddr::from(([127, 0, 0, 1], port)),
@@ -1907,7 +1908,7 @@ mod tests {
             &[1000 * MS, 1001 * MS, 1003 * MS, 2000 * MS, 2001 * MS],
             false,
         );
-        let mut rec = crate::source::inventory::test_rec(
+        let mut rec = crate::model::system::test_rec(
             TcpState::Established,
             1,
             SocketAddr::from(([10, 0, 0, 1], 40001)),
@@ -2014,7 +2015,6 @@ mod tests {
 
     #[test]
     fn resets_are_explained_by_cause() {
-        crate::model::event::test_rst_reasons();
         let mut agg = Aggregator::new(AggConfig::default());
         let (est, close) = (Some(TcpState::Established), Some(TcpState::Close));
         // A server closes with a request unread: its RST, and the client seeing it.
@@ -2076,7 +2076,6 @@ mod tests {
 
     #[test]
     fn reset_counts_come_from_the_kernel_counters_where_events_lack_reasons() {
-        crate::model::event::test_rst_reasons();
         let mut agg = Aggregator::new(AggConfig::default());
         // A kernel without reset reasons (before 6.10): a reset without a socket is still a
         // segment nothing matched.
@@ -2138,7 +2137,7 @@ mod tests {
         };
         let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let rec = |st, l, r, pid: Option<u32>| {
-            let mut x = crate::source::inventory::test_rec(st, 1, a(l), a(r));
+            let mut x = crate::model::system::test_rec(st, 1, a(l), a(r));
             x.owner = pid.map(who);
             x
         };
@@ -2224,11 +2223,11 @@ mod tests {
                 owner: Some(who(10, "client")),
             },
         );
-        let mut listener = crate::source::inventory::test_rec(TcpState::Listen, 1, a(80), a(0));
+        let mut listener = crate::model::system::test_rec(TcpState::Listen, 1, a(80), a(0));
         listener.owner = Some(who(20, "nginx"));
         let mut inv = vec![listener];
         for (l, r) in [(40001, 5432), (80, 50000), (80, 50001), (40002, 5432)] {
-            inv.push(crate::source::inventory::test_rec(
+            inv.push(crate::model::system::test_rec(
                 TcpState::TimeWait,
                 1,
                 a(l),
@@ -2269,6 +2268,7 @@ mod tests {
             home_netns: 1,
             thresholds: Thresholds::default(),
             sockets_filtered: false,
+            reasons: crate::model::event::RstReasons::for_tests(),
         };
         let snap = build(&Aggregator::new(AggConfig::default()), &input);
         assert_eq!(snap.loss.decode_errors, 3);

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use super::json::write_str;
 use super::{Clock, human_ns};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind, RetransmitKind, TwOp};
+use crate::model::event::{Event, EventKind, RetransmitKind, RstReasons, TwOp};
+use crate::model::system::errno_name;
 
 pub struct TraceWriter<W: Write> {
     out: W,
@@ -15,6 +16,7 @@ pub struct TraceWriter<W: Write> {
     clock: Clock,
     /// The observer's own netns: text output only names other namespaces.
     home_netns: u32,
+    reasons: RstReasons,
 }
 
 impl<W: Write> TraceWriter<W> {
@@ -25,7 +27,14 @@ impl<W: Write> TraceWriter<W> {
             json,
             clock,
             home_netns,
+            reasons: RstReasons::default(),
         }
+    }
+
+    /// Names reset reasons with this kernel's (or capture's) table.
+    pub fn with_reasons(mut self, reasons: RstReasons) -> Self {
+        self.reasons = reasons;
+        self
     }
 
     pub fn into_inner(mut self) -> W {
@@ -167,7 +176,7 @@ impl<W: Write> TraceWriter<W> {
                     write!(self.pending, " in {}", s.name())?;
                 }
                 if let Some(r) = reason {
-                    match super::rst_reason_name(r) {
+                    match self.reasons.name(r) {
                         Some(n) => write!(self.pending, " reason={n}")?,
                         None => write!(self.pending, " reason={r}")?,
                     }
@@ -307,7 +316,7 @@ impl<W: Write> TraceWriter<W> {
                 match reason {
                     Some(r) => {
                         j.u64("reason_code", r as u64);
-                        match super::rst_reason_name(r) {
+                        match self.reasons.name(r) {
                             Some(n) => j.str_static("reason", n),
                             None => j.u64("reason", r as u64),
                         }
@@ -514,22 +523,6 @@ fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
         IpAddr::V6(v6) => {
             let _ = write!(buf, "{v6}");
         }
-    }
-}
-
-/// Symbolic errno names for the errors TCP sockets report.
-pub fn errno_name(e: i32) -> &'static str {
-    match e {
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EPIPE => "EPIPE",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::EPROTO => "EPROTO",
-        libc::EMSGSIZE => "EMSGSIZE",
-        _ => "E?",
     }
 }
 

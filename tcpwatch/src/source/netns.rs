@@ -47,7 +47,7 @@ pub fn list() -> Vec<NetnsRef> {
     }
     // Without CAP_SYS_ADMIN setns fails: list only the namespace that can be read.
     let own = std::fs::metadata(&own).map(|m| m.ino() as u32).ok();
-    let enter = crate::ebpf::caps::can_enter_namespaces();
+    let enter = super::caps::can_enter_namespaces();
     found
         .into_iter()
         .filter(|(inode, _)| enter || Some(*inode) == own)

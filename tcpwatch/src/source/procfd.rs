@@ -1,33 +1,9 @@
 //! Socket owners for sockets that existed before tcpwatch started (the kernel side only learns
 //! owners from new activity): the inode of every socket a process holds, from the
-//! `iter/task_file` records or, without that iterator, from /proc/*/fd.
+//! `iter/task_file` records (`ebpf::records`) or, without that iterator, from /proc/*/fd.
 use std::collections::HashMap;
 
-use tcpwatch_common::{OWNER_REC_SIZE, OwnerRec};
-
 use crate::model::event::{Comm, Owner, OwnerSource};
-
-/// `iter/task_file` records → socket inode → owner (the first process listed keeps a socket
-/// several share, as in [`socket_owners`]); a trailing partial record is ignored.
-pub fn parse_owner_records(bytes: &[u8]) -> HashMap<u64, Owner> {
-    let mut out = HashMap::with_capacity(bytes.len() / OWNER_REC_SIZE);
-    for chunk in bytes.chunks_exact(OWNER_REC_SIZE) {
-        // SAFETY: the length is exact; OwnerRec is plain old data.
-        let r: OwnerRec = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
-        if r.ino == 0 || r.tgid == 0 {
-            continue;
-        }
-        out.entry(r.ino).or_insert(Owner {
-            pid: r.tgid,
-            tid: r.tgid,
-            // The kernel's comm: NUL-terminated within its 16 bytes, as Comm keeps it.
-            comm: Comm(r.comm),
-            cgroup_id: 0,
-            source: OwnerSource::Inventory,
-        });
-    }
-    out
-}
 
 /// `socket:[12345]` → 12345.
 pub fn socket_inode(link: &str) -> Option<u64> {
@@ -119,36 +95,6 @@ fn for_each_fd_link(pid: u32, mut f: impl FnMut(&[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rec(ino: u64, tgid: u32, comm: &str) -> Vec<u8> {
-        let mut c = [0u8; 16];
-        c[..comm.len()].copy_from_slice(comm.as_bytes());
-        let r = OwnerRec {
-            ino,
-            tgid,
-            _pad: 0,
-            comm: c,
-        };
-        // SAFETY: OwnerRec is plain old data of OWNER_REC_SIZE bytes.
-        unsafe { std::slice::from_raw_parts((&r as *const OwnerRec).cast::<u8>(), OWNER_REC_SIZE) }
-            .to_vec()
-    }
-
-    #[test]
-    fn owner_records_decode_first_holder_wins_partial_ignored() {
-        let mut b = rec(7, 100, "nginx");
-        b.extend(rec(7, 200, "worker"));
-        b.extend(rec(8, 300, "fifteen-chars-c"));
-        b.extend(rec(0, 1, "zero-inode"));
-        b.extend_from_slice(&rec(9, 400, "cut")[..20]);
-        let m = parse_owner_records(&b);
-        assert_eq!(m.len(), 2);
-        assert_eq!(
-            (m[&7].pid, m[&7].comm.to_string_lossy()),
-            (100, "nginx".into())
-        );
-        assert_eq!(m[&8].comm.to_string_lossy(), "fifteen-chars-c");
-    }
 
     #[test]
     fn inode_from_link() {

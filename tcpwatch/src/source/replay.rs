@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::model::event::{
     Comm, Event, EventKind, Family, OverflowAction, OverflowSource, Owner, OwnerSource, Queue,
-    RetransmitKind, TcpState, TwExitReason,
+    RetransmitKind, RstReasons, TcpState, TwExitReason,
 };
 
 fn addr(v: &Value, ip: &str, port: &str) -> Option<SocketAddr> {
@@ -126,8 +126,16 @@ pub fn event_from_json(v: &Value) -> Option<Event> {
     })
 }
 
-/// Every event of a capture, and how many lines were skipped.
-pub fn read(r: impl BufRead) -> std::io::Result<(Vec<Event>, usize)> {
+/// A capture read back: its events in time order, the lines that were not events, and the
+/// names of the reset reasons its records carry.
+pub struct Capture {
+    pub events: Vec<Event>,
+    pub skipped: usize,
+    pub reasons: RstReasons,
+}
+
+/// Every event of a capture.
+pub fn read(r: impl BufRead) -> std::io::Result<Capture> {
     let mut out = Vec::new();
     let mut skipped = 0;
     // Reset reason codes are the capturing kernel's numbering: its names come along.
@@ -150,11 +158,12 @@ pub fn read(r: impl BufRead) -> std::io::Result<(Vec<Event>, usize)> {
             None => skipped += 1,
         }
     }
-    if !reasons.is_empty() {
-        crate::model::event::set_rst_reasons(reasons);
-    }
     out.sort_by_key(|e| e.ts_ns);
-    Ok((out, skipped))
+    Ok(Capture {
+        events: out,
+        skipped,
+        reasons: RstReasons::new(reasons),
+    })
 }
 
 #[cfg(test)]
@@ -248,7 +257,11 @@ mod tests {
         for k in kinds {
             w.event(&base(k)).unwrap();
         }
-        let (evs, skipped) = read(std::io::Cursor::new(w.into_inner())).unwrap();
+        let Capture {
+            events: evs,
+            skipped,
+            ..
+        } = read(std::io::Cursor::new(w.into_inner())).unwrap();
         assert_eq!(skipped, 0);
         assert_eq!(evs.len(), kinds.len());
         for (e, k) in evs.iter().zip(kinds) {
@@ -259,7 +272,11 @@ mod tests {
     #[test]
     fn loss_lines_and_garbage_are_skipped() {
         let text = "{\"type\":\"loss\",\"ts_ns\":1}\nnot json\n\n";
-        let (evs, skipped) = read(std::io::Cursor::new(text)).unwrap();
+        let Capture {
+            events: evs,
+            skipped,
+            ..
+        } = read(std::io::Cursor::new(text)).unwrap();
         assert!(evs.is_empty());
         assert_eq!(skipped, 2);
     }

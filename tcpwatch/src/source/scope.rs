@@ -144,8 +144,40 @@ impl RunScope {
         })
     }
 
+    /// Starts `cmd` with its arguments inside the scope: the child joins the run's cgroup
+    /// before exec and gets back the signals tcpwatch blocks for its own signal thread.
+    pub fn spawn(&mut self, cmd: &[String]) -> std::io::Result<std::process::Child> {
+        use std::os::unix::process::CommandExt as _;
+        let join = self.join_path();
+        let mut c = std::process::Command::new(&cmd[0]);
+        c.args(&cmd[1..]);
+        // SAFETY: only async-signal-safe calls between fork and exec: sigprocmask, open,
+        // write, close.
+        unsafe {
+            c.pre_exec(move || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                if let Some(p) = &join {
+                    // A failure here shows in `adopt`, which falls back to the pid tree.
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn()?;
+        self.adopt(child.id());
+        Ok(child)
+    }
+
     /// `cgroup.procs` of the run's cgroup, for the child to join before exec.
-    pub fn join_path(&self) -> Option<CString> {
+    fn join_path(&self) -> Option<CString> {
         match &self.kind {
             Kind::Cgroup { dir, .. } => {
                 CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
@@ -155,7 +187,7 @@ impl RunScope {
     }
 
     /// Called once the child runs: checks it landed in the cgroup, else follows its pid tree.
-    pub fn adopt(&mut self, child: u32) {
+    fn adopt(&mut self, child: u32) {
         match &self.kind {
             Kind::Cgroup { rel, .. } => {
                 if cgroup_of(child).as_deref() != Some(rel.as_str()) {

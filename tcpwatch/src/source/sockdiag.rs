@@ -23,7 +23,7 @@ use netlink_packet_utils::traits::{Emitable as _, Parseable as _};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
 use crate::model::event::{Family, TcpState};
-use crate::source::inventory::SockRec;
+use crate::model::system::SockRec;
 
 /// `struct tcp_info` offsets (uapi, append-only): retransmits, probes, and the milliseconds
 /// since the last data sent, data received and ACK received.
@@ -130,7 +130,7 @@ fn request(
     out: &mut Dump,
 ) -> io::Result<()> {
     sock.send(&request_bytes(req, states), 0)?;
-    let now = crate::runtime::monotonic_ns();
+    let now = super::host::monotonic_ns();
     loop {
         let n = sock.recv(&mut &mut buf[..], 0)?;
         if n == 0 {
@@ -494,7 +494,7 @@ mod tests {
             skaddr: cookie,
             cookie,
             retransmits: retrans,
-            ..crate::source::inventory::test_rec(state, netns, addr(local), any)
+            ..crate::model::system::test_rec(state, netns, addr(local), any)
         }
     }
 

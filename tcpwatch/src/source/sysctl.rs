@@ -2,6 +2,9 @@
 //! `net.ipv4.tcp_*` are per netns; `/proc/sys/net` resolves against the calling thread).
 use std::collections::BTreeMap;
 
+#[cfg(test)]
+use crate::model::system::{num, port_range};
+
 /// Every sysctl a finding or a signal refers to.
 pub const NAMES: &[&str] = &[
     "net.ipv4.tcp_syn_retries",
@@ -46,37 +49,16 @@ pub fn read_all() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A numeric sysctl from a map read by [`read_all`].
-pub fn num(values: &BTreeMap<String, String>, name: &str) -> Option<i64> {
-    values.get(name)?.split_whitespace().next()?.parse().ok()
-}
-
-/// `ip_local_port_range` as (low, high).
-pub fn port_range(values: &BTreeMap<String, String>) -> Option<(u16, u16)> {
-    let v = values.get("net.ipv4.ip_local_port_range")?;
-    let mut it = v.split_whitespace().map(|x| x.parse::<u16>());
-    Some((it.next()?.ok()?, it.next()?.ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn paths_and_values() {
+    fn paths() {
         assert_eq!(
             path("net.ipv4.tcp_fin_timeout"),
             "/proc/sys/net/ipv4/tcp_fin_timeout"
         );
-        let mut m = BTreeMap::new();
-        m.insert(
-            "net.ipv4.ip_local_port_range".to_string(),
-            "32768 60999".to_string(),
-        );
-        m.insert("net.ipv4.tcp_syncookies".to_string(), "1".to_string());
-        assert_eq!(port_range(&m), Some((32768, 60999)));
-        assert_eq!(num(&m, "net.ipv4.tcp_syncookies"), Some(1));
-        assert_eq!(num(&m, "net.ipv4.tcp_fin_timeout"), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `tcpwatch top`: the interactive view. `App` is plain state fed with snapshots and event
 //! lines; key handling changes only that state (tested without drawing); `draw` renders it.
 pub mod draw;
+pub mod term;
 
 use std::collections::{BTreeMap, VecDeque};
 

@@ -1,69 +1,13 @@
-//! The socket inventory: every TCP socket of a namespace from `iter/tcp` records (decoded here,
-//! without allocation per field), with owners joined from /proc/*/fd.
-use std::net::SocketAddr;
+//! The iterators' records decoded into model types, without allocation per field: every TCP
+//! socket of a namespace from `iter/tcp`, and socket owners from `iter/task_file`.
+use std::collections::HashMap;
 
-use tcpwatch_common::{AF_INET, AF_INET6, ITER_REC_SIZE, IterRec};
+use tcpwatch_common::{AF_INET, AF_INET6, ITER_REC_SIZE, IterRec, OWNER_REC_SIZE, OwnerRec};
 
-use crate::model::event::{Family, Owner, TcpState, socket_addr};
-
-/// One socket as the kernel listed it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SockRec {
-    pub skaddr: u64,
-    pub cookie: u64,
-    pub netns: u32,
-    pub family: Family,
-    pub state: TcpState,
-    /// Timewait sockets: FIN_WAIT2 or TIME_WAIT.
-    pub substate: Option<TcpState>,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub ino: u64,
-    pub uid: u32,
-    /// Request sockets: the listener whose SYN queue holds them.
-    pub listener: u64,
-    pub accept_queue: u32,
-    pub accept_max: u32,
-    pub syn_queue: u32,
-    pub syn_young: u32,
-    pub drops: u32,
-    pub retransmits: u16,
-    pub probes: u16,
-    /// Full sockets: CLOCK_MONOTONIC time of the last packet, ns (0 unknown).
-    pub last_pkt_ns: u64,
-    pub owner: Option<Owner>,
-}
-
-/// A test record: a socket of `state` in `netns` between `local` and `remote`, the rest zero.
+use crate::model::event::{Comm, Family, Owner, OwnerSource, TcpState, socket_addr};
+use crate::model::system::SockRec;
 #[cfg(test)]
-pub fn test_rec(state: TcpState, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockRec {
-    SockRec {
-        skaddr: 0,
-        cookie: 0,
-        netns,
-        family: if local.is_ipv4() {
-            Family::Inet
-        } else {
-            Family::Inet6
-        },
-        state,
-        substate: None,
-        local,
-        remote,
-        ino: 0,
-        uid: 0,
-        listener: 0,
-        accept_queue: 0,
-        accept_max: 0,
-        syn_queue: 0,
-        syn_young: 0,
-        drops: 0,
-        retransmits: 0,
-        probes: 0,
-        last_pkt_ns: 0,
-        owner: None,
-    }
-}
+use crate::model::system::ss_state;
 
 /// Decodes the iterator's output (a concatenation of fixed-size records); a short tail or an
 /// unknown state is skipped and counted.
@@ -118,14 +62,26 @@ fn decode(r: &IterRec) -> Option<SockRec> {
     })
 }
 
-/// The state `ss` would print: a timewait socket in its FIN_WAIT2 substate shows as FIN-WAIT-2,
-/// a request socket as SYN-RECV.
-pub fn ss_state(s: &SockRec) -> TcpState {
-    match (s.state, s.substate) {
-        (TcpState::TimeWait, Some(sub)) => sub,
-        (TcpState::NewSynRecv, _) => TcpState::SynRecv,
-        (st, _) => st,
+/// `iter/task_file` records → socket inode → owner (the first process listed keeps a socket
+/// several share, as `source::procfd` does); a trailing partial record is ignored.
+pub fn parse_owner_records(bytes: &[u8]) -> HashMap<u64, Owner> {
+    let mut out = HashMap::with_capacity(bytes.len() / OWNER_REC_SIZE);
+    for chunk in bytes.chunks_exact(OWNER_REC_SIZE) {
+        // SAFETY: the length is exact; OwnerRec is plain old data.
+        let r: OwnerRec = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+        if r.ino == 0 || r.tgid == 0 {
+            continue;
+        }
+        out.entry(r.ino).or_insert(Owner {
+            pid: r.tgid,
+            tid: r.tgid,
+            // The kernel's comm: NUL-terminated within its 16 bytes, as Comm keeps it.
+            comm: Comm(r.comm),
+            cgroup_id: 0,
+            source: OwnerSource::Inventory,
+        });
     }
+    out
 }
 
 #[cfg(test)]
@@ -187,5 +143,35 @@ mod tests {
             ),
             (3, 2, 1, 9)
         );
+    }
+
+    fn owner_rec(ino: u64, tgid: u32, comm: &str) -> Vec<u8> {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm.as_bytes());
+        let r = OwnerRec {
+            ino,
+            tgid,
+            _pad: 0,
+            comm: c,
+        };
+        // SAFETY: OwnerRec is plain old data of OWNER_REC_SIZE bytes.
+        unsafe { std::slice::from_raw_parts((&r as *const OwnerRec).cast::<u8>(), OWNER_REC_SIZE) }
+            .to_vec()
+    }
+
+    #[test]
+    fn owner_records_decode_first_holder_wins_partial_ignored() {
+        let mut b = owner_rec(7, 100, "nginx");
+        b.extend(owner_rec(7, 200, "worker"));
+        b.extend(owner_rec(8, 300, "fifteen-chars-c"));
+        b.extend(owner_rec(0, 1, "zero-inode"));
+        b.extend_from_slice(&owner_rec(9, 400, "cut")[..20]);
+        let m = parse_owner_records(&b);
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[&7].pid, m[&7].comm.to_string_lossy()),
+            (100, "nginx".into())
+        );
+        assert_eq!(m[&8].comm.to_string_lossy(), "fifteen-chars-c");
     }
 }

@@ -1,270 +1,79 @@
 //! The collection pipeline: kernel records → decode → per-CPU merge → owners → timewait
-//! machine → filters, plus the periodic per-namespace sampling (listener queues and drops,
-//! kernel counters, sysctls) and the start-up inventory that seeds owners and timewait sockets.
+//! machine → filters, plus the sampler's per-namespace samples turned into listener samples and
+//! overflow events, the start-up inventory that seeds owners and timewait sockets, and the
+//! loss account. Its insides are private: commands see events, samples and figures.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::decode;
+use super::sampler::{
+    self, InventoryReader, Sampled, SharedProbe, full_read, owners_now, read_namespace,
+};
 use crate::ebpf::reader::RingReader;
-use crate::ebpf::{Inventory, Probe, ProbeConfig};
+use crate::ebpf::{Probe, ProbeConfig, decode};
 use crate::model::Loss;
-use crate::model::event::{Event, EventKind, Family, OverflowSource, Owner, Queue, TcpState};
+use crate::model::event::{Event, EventKind, Family, OverflowSource, Queue, RstReasons, TcpState};
 use crate::model::overflow::{self, Causes, FinalAckLedger, ListenDropBudget, ListenerDelta};
 use crate::model::owners::OwnerBook;
 use crate::model::reorder::Reorder;
+use crate::model::snapshot::{HookView, NsInput};
+use crate::model::system::{Counters, SockRec, Sockstat};
 use crate::model::timewait::TwMachine;
-use crate::runtime::monotonic_ns;
 use crate::settings::Filters;
-use crate::source::inventory::{self, SockRec};
+use crate::source::host::monotonic_ns;
 use crate::source::netns::{self, NetnsRef};
-use crate::source::procnet::{self, Counters, Sockstat};
-use crate::source::{procfd, sockdiag, sysctl};
-
-/// Listener queues are sampled this often (DESIGN: fast enough to attribute a burst).
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
-/// New namespaces are looked for this often.
-const NETNS_EVERY: Duration = Duration::from_secs(2);
+use crate::source::procnet;
 
 /// What tcpwatch knows about one network namespace between samples.
-pub struct NsState {
-    pub ns: NetnsRef,
+struct NsState {
+    ns: NetnsRef,
     /// Kernel MIB counters at the last sample, and at start.
-    pub counters: Counters,
-    pub counters_at_start: Counters,
-    pub sockstat: Sockstat,
-    pub sysctls: BTreeMap<String, String>,
+    counters: Counters,
+    counters_at_start: Counters,
+    sockstat: Sockstat,
     /// Listeners at the last sample, by socket address.
-    pub listeners: HashMap<u64, SockRec>,
+    listeners: HashMap<u64, SockRec>,
     /// What trims the listeners' drop deltas to `ListenDrops`.
-    pub listen_drops: ListenDropBudget,
+    listen_drops: ListenDropBudget,
 }
 
-/// The probe, shared by the reader (loss counters) and the sampler thread (iterator).
-pub type SharedProbe = Arc<Mutex<Probe>>;
-
-/// What the sampler thread read in one namespace.
-pub enum Sampled {
-    /// A namespace seen for the first time: every socket, counters, sysctls.
-    Inventory {
-        ns: NetnsRef,
-        socks: Vec<SockRec>,
-        /// When the socket listing began (monotonic ns).
-        read_at: u64,
-        /// Records that did not decode.
-        bad: usize,
-        counters: Counters,
-        sockstat: Sockstat,
-        sysctls: BTreeMap<String, String>,
-    },
-    /// A periodic sample: listeners and counters.
-    Listeners {
-        inode: u32,
-        socks: Option<Vec<SockRec>>,
-        read_at: u64,
-        bad: usize,
-        counters: Option<Counters>,
-        sockstat: Option<Sockstat>,
-    },
-    /// The namespace is gone.
-    Gone { inode: u32 },
+/// What one poll yields: events old enough to be final, in time order, and the listener
+/// records of the samples taken in since the previous poll.
+#[derive(Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub listeners: Vec<SockRec>,
 }
 
-/// Sockets, counters, sockstat and sysctls of one namespace, each absent when unreadable.
-struct NsRead {
-    socks: Option<Vec<SockRec>>,
-    /// When the socket listing began (monotonic ns).
-    read_at: u64,
-    /// Inventory records that did not decode (counted as decode errors).
-    bad: usize,
-    counters: Option<Counters>,
-    sockstat: Option<Sockstat>,
-    sysctls: BTreeMap<String, String>,
-}
-
-impl NsRead {
-    /// A listing of the current namespace completed with its counters, sockstat and, for a
-    /// full read, its sysctls (call switched into it).
-    fn around(socks: Option<Vec<SockRec>>, read_at: u64, bad: usize, full: bool) -> NsRead {
-        NsRead {
-            socks,
-            read_at,
-            bad,
-            counters: procnet::read_counters().ok(),
-            sockstat: procnet::read_sockstat().ok(),
-            sysctls: if full {
-                sysctl::read_all()
-            } else {
-                BTreeMap::new()
-            },
-        }
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.listeners.is_empty()
     }
-}
 
-/// Reads one namespace: its sockets (all, or listeners only), counters, sockstat and, for a
-/// full read, its sysctls. Runs on the calling thread, switched into the namespace.
-fn read_namespace(probe: &SharedProbe, ns: &NetnsRef, full: bool) -> std::io::Result<NsRead> {
-    netns::run_in(ns, || {
-        let read_at = monotonic_ns();
-        let (source, one_walk) = {
-            let p = probe.lock().unwrap_or_else(|e| e.into_inner());
-            (p.inventory(), p.sock_diag_one_walk)
-        };
-        let (socks, bad) = match source {
-            Some(Inventory::Iter) => {
-                let mut p = probe.lock().unwrap_or_else(|e| e.into_inner());
-                match p.iterate(!full) {
-                    Ok(b) => {
-                        let (v, bad) = inventory::parse(&b);
-                        (Some(v), bad)
-                    }
-                    Err(_) => (None, 0),
-                }
-            }
-            // Not under the probe's lock: the reader needs it for loss counters meanwhile.
-            Some(Inventory::SockDiag) => match sockdiag::dump(ns.inode, !full, one_walk) {
-                Ok(d) => (Some(d.socks), d.bad),
-                Err(_) => (None, 0),
-            },
-            None => (None, 0),
-        };
-        NsRead::around(socks, read_at, bad, full)
-    })
-}
-
-fn full_read(probe: &SharedProbe, ns: NetnsRef, owners: &HashMap<u64, Owner>) -> Option<Sampled> {
-    let r = read_namespace(probe, &ns, true).ok()?;
-    let mut socks = r.socks.unwrap_or_default();
-    for s in &mut socks {
-        s.owner = owners.get(&s.ino).copied();
-    }
-    Some(Sampled::Inventory {
-        ns,
-        socks,
-        read_at: r.read_at,
-        bad: r.bad,
-        counters: r.counters.unwrap_or_default(),
-        sockstat: r.sockstat.unwrap_or_default(),
-        sysctls: r.sysctls,
-    })
-}
-
-/// Socket inode -> owner: from the `iter/task_file` iterator (one record per socket file,
-/// read in the kernel), else from /proc/*/fd (a readlink per descriptor of every process).
-fn owners_now(probe: &SharedProbe) -> HashMap<u64, Owner> {
-    let bytes = probe
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .socket_owners();
-    match bytes {
-        Some(Ok(b)) => procfd::parse_owner_records(&b),
-        _ => procfd::socket_owners(),
-    }
-}
-
-/// The sampler thread: every [`SAMPLE_EVERY`] the listeners and counters of each known
-/// namespace, every [`NETNS_EVERY`] a look for new namespaces (read in full). Off the reader
-/// thread, so a slow read never lets the rings fill.
-fn sampler(
-    probe: SharedProbe,
-    mut known: Vec<NetnsRef>,
-    netns_filter: u32,
-    stop: Arc<AtomicBool>,
-    tx: Sender<Sampled>,
-) {
-    let mut last_scan = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let t = Instant::now();
-        if last_scan.elapsed() >= NETNS_EVERY {
-            last_scan = Instant::now();
-            let fresh: Vec<NetnsRef> = netns::list()
-                .into_iter()
-                .filter(|n| {
-                    (netns_filter == 0 || n.inode == netns_filter)
-                        && !known.iter().any(|k| k.inode == n.inode)
-                })
-                .collect();
-            if !fresh.is_empty() {
-                let owners = owners_now(&probe);
-                for ns in fresh {
-                    known.push(ns.clone());
-                    if let Some(m) = full_read(&probe, ns, &owners)
-                        && tx.send(m).is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-        let mut gone = Vec::new();
-        // Every namespace's listeners in one read where the kernel lists them apart from the
-        // socket hash; else each namespace's own listeners-only walk.
-        let all_at = monotonic_ns();
-        let all = probe
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .all_listeners()
-            .and_then(Result::ok)
-            .map(|b| inventory::parse(&b));
-        let mut all_bad = all.as_ref().map_or(0, |(_, bad)| *bad);
-        let mut by_ns: HashMap<u32, Vec<SockRec>> = HashMap::new();
-        let have_all = all.is_some();
-        for r in all.map(|(v, _)| v).unwrap_or_default() {
-            by_ns.entry(r.netns).or_default().push(r);
-        }
-        for ns in &known {
-            let read = if have_all {
-                let socks = Some(by_ns.remove(&ns.inode).unwrap_or_default());
-                // The undecodable records are reported once, with the first namespace read.
-                netns::run_in(ns, || {
-                    NsRead::around(socks, all_at, std::mem::take(&mut all_bad), false)
-                })
-            } else {
-                read_namespace(&probe, ns, false)
-            };
-            let m = match read {
-                Ok(r) => Sampled::Listeners {
-                    inode: ns.inode,
-                    socks: r.socks,
-                    read_at: r.read_at,
-                    bad: r.bad,
-                    counters: r.counters,
-                    sockstat: r.sockstat,
-                },
-                Err(_) => {
-                    gone.push(ns.inode);
-                    Sampled::Gone { inode: ns.inode }
-                }
-            };
-            if tx.send(m).is_err() {
-                return;
-            }
-        }
-        known.retain(|k| !gone.contains(&k.inode));
-        if let Some(left) = SAMPLE_EVERY.checked_sub(t.elapsed()) {
-            std::thread::sleep(left);
-        }
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.listeners.clear();
     }
 }
 
 /// Events from the kernel, decoded, merged, owner-resolved and filtered; samples from the
 /// sampler thread turned into overflow events; the loss figures.
-pub struct EventSource {
+pub struct Collector {
     probe: SharedProbe,
     reader: RingReader,
     reorder: Reorder,
-    pub owners: OwnerBook,
-    pub timewait: TwMachine,
+    owners: OwnerBook,
+    timewait: TwMachine,
     filters: Filters,
-    pub loss: Loss,
-    pub events: u64,
-    pub namespaces: BTreeMap<u32, NsState>,
+    loss: Loss,
+    /// The loss at the previous `refresh_loss`, for its delta.
+    loss_reported: Loss,
+    events: u64,
+    namespaces: BTreeMap<u32, NsState>,
     /// The start-up inventory of every watched namespace.
-    pub inventory: Vec<SockRec>,
-    /// Listener records from the samples since the last `take_listener_samples`.
-    pub listener_samples: Vec<SockRec>,
+    inventory: Vec<SockRec>,
     /// Final-ACK overflows reported one by one that no listener sample has claimed yet.
     final_acks: FinalAckLedger,
     sampled: Receiver<Sampled>,
@@ -273,13 +82,13 @@ pub struct EventSource {
     sampler: Option<std::thread::JoinHandle<()>>,
 }
 
-impl EventSource {
-    pub fn start(cfg: &ProbeConfig, filters: Filters) -> anyhow::Result<EventSource> {
+impl Collector {
+    pub fn start(cfg: &ProbeConfig, filters: Filters) -> anyhow::Result<Collector> {
         let mut probe = Probe::start(cfg)?;
         let reader = RingReader::new(probe.take_rings()?);
         let reorder = Reorder::new(reader.len());
         let (tx, rx) = channel();
-        Ok(EventSource {
+        Ok(Collector {
             probe: Arc::new(Mutex::new(probe)),
             reader,
             reorder,
@@ -287,10 +96,10 @@ impl EventSource {
             timewait: TwMachine::new(),
             filters,
             loss: Loss::default(),
+            loss_reported: Loss::default(),
             events: 0,
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
-            listener_samples: Vec::new(),
             final_acks: FinalAckLedger::default(),
             sampled: rx,
             sampled_tx: Some(tx),
@@ -299,8 +108,49 @@ impl EventSource {
         })
     }
 
-    pub fn probe(&self) -> MutexGuard<'_, Probe> {
-        self.probe.lock().unwrap_or_else(|e| e.into_inner())
+    fn probe(&self) -> std::sync::MutexGuard<'_, Probe> {
+        sampler::lock(&self.probe)
+    }
+
+    /// Events delivered so far.
+    pub fn events_seen(&self) -> u64 {
+        self.events
+    }
+
+    /// Everything lost so far (refreshed by `refresh_loss`).
+    pub fn loss(&self) -> Loss {
+        self.loss
+    }
+
+    /// Batches a consumer could not take in time, dropped and counted.
+    pub fn count_channel_drop(&mut self, events: u64) {
+        self.loss.channel_dropped += events;
+    }
+
+    /// The start-up inventory (empty after `discover`), filtered like the events.
+    pub fn startup_inventory(&self) -> &[SockRec] {
+        &self.inventory
+    }
+
+    pub fn rst_reasons(&self) -> RstReasons {
+        self.probe().rst_reasons.clone()
+    }
+
+    /// Which hook serves each signal, as the snapshot shows it.
+    pub fn hooks(&self) -> Vec<HookView> {
+        self.status()
+            .iter()
+            .map(|s| HookView {
+                signal: s.signal.to_string(),
+                hook: s.hook.clone(),
+                note: s.note.clone(),
+            })
+            .collect()
+    }
+
+    /// How long each start-up phase took.
+    pub fn timings(&self) -> Vec<(&'static str, Duration)> {
+        self.probe().timings.clone()
     }
 
     fn wanted_ns(&self, inode: u32) -> bool {
@@ -316,7 +166,7 @@ impl EventSource {
             .into_iter()
             .filter(|n| self.wanted_ns(n.inode))
             .collect();
-        let mut none = Vec::new();
+        let mut none = Batch::default();
         for ns in list.clone() {
             if let Some(m) = full_read(&self.probe, ns, &owners) {
                 self.apply_sampled(m, &mut none);
@@ -328,7 +178,7 @@ impl EventSource {
         self.sampler = Some(
             std::thread::Builder::new()
                 .name("sampler".into())
-                .spawn(move || sampler(probe, list, filter, stop, tx))
+                .spawn(move || sampler::run(probe, list, filter, stop, tx))
                 .expect("spawning the sampler thread"),
         );
     }
@@ -352,7 +202,6 @@ impl EventSource {
                     counters_at_start: counters.clone(),
                     counters,
                     sockstat: Sockstat::default(),
-                    sysctls: BTreeMap::new(),
                     listeners: HashMap::new(),
                     listen_drops: ListenDropBudget::default(),
                 },
@@ -362,7 +211,7 @@ impl EventSource {
 
     /// A fresh full read of every watched namespace (for a snapshot): every socket with its
     /// owner, and each namespace's counters, sysctls and sockstat.
-    pub fn fresh_inventory(&mut self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
+    pub fn fresh_inventory(&self) -> (Vec<SockRec>, Vec<NsInput>) {
         self.inventory_reader().read()
     }
 
@@ -382,7 +231,7 @@ impl EventSource {
 
     /// One last sample of every namespace, on this thread, so drops since the sampler's
     /// last round are reported too (at shutdown).
-    pub fn final_sample(&mut self, out: &mut Vec<Event>) {
+    pub fn final_sample(&mut self, out: &mut Batch) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.sampler.take() {
             let _ = h.join();
@@ -399,7 +248,7 @@ impl EventSource {
         }
     }
 
-    fn apply_sampled(&mut self, m: Sampled, out: &mut Vec<Event>) {
+    fn apply_sampled(&mut self, m: Sampled, out: &mut Batch) {
         match m {
             Sampled::Inventory {
                 ns,
@@ -408,7 +257,7 @@ impl EventSource {
                 bad,
                 counters,
                 sockstat,
-                sysctls,
+                ..
             } => {
                 self.loss.decode_errors += bad as u64;
                 let mut listeners = HashMap::new();
@@ -455,7 +304,6 @@ impl EventSource {
                         counters_at_start: counters.clone(),
                         counters,
                         sockstat,
-                        sysctls,
                         listeners,
                         listen_drops: ListenDropBudget::default(),
                     },
@@ -463,7 +311,8 @@ impl EventSource {
             }
             Sampled::Gone { inode } => {
                 self.namespaces.remove(&inode);
-                self.timewait.forget_netns(inode, monotonic_ns(), out);
+                self.timewait
+                    .forget_netns(inode, monotonic_ns(), &mut out.events);
             }
             Sampled::Listeners {
                 inode,
@@ -488,7 +337,7 @@ impl EventSource {
         read_at: u64,
         counters: Option<Counters>,
         sockstat: Option<Sockstat>,
-        out: &mut Vec<Event>,
+        out: &mut Batch,
     ) {
         let now = monotonic_ns();
         let final_acks = &mut self.final_acks;
@@ -563,12 +412,11 @@ impl EventSource {
             };
             self.owners.resolve(&mut ev);
             if self.filters.kernel_accepts(&ev) && self.filters.accepts(&ev) {
-                self.events += 1;
-                out.push(ev);
+                out.events.push(ev);
             }
         }
         let filters = &self.filters;
-        self.listener_samples.extend(
+        out.listeners.extend(
             cur.values()
                 .copied()
                 .filter(|l| filters.accepts_sock_tuple(l)),
@@ -587,11 +435,11 @@ impl EventSource {
 
     /// Waits up to `timeout`, drains the rings and appends to `out`, in time order, every event
     /// old enough to be final. `flush` releases everything (at shutdown).
-    pub fn poll(&mut self, timeout: Duration, flush: bool, out: &mut Vec<Event>) {
+    pub fn poll(&mut self, timeout: Duration, flush: bool, out: &mut Batch) {
         if !timeout.is_zero() {
             self.reader.wait(timeout);
         }
-        let start = out.len();
+        let start = out.events.len();
         // The rings are drained after the samples are taken in: every final-ACK overflow that
         // happened before a sample's socket read is then in the ledger when the sample is
         // applied, however recently it happened.
@@ -622,21 +470,21 @@ impl EventSource {
         self.reorder
             .release_with(if flush { u64::MAX } else { cut }, |mut ev| {
                 owners.resolve(&mut ev);
-                timewait.apply(ev, out);
+                timewait.apply(ev, &mut out.events);
             });
         if flush {
-            self.timewait.flush(out);
+            self.timewait.flush(&mut out.events);
         } else {
-            self.timewait.resolve_due(cut, out);
+            self.timewait.resolve_due(cut, &mut out.events);
         }
         if self.filters.userspace() {
             let mut i = 0;
-            out.retain(|ev| {
+            out.events.retain(|ev| {
                 i += 1;
                 i <= start || self.filters.accepts(ev)
             });
         }
-        self.events += (out.len() - start) as u64;
+        self.events += (out.events.len() - start) as u64;
     }
 
     /// Per-program kernel time per run, when `kernel.bpf_stats_enabled` collected it.
@@ -659,10 +507,10 @@ impl EventSource {
         (!parts.is_empty()).then(|| parts.join(", "))
     }
 
-    /// Refreshes the kernel-side loss counter; returns the loss since the previous call.
-    pub fn refresh_loss(&mut self, prev: &mut Loss) -> Loss {
+    /// Refreshes the kernel-side loss counters; returns the loss since the previous call.
+    pub fn refresh_loss(&mut self) -> Loss {
         let (dropped, by_kind, skipped) = {
-            let p = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+            let p = self.probe();
             (
                 p.kernel_dropped(),
                 p.kernel_dropped_by_kind(),
@@ -672,18 +520,9 @@ impl EventSource {
         self.loss.kernel_dropped = dropped;
         self.loss.kernel_dropped_by_type = crate::model::ByType::from_wire(&by_kind);
         self.loss.kernel_skipped = skipped;
-        let delta = Loss {
-            kernel_dropped: self.loss.kernel_dropped - prev.kernel_dropped,
-            kernel_dropped_by_type: self
-                .loss
-                .kernel_dropped_by_type
-                .minus(&prev.kernel_dropped_by_type),
-            kernel_skipped: self.loss.kernel_skipped.saturating_sub(prev.kernel_skipped),
-            channel_dropped: self.loss.channel_dropped - prev.channel_dropped,
-            decode_errors: self.loss.decode_errors - prev.decode_errors,
-        };
-        *prev = self.loss;
-        delta
+        let prev = self.loss_reported;
+        self.loss_reported = self.loss;
+        self.loss.minus(&prev)
     }
 }
 
@@ -694,56 +533,11 @@ fn unspecified(f: Family) -> std::net::SocketAddr {
     }
 }
 
-impl Drop for EventSource {
+impl Drop for Collector {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.sampler.take() {
             let _ = h.join();
         }
-    }
-}
-
-/// A full read of the watched namespaces: every socket with its owner, counters, sysctls.
-pub struct InventoryReader {
-    probe: SharedProbe,
-    namespaces: Vec<(NetnsRef, Counters)>,
-    filters: Filters,
-}
-
-impl InventoryReader {
-    pub fn read(&self) -> (Vec<SockRec>, Vec<crate::model::snapshot::NsInput>) {
-        // The owner walk and the namespace reads are independent: on two threads the read
-        // takes the longer of the two instead of their sum.
-        let (owners, reads) = std::thread::scope(|sc| {
-            let owners = sc.spawn(|| owners_now(&self.probe));
-            let reads: Vec<_> = self
-                .namespaces
-                .iter()
-                .filter_map(|(ns, start)| {
-                    read_namespace(&self.probe, ns, true)
-                        .ok()
-                        .map(|r| (ns.inode, start, r))
-                })
-                .collect();
-            (owners.join().unwrap_or_default(), reads)
-        });
-        let mut socks = Vec::new();
-        let mut nss = Vec::new();
-        for (inode, start, r) in reads {
-            let mut s = r.socks.unwrap_or_default();
-            for rec in &mut s {
-                rec.owner = owners.get(&rec.ino).copied();
-            }
-            socks.extend(s.into_iter().filter(|rec| self.filters.accepts_sock(rec)));
-            nss.push(crate::model::snapshot::NsInput {
-                inode,
-                counters_now: r.counters.unwrap_or_default(),
-                counters_start: start.clone(),
-                sysctls: r.sysctls,
-                sockstat: r.sockstat.unwrap_or_default(),
-                decode_errors: r.bad as u64,
-            });
-        }
-        (socks, nss)
     }
 }
