@@ -10,5 +10,7 @@ pub mod output;
 pub mod session;
 pub mod settings;
 pub mod source;
+#[cfg(test)]
+mod testkit;
 
 pub use cmd::main_entry;

@@ -181,7 +181,10 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
         (s.remaining(), s.describe())
     };
     let snap = session.snapshot_of_events();
-    let (observed, assertions) = checker.finish(&limits, now);
+    let (observed, mut assertions) = checker.finish(&limits, now);
+    for a in &mut assertions {
+        a.governed_by = crate::model::findings::governors_of(&a.findings, &snap.sysctls);
+    }
     let loss = session.loss();
     let verdict = Verdict::decide(&assertions, &loss, a.allow_loss, status.success());
     let report = Report {

@@ -1132,7 +1132,7 @@ mod tests {
         let mut a = Aggregator::new(Config::default());
         let l: SocketAddr = "10.0.0.1:80".parse().unwrap();
         // A fallback hook without a cookie makes an entry; the first sample with one claims it.
-        a.apply(&crate::model::event::test_overflow(5, 0, l, 1));
+        a.apply(&crate::testkit::test_overflow(5, 0, l, 1));
         for (cookie, pid) in [(3, 30), (4, 40)] {
             a.observe_listener(
                 &ListenerSample {
@@ -1148,9 +1148,9 @@ mod tests {
                 10,
             );
         }
-        a.apply(&crate::model::event::test_overflow(20, 4, l, 7));
-        a.apply(&crate::model::event::test_overflow(21, 3, l, 2));
-        a.apply(&crate::model::event::test_overflow(22, 0, l, 1));
+        a.apply(&crate::testkit::test_overflow(20, 4, l, 7));
+        a.apply(&crate::testkit::test_overflow(21, 3, l, 2));
+        a.apply(&crate::testkit::test_overflow(22, 0, l, 1));
         assert_eq!(a.listener_count(), 2);
         let got = |cookie| {
             let s = a.listener_stats(1, l, cookie).unwrap();
@@ -1164,7 +1164,7 @@ mod tests {
         assert_eq!(got(4), (40, 7));
         assert!(a.listener_stats(1, l, 5).is_none());
         // A restarted server's new socket is another listener; the old one ages out.
-        a.apply(&crate::model::event::test_overflow(30, 9, l, 1));
+        a.apply(&crate::testkit::test_overflow(30, 9, l, 1));
         assert_eq!(a.listener_count(), 3);
         a.drop_listeners_before(25);
         assert_eq!(a.listener_count(), 1);

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::Loss;
 use super::event::{Event, EventKind, Owner, RetransmitKind, TcpState};
+use super::findings::{FindingId, Governor};
 use super::snapshot::OwnerView;
 
 /// The assertions a run is held to; `None` / empty means not asserted.
@@ -97,6 +98,11 @@ pub struct Assertion {
     pub passed: bool,
     /// Why it failed: the sockets or listeners responsible.
     pub details: Vec<String>,
+    /// The findings of the catalogue this assertion is about.
+    pub findings: Vec<FindingId>,
+    /// What governs them (sysctls with their values, application code); filled in with the
+    /// values of the namespace the command ran in.
+    pub governed_by: Vec<Governor>,
 }
 
 /// The outcome, in the order that decides the exit code.
@@ -171,7 +177,7 @@ pub struct Report {
     pub assertions: Vec<Assertion>,
     pub observed: Observed,
     /// The snapshot's findings over the run's events (counters and sysctls are namespace-wide).
-    pub findings: Vec<super::snapshot::Finding>,
+    pub findings: Vec<super::findings::Finding>,
     pub loss: super::snapshot::LossView,
     pub allow_loss: bool,
     /// Processes of the command still running at the end (left running).
@@ -428,6 +434,19 @@ impl Checker {
                 .collect();
             worst.sort_by_key(|w| std::cmp::Reverse(w.0));
             out.push(Assertion {
+                findings: match kind {
+                    Some(RetransmitKind::Syn) => vec![FindingId::SynSentStuck],
+                    Some(RetransmitKind::SynAck) => vec![FindingId::SynQueueOverflow],
+                    Some(RetransmitKind::Data | RetransmitKind::Fin) => {
+                        vec![FindingId::RetransmitStorm, FindingId::DataRetransmits]
+                    }
+                    None => vec![
+                        FindingId::SynSentStuck,
+                        FindingId::RetransmitStorm,
+                        FindingId::DataRetransmits,
+                    ],
+                },
+                governed_by: Vec::new(),
                 name,
                 limit: format!("at most {max}"),
                 observed: match kind {
@@ -453,6 +472,8 @@ impl Checker {
         if limits.no_listen_overflow {
             let n: u64 = obs.overflows.iter().map(|o| o.count).sum();
             out.push(Assertion {
+                findings: vec![FindingId::AcceptQueueOverflow, FindingId::SynQueueOverflow],
+                governed_by: Vec::new(),
                 name: "--no-listen-overflow".into(),
                 limit: "none".into(),
                 observed: n.to_string(),
@@ -481,6 +502,13 @@ impl Checker {
         if let Some(max) = limits.max_resets {
             let n = obs.resets_sent + obs.resets_received;
             out.push(Assertion {
+                findings: vec![
+                    FindingId::ResetOnClose,
+                    FindingId::AbortiveClose,
+                    FindingId::ConnectRefused,
+                    FindingId::PeerResets,
+                ],
+                governed_by: Vec::new(),
                 name: format!("--max-resets {max}"),
                 limit: format!("at most {max}"),
                 observed: format!(
@@ -498,6 +526,11 @@ impl Checker {
         if let Some(max) = limits.max_time_wait {
             let n = obs.time_wait_peak;
             out.push(Assertion {
+                findings: vec![
+                    FindingId::EphemeralPortPressure,
+                    FindingId::TimeWaitBucketOverflow,
+                ],
+                governed_by: Vec::new(),
                 name: format!("--max-time-wait {max}"),
                 limit: format!("at most {max} at once"),
                 observed: format!("peak {n} ({} entered)", obs.time_wait_entered),
@@ -512,6 +545,8 @@ impl Checker {
                 .filter(|d| d.ms * 1e6 >= limit as f64)
                 .collect();
             out.push(Assertion {
+                findings: vec![FindingId::CloseWaitLeak],
+                governed_by: Vec::new(),
                 name: format!("--close-wait-leak {}", fmt_secs(limit)),
                 limit: format!("no socket in CLOSE_WAIT for {} s or more", fmt_secs(limit)),
                 observed: match obs.close_wait_longest.first() {
@@ -545,6 +580,8 @@ impl Checker {
                 .filter(|d| d.ms * 1e6 > limit as f64)
                 .collect();
             out.push(Assertion {
+                findings: vec![FindingId::SynSentStuck],
+                governed_by: Vec::new(),
                 name: format!("--max-syn-sent-ms {}", limit / 1_000_000),
                 limit: format!("every connect out of SYN_SENT within {} ms", limit / 1_000_000),
                 observed: match obs.syn_sent_longest.first() {
@@ -838,6 +875,8 @@ mod tests {
             observed: String::new(),
             passed: true,
             details: vec![],
+            findings: vec![],
+            governed_by: vec![],
         }];
         let loss = Loss {
             channel_dropped: 1,

@@ -23,26 +23,6 @@ impl RstReasons {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    /// The table the unit tests use.
-    #[cfg(test)]
-    pub fn for_tests() -> RstReasons {
-        RstReasons::new(
-            [
-                (0, "NOT_SPECIFIED"),
-                (1, "NO_SOCKET"),
-                (8, "TCP_ABORT_ON_DATA"),
-                (9, "TCP_TIMEWAIT_SOCKET"),
-                (11, "TCP_ABORT_ON_CLOSE"),
-                (12, "TCP_ABORT_ON_LINGER"),
-                (13, "TCP_ABORT_ON_MEMORY"),
-                (14, "TCP_STATE"),
-            ]
-            .into_iter()
-            .map(|(v, n)| (v, n.to_string()))
-            .collect(),
-        )
-    }
 }
 
 /// Kernel TCP states, with the kernel's names (without `TCP_`).
@@ -402,35 +382,6 @@ pub fn socket_addr(family: Family, addr: &[u8; 16], port: u16) -> SocketAddr {
         }
     };
     SocketAddr::new(ip, port)
-}
-
-/// The unit tests' listener overflow: `count` accept-queue drops (3 queued of 2) seen from
-/// the counters on `local` in namespace 1, owner unknown.
-#[cfg(test)]
-pub fn test_overflow(ts_ns: u64, cookie: u64, local: SocketAddr, count: u64) -> Event {
-    Event {
-        ts_ns,
-        cookie,
-        skaddr: cookie,
-        netns: 1,
-        family: if local.is_ipv4() {
-            Family::Inet
-        } else {
-            Family::Inet6
-        },
-        local,
-        remote: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-        owner: None,
-        softirq: false,
-        kind: EventKind::Overflow {
-            queue: Queue::Accept,
-            len: Some(3),
-            max: Some(2),
-            count,
-            source: OverflowSource::Counters,
-            action: OverflowAction::Dropped,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 pub mod aggregate;
 pub mod check;
 pub mod event;
+pub mod findings;
 pub mod overflow;
 pub mod owners;
 pub mod reorder;

@@ -44,37 +44,6 @@ pub fn ss_state(s: &SockRec) -> TcpState {
     }
 }
 
-/// A test record: a socket of `state` in `netns` between `local` and `remote`, the rest zero.
-#[cfg(test)]
-pub fn test_rec(state: TcpState, netns: u32, local: SocketAddr, remote: SocketAddr) -> SockRec {
-    SockRec {
-        skaddr: 0,
-        cookie: 0,
-        netns,
-        family: if local.is_ipv4() {
-            Family::Inet
-        } else {
-            Family::Inet6
-        },
-        state,
-        substate: None,
-        local,
-        remote,
-        ino: 0,
-        uid: 0,
-        listener: 0,
-        accept_queue: 0,
-        accept_max: 0,
-        syn_queue: 0,
-        syn_young: 0,
-        drops: 0,
-        retransmits: 0,
-        probes: 0,
-        last_pkt_ns: 0,
-        owner: None,
-    }
-}
-
 /// Kernel MIB counters by "Group:Name" (e.g. `TcpExt:ListenOverflows`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub BTreeMap<String, u64>);

@@ -71,6 +71,17 @@ pub fn write_text<W: Write>(mut w: W, r: &Report) -> io::Result<()> {
         for d in &a.details {
             writeln!(w, "         {d}")?;
         }
+        if !a.passed && !a.governed_by.is_empty() {
+            let g: Vec<String> = a
+                .governed_by
+                .iter()
+                .map(|g| match &g.value {
+                    Some(v) => format!("{} = {v}", g.name),
+                    None => g.name.clone(),
+                })
+                .collect();
+            writeln!(w, "         governed by: {}", g.join("; "))?;
+        }
     }
     let lost = loss_total(r);
     writeln!(
@@ -304,6 +315,8 @@ mod tests {
                     observed: "syn 0, synack 0, data 0, fin 0".into(),
                     passed: true,
                     details: vec![],
+                    findings: vec![],
+                    governed_by: vec![],
                 },
                 Assertion {
                     name: "--no-listen-overflow".into(),
@@ -315,6 +328,11 @@ mod tests {
                     } else {
                         vec!["listener 127.0.0.1:8080 (42/srv): 24 accept queue overflow(s) (queue 3/2), dropped".into()]
                     },
+                    findings: vec![crate::model::findings::FindingId::AcceptQueueOverflow],
+                    governed_by: vec![crate::model::findings::Governor {
+                        name: "net.core.somaxconn".into(),
+                        value: Some("4096".into()),
+                    }],
                 },
             ],
             observed: Observed::default(),
@@ -350,6 +368,11 @@ mod tests {
         assert!(t.contains("  ok   --max-retransmits 0          syn 0, synack 0, data 0, fin 0 (limit: at most 0)"), "{t}");
         assert!(t.contains("  FAIL --no-listen-overflow         24 (limit: none)\n         listener 127.0.0.1:8080"), "{t}");
         assert!(t.contains("  lost events: 0 "), "{t}");
+        // A failed assertion names what governs it, from the findings catalogue.
+        assert!(
+            t.contains("         governed by: net.core.somaxconn = 4096\n"),
+            "{t}"
+        );
     }
 
     /// The structure JUnit consumers require (the Jenkins / Surefire schema): a testsuites

@@ -376,7 +376,7 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
     w.head("tcpwatch_findings", "gauge", "Findings firing now, by id and severity (see tcpwatch snapshot for the cause and the sysctl).");
     let mut f: std::collections::BTreeMap<(&str, &str), u64> = std::collections::BTreeMap::new();
     for x in &s.findings {
-        *f.entry((x.id, x.severity)).or_default() += 1;
+        *f.entry((x.id.name(), x.severity.name())).or_default() += 1;
     }
     for ((id, sev), n) in f {
         w.sample(
@@ -473,7 +473,8 @@ fn other_labels() -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::snapshot::{OverflowsView, OwnerView, overflowing_listener};
+    use crate::model::snapshot::{OverflowsView, OwnerView};
+    use crate::testkit::overflowing_listener;
 
     fn listener(port: u16, drops: u64, accept_ovf: u64) -> ListenerView {
         ListenerView {

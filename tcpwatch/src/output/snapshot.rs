@@ -30,7 +30,7 @@ fn owner(o: &Option<crate::model::snapshot::OwnerView>) -> String {
 }
 
 /// One finding: what, cause, governing sysctls with their values, examples.
-pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::snapshot::Finding) -> io::Result<()> {
+pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::findings::Finding) -> io::Result<()> {
     writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
     writeln!(w, "      cause: {}", f.cause)?;
     let g: Vec<String> = f
@@ -277,7 +277,9 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::findings::{Finding, FindingId, Governor, Severity};
     use crate::model::snapshot::*;
+    use crate::testkit::overflowing_listener;
 
     fn sample() -> Snapshot {
         let mut s = Snapshot {
@@ -292,8 +294,8 @@ mod tests {
         s.states.insert("SYN_SENT", 0);
         s.listeners.push(overflowing_listener(7, 8080));
         s.findings.push(Finding {
-            id: "accept_queue_overflow",
-            severity: "critical",
+            id: FindingId::AcceptQueueOverflow,
+            severity: Severity::Critical,
             netns: 7,
             what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
             cause: "slow accept()".into(),

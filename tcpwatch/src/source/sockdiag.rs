@@ -494,7 +494,7 @@ mod tests {
             skaddr: cookie,
             cookie,
             retransmits: retrans,
-            ..crate::model::system::test_rec(state, netns, addr(local), any)
+            ..crate::testkit::test_rec(state, netns, addr(local), any)
         }
     }
 

@@ -8,6 +8,7 @@ use ratatui::widgets::{
 };
 
 use super::{App, Detail, View};
+use crate::model::findings::Severity;
 use crate::model::snapshot::endpoint;
 use crate::output::human_ns;
 use crate::output::snapshot::{bar, bar_n};
@@ -307,11 +308,11 @@ fn timewait_panel(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(lines), inner);
 }
 
-fn severity_style(sev: &str) -> Style {
+fn severity_style(sev: Severity) -> Style {
     match sev {
-        "critical" => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
-        "warning" => Style::new().fg(Color::Yellow),
-        _ => Style::new(),
+        Severity::Critical => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        Severity::Warning => Style::new().fg(Color::Yellow),
+        Severity::Info => Style::new(),
     }
 }
 
@@ -607,7 +608,9 @@ mod tests {
     use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
     use super::*;
+    use crate::model::findings::{Finding, FindingId, Governor, Severity};
     use crate::model::snapshot::*;
+    use crate::testkit::overflowing_listener;
 
     fn snap() -> Snapshot {
         let mut s = Snapshot {
@@ -673,8 +676,8 @@ mod tests {
         });
         s.time_wait.owner_unknown = 10;
         s.findings.push(Finding {
-            id: "accept_queue_overflow",
-            severity: "critical",
+            id: FindingId::AcceptQueueOverflow,
+            severity: Severity::Critical,
             netns: 7,
             what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
             cause: "slow accept()".into(),
@@ -690,7 +693,7 @@ mod tests {
     }
 
     fn conns() -> Vec<SocketView> {
-        let mut a = super::super::tests::conn(5, "CLOSE_WAIT", "127.0.0.1:8080", "srv", 42);
+        let mut a = crate::testkit::conn(5, "CLOSE_WAIT", "127.0.0.1:8080", "srv", 42);
         a.transitions = vec![
             TransitionView {
                 ts_ns: 1,
@@ -712,7 +715,7 @@ mod tests {
             },
         ];
         a.closed_first = Some(false);
-        let mut b = super::super::tests::conn(6, "SYN_SENT", "127.0.0.1:40000", "curl", 7);
+        let mut b = crate::testkit::conn(6, "SYN_SENT", "127.0.0.1:40000", "curl", 7);
         b.retransmits = BTreeMap::from([("syn", 2)]);
         b.retransmit_intervals_ns = vec![1_000_000_000];
         vec![a, b]

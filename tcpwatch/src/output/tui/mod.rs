@@ -285,34 +285,11 @@ pub fn matches_filter(c: &SocketView, filter: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::snapshot::{ListenerView, OverflowsView, OwnerView, QueueView};
+    use crate::model::snapshot::{ListenerView, OverflowsView, QueueView};
+    use crate::testkit;
 
     pub(crate) fn k(c: KeyCode) -> KeyEvent {
         KeyEvent::new(c, KeyModifiers::NONE)
-    }
-
-    pub fn conn(cookie: u64, state: &'static str, local: &str, comm: &str, pid: u32) -> SocketView {
-        SocketView {
-            cookie,
-            netns: 1,
-            family: "inet",
-            local: local.into(),
-            remote: "10.0.0.2:80".into(),
-            owner: Some(OwnerView {
-                pid,
-                comm: comm.into(),
-            }),
-            state: Some(state),
-            state_for_ns: cookie * 1_000_000_000,
-            closed_first: None,
-            transitions: vec![],
-            retransmits: BTreeMap::new(),
-            retransmit_intervals_ns: vec![],
-            resets_sent: 0,
-            resets_received: 0,
-            errors: vec![],
-            time_wait: None,
-        }
     }
 
     fn app() -> App {
@@ -331,9 +308,9 @@ pub(crate) mod tests {
             synack_retransmits: 0,
         });
         let conns = vec![
-            conn(1, "ESTABLISHED", "10.0.0.1:40000", "curl", 10),
-            conn(2, "CLOSE_WAIT", "10.0.0.1:8080", "nginx", 20),
-            conn(3, "TIME_WAIT", "10.0.0.1:40001", "curl", 10),
+            testkit::conn(1, "ESTABLISHED", "10.0.0.1:40000", "curl", 10),
+            testkit::conn(2, "CLOSE_WAIT", "10.0.0.1:8080", "nginx", 20),
+            testkit::conn(3, "TIME_WAIT", "10.0.0.1:40001", "curl", 10),
         ];
         a.update(s, conns, 5.0);
         a
@@ -419,7 +396,7 @@ pub(crate) mod tests {
         assert_eq!(a.selected, 2);
         a.update(
             Snapshot::default(),
-            vec![conn(1, "ESTABLISHED", "10.0.0.1:1", "x", 1)],
+            vec![testkit::conn(1, "ESTABLISHED", "10.0.0.1:1", "x", 1)],
             0.0,
         );
         assert_eq!(a.selected, 0);
