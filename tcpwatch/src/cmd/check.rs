@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::{POLL, note, signals, thresholds, watch_options};
+use super::common::{POLL, note, thresholds, watch_options};
+use super::signals;
 use crate::cli::CheckArgs;
 use crate::model::check::{Checker, CommandExit, Limits, Report, Verdict};
 use crate::model::event::{Event, EventKind, TcpState};

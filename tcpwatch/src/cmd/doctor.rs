@@ -1,6 +1,6 @@
 //! `tcpwatch doctor`: privileges, which hook serves each signal on this kernel and why a
 //! preferred one was refused, and how long start-up took.
-use super::{EXIT_OK, probe_config, require_privileges};
+use super::common::{EXIT_OK, probe_config, require_privileges};
 use crate::cli::DoctorArgs;
 use crate::ebpf::Probe;
 use crate::settings::Filters;

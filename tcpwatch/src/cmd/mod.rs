@@ -2,6 +2,7 @@
 //! output, nothing more. This module dispatches, maps results to the exit-code contract and
 //! holds what several commands share.
 mod check;
+mod common;
 mod doctor;
 mod serve;
 mod signals;
@@ -9,33 +10,11 @@ mod snapshot;
 mod top;
 mod trace;
 
-use std::time::Duration;
-
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, FilterArgs, ProbeArgs};
-use crate::model::snapshot::Thresholds;
-use crate::session::{Options, Session};
-use crate::settings::{self, Filters};
-use crate::source::caps;
-
-/// `eprintln!` that cannot panic: with stderr closed (`2>&-`, a reader that went away) the
-/// line is lost, not the run.
-macro_rules! note {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-pub(crate) use note;
-
-/// Exit codes (DESIGN §4).
-pub const EXIT_OK: i32 = 0;
-pub const EXIT_ASSERTION: i32 = 1;
-pub const EXIT_ERROR: i32 = 2;
-
-/// How often a loop polls the rings (the kernel never wakes the reader).
-pub const POLL: Duration = Duration::from_millis(20);
+use crate::cli::{Cli, Command};
+use common::note;
+pub use common::{EXIT_ASSERTION, EXIT_ERROR, EXIT_OK};
 
 pub fn main_entry() -> i32 {
     let cli = match Cli::try_parse() {
@@ -60,58 +39,5 @@ pub fn main_entry() -> i32 {
             note!("tcpwatch: {e:#}");
             EXIT_ERROR
         }
-    }
-}
-
-fn require_privileges() -> anyhow::Result<()> {
-    if let Some(msg) = caps::effective().and_then(caps::missing_for_tracing) {
-        anyhow::bail!("{msg}");
-    }
-    Ok(())
-}
-
-/// The probe configuration for these arguments, with what this host offers.
-fn probe_config(p: &ProbeArgs, filters: &Filters, trace: bool) -> crate::ebpf::ProbeConfig {
-    let mut cfg = settings::probe_config(p, filters);
-    cfg.trace = trace;
-    cfg.sock_diag = crate::source::sockdiag::available();
-    cfg.listing_limits = caps::effective().and_then(caps::listing_limits);
-    cfg
-}
-
-/// How a session that follows events with every signal starts (the common case), once the
-/// filters are valid and the privileges there.
-fn watch_options(
-    filters: &FilterArgs,
-    probe: &ProbeArgs,
-    thresholds: Thresholds,
-    aggregate: bool,
-) -> anyhow::Result<Options> {
-    let f = Filters::from_args(filters)?;
-    require_privileges()?;
-    Ok(Options {
-        probe: probe_config(probe, &f, true),
-        filters: f,
-        thresholds,
-        sockets_filtered: filters.narrows_sockets(),
-        watch: true,
-        aggregate,
-    })
-}
-
-/// A session that follows events with every signal.
-fn watching(
-    filters: &FilterArgs,
-    probe: &ProbeArgs,
-    thresholds: Thresholds,
-    aggregate: bool,
-) -> anyhow::Result<Session> {
-    Session::start(watch_options(filters, probe, thresholds, aggregate)?)
-}
-
-fn thresholds(close_wait_secs: u64) -> Thresholds {
-    Thresholds {
-        close_wait_secs,
-        ..Thresholds::default()
     }
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use super::{EXIT_OK, POLL, note, signals, thresholds, watching};
+use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::signals;
 use crate::cli::ServeArgs;
 use crate::model::Loss;
 use crate::model::event::Event;

@@ -4,7 +4,8 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{EXIT_OK, POLL, note, probe_config, require_privileges, signals, thresholds};
+use super::common::{EXIT_OK, POLL, note, probe_config, require_privileges, thresholds};
+use super::signals;
 use crate::cli::SnapshotArgs;
 use crate::session::{Options, Session};
 use crate::settings::{self, Filters};

@@ -4,7 +4,8 @@ use std::io::{self, BufWriter, IsTerminal as _};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{EXIT_OK, POLL, note, signals, thresholds, watching};
+use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::signals;
 use crate::cli::{SnapshotArgs, TopArgs};
 use crate::model::Loss;
 use crate::model::event::Event;

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use super::{EXIT_OK, POLL, note, signals, thresholds, watching};
+use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::signals;
 use crate::cli::TraceArgs;
 use crate::model::Loss;
 use crate::model::event::{Event, RstReasons};

@@ -3,7 +3,7 @@
 use aya::maps::{MapData, PerCpuArray};
 use tcpwatch_common::counter;
 
-use super::Probe;
+use super::probe::Probe;
 
 /// Run statistics of one attached program (run time needs `kernel.bpf_stats_enabled=1`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

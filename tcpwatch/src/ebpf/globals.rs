@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use aya::{Btf, EbpfLoader};
 
+use super::config::{ProbeConfig, SignalStatus, VMLINUX_BTF};
 use super::rings::{RINGS, ring_count, ring_size};
-use super::{ProbeConfig, SignalStatus, VMLINUX_BTF, btf, kallsyms, tracefs};
+use super::{btf, kallsyms, tracefs};
 use crate::model::event::RstReasons;
 
 /// What was learned about this kernel before loading.

@@ -2,14 +2,12 @@
 //! namespace), socket owners (`iter/task_file`) and every namespace's listeners
 //! (`iter/bpf_sk_storage_map` over LISTEN_SK, a link aya 0.14 cannot make with a map).
 use anyhow::{Context as _, anyhow};
-use aya::Ebpf;
 use aya::maps::MapData;
 use aya::programs::Iter;
 
-use super::globals::KernelFacts;
-use super::strategies::{iterator_or, load_iter, load_iter_named};
+use super::config::Inventory;
+use super::probe::Probe;
 use super::verifier::short;
-use super::{Inventory, Probe, ProbeConfig, SignalStatus, btf, sock_diag_status};
 
 impl Probe {
     /// Runs the inventory iterator in the calling thread's network namespace (the kernel binds
@@ -164,75 +162,5 @@ impl Probe {
             "sock_diag" => Some(Inventory::SockDiag),
             _ => None,
         }
-    }
-}
-
-/// Loads the iterators (attached per read) and says which source serves the inventory, the
-/// socket owners and the listener samples.
-pub(super) fn load_all(
-    ebpf: &mut Ebpf,
-    cfg: &ProbeConfig,
-    k: &KernelFacts,
-    status: &mut Vec<SignalStatus>,
-) {
-    let btf_ok = k.aya_btf.is_some() && k.core_ok && !cfg.disabled.iter().any(|d| d == "tp_btf");
-
-    // The inventory iterator is loaded now and attached per read (see `inventory_file`);
-    // sock_diag serves when it cannot (its listener samples walk every socket).
-    let iter_ok = match (k.aya_btf.as_ref(), k.core_ok) {
-        _ if cfg.disabled.iter().any(|d| d == "iter_tcp") => Err(anyhow!("disabled")),
-        (Some(b), true) => load_iter(ebpf, b),
-        _ => Err(anyhow!("no kernel BTF")),
-    };
-    status.push(match &iter_ok {
-        Ok(()) => SignalStatus {
-            signal: "inventory",
-            hook: Some("iter/tcp".into()),
-            note: None,
-        },
-        Err(e) if cfg.disabled.iter().any(|d| d == "sock_diag") => SignalStatus {
-            signal: "inventory",
-            hook: None,
-            note: Some(format!(
-                "iter/tcp: {e}; sock_diag disabled; sockets that existed before start are not seen"
-            )),
-        },
-        Err(e) => sock_diag_status(cfg, Some(e.to_string())),
-    });
-
-    // Owners of sockets that existed before start: one record per socket file, instead of
-    // a readlink per descriptor in /proc/*/fd (the fallback).
-    let owners_group = k.group_error(&btf::OWNERS);
-    let owners_ok = match (k.aya_btf.as_ref(), k.core_ok, owners_group) {
-        _ if cfg.disabled.iter().any(|d| d == "task_file") => Err(anyhow!("disabled")),
-        (_, _, Some(e)) => Err(anyhow!("{e}")),
-        (Some(b), true, None) => load_iter_named(ebpf, b, "dump_task_file", "task_file"),
-        _ => Err(anyhow!("no kernel BTF")),
-    };
-    status.push(iterator_or(
-        "socket owners",
-        &owners_ok,
-        "iter/task_file",
-        "/proc/*/fd",
-        "",
-    ));
-
-    // The queue sampler's iterator over the listeners marked in LISTEN_SK (by the state
-    // hook and the inventory walk, so only with both): one read for every namespace.
-    if cfg.trace {
-        let ok = match (k.aya_btf.as_ref(), &iter_ok) {
-            _ if cfg.disabled.iter().any(|d| d == "listener_map") => Err(anyhow!("disabled")),
-            (Some(b), Ok(())) if btf_ok => {
-                load_iter_named(ebpf, b, "dump_listeners", "bpf_sk_storage_map")
-            }
-            _ => Err(anyhow!("needs tp_btf and iter/tcp")),
-        };
-        status.push(iterator_or(
-            "listener samples",
-            &ok,
-            "iter/bpf_sk_storage_map",
-            "inventory per namespace",
-            "; each sample walks that namespace's share of the socket hash",
-        ));
     }
 }

@@ -1,10 +1,5 @@
-//! The event ring buffers: how many (one per CPU group, up to the four the object has), how
-//! big, and taking them out of the loaded object for the reader.
-use anyhow::{Context as _, anyhow};
-use aya::maps::{MapData, RingBuf};
-
-use super::Probe;
-
+//! The event ring buffers: how many (one per CPU group, up to the four the object has) and
+//! how big.
 /// Ring buffers in the object; CPU c writes to ring c % ring_count().
 pub(super) const RINGS: [&str; 4] = ["EVENTS_0", "EVENTS_1", "EVENTS_2", "EVENTS_3"];
 
@@ -21,25 +16,6 @@ pub fn ring_size(total: u32, rings: u32) -> u32 {
         each
     } else {
         each.next_power_of_two() >> 1
-    }
-}
-
-impl Probe {
-    /// The event ring buffers in use (can be taken once).
-    pub fn take_rings(&mut self) -> anyhow::Result<Vec<RingBuf<MapData>>> {
-        let Some(ebpf) = self.ebpf.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let n = ring_count() as usize;
-        RINGS[..n]
-            .iter()
-            .map(|name| {
-                let map = ebpf
-                    .take_map(name)
-                    .with_context(|| format!("map {name} missing or already taken"))?;
-                RingBuf::try_from(map).map_err(|e| anyhow!("opening ring buffer {name}: {e}"))
-            })
-            .collect()
     }
 }
 

@@ -25,6 +25,22 @@ impl RstReasons {
     }
 }
 
+/// An owner as outputs show it.
+#[derive(serde::Serialize, Clone, Debug, PartialEq)]
+pub struct OwnerView {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl From<&Owner> for OwnerView {
+    fn from(o: &Owner) -> Self {
+        OwnerView {
+            pid: o.pid,
+            comm: o.comm.to_string_lossy(),
+        }
+    }
+}
+
 /// Kernel TCP states, with the kernel's names (without `TCP_`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TcpState {

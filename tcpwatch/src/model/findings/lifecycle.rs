@@ -2,9 +2,10 @@
 //! sockets left waiting in FIN_WAIT2 for the peer.
 use std::collections::BTreeMap;
 
-use super::{Facts, Finding, FindingId, Severity, tuple};
+use super::catalogue::{Finding, FindingId, Severity};
+use super::facts::{Facts, tuple};
+use crate::model::event::OwnerView;
 use crate::model::event::{Owner, TcpState};
-use crate::model::snapshot::OwnerView;
 use crate::model::system::SockRec;
 
 /// CLOSE_WAIT sockets of one owner: the sockets, the oldest idle time, the owner.

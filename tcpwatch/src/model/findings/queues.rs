@@ -1,8 +1,9 @@
 //! Listener queues: accept queues that overflowed or are full right now, and SYN queues that
 //! dropped SYNs or answered them with cookies — each named by its listener (and, within an
 //! SO_REUSEPORT group, by the member's owner), with what the kernel did about it.
-use super::{Facts, Finding, FindingId, Severity};
-use crate::model::snapshot::{ListenerView, endpoint};
+use super::catalogue::{Finding, FindingId, Severity};
+use super::facts::Facts;
+use crate::model::snapshot::views::{ListenerView, endpoint};
 
 pub(super) fn listeners(f: &Facts<'_>, out: &mut Vec<Finding>) {
     let final_ack_hook = f

@@ -3,10 +3,11 @@
 //! which also names the sockets; resets received are told apart by the state they hit.
 use std::collections::BTreeSet;
 
-use super::{Facts, Finding, FindingId, Severity, tuple};
+use super::catalogue::{Finding, FindingId, Severity};
+use super::facts::{Facts, tuple};
 use crate::model::aggregate::{ResetKey, ResetStats};
+use crate::model::event::OwnerView;
 use crate::model::event::{Owner, TcpState};
-use crate::model::snapshot::OwnerView;
 
 pub(super) fn by_cause(f: &Facts<'_>, out: &mut Vec<Finding>) {
     let input = f.input;

@@ -1,7 +1,8 @@
 //! Resources running out: ephemeral ports toward one destination, the timewait table, and
 //! tcpwatch's own event budget.
-use super::{Facts, Finding, FindingId, Severity};
-use crate::model::snapshot::endpoint;
+use super::catalogue::{Finding, FindingId, Severity};
+use super::facts::Facts;
+use crate::model::snapshot::views::endpoint;
 
 /// A destination using most of the local port range (TIME_WAIT sockets hold ports too).
 pub(super) fn ephemeral_ports(f: &Facts<'_>, out: &mut Vec<Finding>) {

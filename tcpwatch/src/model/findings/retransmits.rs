@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use super::{Facts, Finding, FindingId, Severity, tuple};
+use super::catalogue::{Finding, FindingId, Severity};
+use super::facts::{Facts, tuple};
 use crate::model::aggregate::Timeline;
+use crate::model::event::OwnerView;
 use crate::model::event::{Owner, RetransmitKind, TcpState};
-use crate::model::snapshot::{OwnerView, endpoint};
+use crate::model::snapshot::views::endpoint;
 use crate::model::system::SockRec;
 
 /// SYN_SENT with SYN retransmits: the peer does not answer.

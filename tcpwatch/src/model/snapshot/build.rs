@@ -6,11 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use rustc_hash::FxHashSet;
 
-use super::*;
+use super::views::*;
 use crate::model::aggregate::{Aggregator, ListenerStats, Timeline};
-use crate::model::event::{TcpState, TwExitReason};
-use crate::model::findings::{self, Facts};
-use crate::model::system::{errno_name, ss_state};
+use crate::model::event::{Owner, TcpState, TwExitReason};
+use crate::model::findings::{self, facts::Facts};
+use crate::model::system::{SockRec, errno_name, ss_state};
 
 const TOP: usize = 10;
 
@@ -227,13 +227,14 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
             sysctls: n.sysctls.clone(),
         });
     }
+    // An unknown namespace has no sysctls (an empty map borrowed for the whole build).
+    let none = BTreeMap::new();
     let sysctls_of = |netns: u32| -> &BTreeMap<String, String> {
-        static EMPTY: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
         input
             .namespaces
             .iter()
             .find(|n| n.inode == netns)
-            .map_or_else(|| EMPTY.get_or_init(BTreeMap::new), |n| &n.sysctls)
+            .map_or(&none, |n| &n.sysctls)
     };
 
     // Listeners: the inventory's now, the aggregator's window.

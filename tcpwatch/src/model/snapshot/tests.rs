@@ -2,8 +2,11 @@
 use std::net::SocketAddr;
 
 use super::*;
+use crate::model::Loss;
 use crate::model::aggregate::{Aggregator, Config as AggConfig};
+use crate::model::event::Owner;
 use crate::model::event::TcpState;
+use crate::model::system::SockRec;
 use crate::testkit::{ns_input, snapshot_input, test_rec};
 fn tw(netns: u32, port: u16) -> SockRec {
     SockRec {
