@@ -555,3 +555,42 @@ impl Watching {
         }
     }
 }
+
+/// `ID PORT` as a peer replies to `connect` and `accept`.
+pub fn id_port(reply: &str) -> (String, u16) {
+    let mut it = reply.split_whitespace();
+    (
+        it.next().expect("socket id").to_string(),
+        it.next().and_then(|p| p.parse().ok()).expect("port"),
+    )
+}
+
+/// A numeric field of an event, which must be there.
+pub fn u(e: &Value, k: &str) -> u64 {
+    e[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {e}"))
+}
+
+/// An nft table dropping what `rule` matches on input (loopback traffic passes input once).
+pub fn drop_rule(rule: &str) -> String {
+    format!(
+        "table inet tw {{\n chain in {{\n  type filter hook input priority -10;\n  {rule} drop\n }}\n}}\n"
+    )
+}
+
+impl Peer {
+    /// `ok` with a long timeout, for commands that wait for the kernel to give up.
+    pub fn ok_timeout(&mut self, cmd: &str) -> String {
+        let r = self.cmd_timeout(cmd, Duration::from_secs(120));
+        r.strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("{cmd}: {r}"))
+            .to_string()
+    }
+}
+
+/// Retransmits the kernel made (attempts it gave up before sending have `segs` 0).
+pub fn retransmits<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    evs.iter()
+        .filter(|e| e["type"] == "retransmit" && e["kind"] == kind && e["segs"] != 0)
+        .collect()
+}

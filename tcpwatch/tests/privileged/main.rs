@@ -4,12 +4,15 @@
 //! A custom harness runs tests one at a time (they attach system-wide hooks) and lets the same
 //! binary act as the scripted TCP peer (`privileged peer NAME`).
 mod check;
+mod findings;
 mod harness;
+mod overflows;
 mod peer;
 mod serve;
 mod signals;
 mod snapshot;
 mod states;
+mod timewait;
 mod tui;
 
 use std::panic::AssertUnwindSafe;
@@ -21,7 +24,10 @@ fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend_from_slice(states::TESTS);
     v.extend_from_slice(signals::TESTS);
+    v.extend_from_slice(overflows::TESTS);
+    v.extend_from_slice(timewait::TESTS);
     v.extend_from_slice(snapshot::TESTS);
+    v.extend_from_slice(findings::TESTS);
     v.extend_from_slice(tui::TESTS);
     v.extend_from_slice(check::TESTS);
     v.extend_from_slice(serve::TESTS);

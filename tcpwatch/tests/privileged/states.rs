@@ -35,13 +35,6 @@ fn addr(v6: bool, port: u16) -> String {
     }
 }
 
-fn conn_id(reply: &str) -> (String, u16) {
-    let mut it = reply.split_whitespace();
-    let id = it.next().expect("socket id").to_string();
-    let port = it.next().and_then(|p| p.parse().ok()).expect("port");
-    (id, port)
-}
-
 fn client_tl(evs: &[Value], lport: u16, dport: u16) -> Vec<&Value> {
     // CLOSE->SYN_SENT happens before the local port is bound; find the socket by its
     // SYN_SENT->ESTABLISHED or SYN_SENT->CLOSE, then take every event with that key.
@@ -73,8 +66,8 @@ fn s1(v6: bool, extra: &[&str]) {
     let mut server = ns.peer("tw-server");
     let mut client = ns.peer("tw-client");
     let l = server.ok(&format!("listen {} 16", addr(v6, 8080)));
-    let (c, cport) = conn_id(&client.ok(&format!("connect {}", addr(v6, 8080))));
-    let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+    let (c, cport) = id_port(&client.ok(&format!("connect {}", addr(v6, 8080))));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
     client.ok(&format!("send {c} 1"));
     assert_eq!(server.ok(&format!("recv {a} 1")), "1");
     std::thread::sleep(Duration::from_millis(300));
@@ -177,8 +170,8 @@ fn s1_fallback() {
     let mut server = ns.peer("tw-server");
     let mut client = ns.peer("tw-client");
     let l = server.ok("listen 127.0.0.1:8080 16");
-    let (c, cport) = conn_id(&client.ok("connect 127.0.0.1:8080"));
-    let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+    let (c, cport) = id_port(&client.ok("connect 127.0.0.1:8080"));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
     client.ok(&format!("close {c}"));
     assert_eq!(server.ok(&format!("recv {a} 1")), "0");
     server.ok(&format!("close {a}"));
@@ -214,8 +207,8 @@ fn s2_server_closes_first() {
     let mut server = ns.peer("tw-server");
     let mut client = ns.peer("tw-client");
     let l = server.ok("listen 127.0.0.1:8081 16");
-    let (c, cport) = conn_id(&client.ok("connect 127.0.0.1:8081"));
-    let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+    let (c, cport) = id_port(&client.ok("connect 127.0.0.1:8081"));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
     server.ok(&format!("close {a}"));
     assert_eq!(client.ok(&format!("recv {c} 1")), "0", "client sees EOF");
     client.ok("sleep 100");
@@ -270,8 +263,8 @@ fn s9_half_close() {
     let l = server.ok("listen 127.0.0.1:8082 16");
 
     // (a) half-close: the client can still receive after shutdown(SHUT_WR).
-    let (c, cport) = conn_id(&client.ok("connect 127.0.0.1:8082"));
-    let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+    let (c, cport) = id_port(&client.ok("connect 127.0.0.1:8082"));
+    let (a, _) = id_port(&server.ok(&format!("accept {l}")));
     client.ok(&format!("shutdown {c} wr"));
     assert_eq!(
         server.ok(&format!("recv {a} 1")),
@@ -290,8 +283,8 @@ fn s9_half_close() {
     client.ok(&format!("close {c}"));
 
     // (b) orphaned: close() while the server keeps its end open.
-    let (c2, cport2) = conn_id(&client.ok("connect 127.0.0.1:8082"));
-    let (a2, _) = conn_id(&server.ok(&format!("accept {l}")));
+    let (c2, cport2) = id_port(&client.ok("connect 127.0.0.1:8082"));
+    let (a2, _) = id_port(&server.ok(&format!("accept {l}")));
     client.ok(&format!("close {c2}"));
     assert_eq!(server.ok(&format!("recv {a2} 1")), "0");
     tracer.wait_for("orphan FIN_WAIT2 end", W, |evs| {
@@ -370,8 +363,8 @@ fn s14_owners() {
     let mut clients: Vec<Peer> = (0..3).map(|i| ns.peer(&format!("tw-client{i}"))).collect();
     let mut conns = Vec::new();
     for c in clients.iter_mut() {
-        let (id, port) = conn_id(&c.ok("connect 127.0.0.1:8083"));
-        let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+        let (id, port) = id_port(&c.ok("connect 127.0.0.1:8083"));
+        let (a, _) = id_port(&server.ok(&format!("accept {l}")));
         c.ok(&format!("send {id} 1"));
         conns.push((id, port, a));
     }
@@ -421,7 +414,7 @@ fn s14_reuseport_children() {
     let mut client = ns.peer("tw-client");
     // 16 connections: both members get some but with probability 2^-15.
     let ports: Vec<u16> = (0..16)
-        .map(|_| conn_id(&client.ok("connect 127.0.0.1:8086")).1)
+        .map(|_| id_port(&client.ok("connect 127.0.0.1:8086")).1)
         .collect();
     // Each member accepts what its own queue holds (Recv-Q of its listener).
     for (p, l) in [(&mut a, &la), (&mut b, &lb)] {
@@ -478,8 +471,8 @@ fn s16_reused_tuple() {
             client.ok("sleep 1100");
             assert_eq!(ss_state_count(&ns, "time-wait", "sport = :40001"), 1);
         }
-        let (c, p) = conn_id(&client.ok("connect 127.0.0.1:8084 127.0.0.1:40001"));
-        let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+        let (c, p) = id_port(&client.ok("connect 127.0.0.1:8084 127.0.0.1:40001"));
+        let (a, _) = id_port(&server.ok(&format!("accept {l}")));
         client.ok(&format!("close {c}"));
         assert_eq!(server.ok(&format!("recv {a} 1")), "0");
         server.ok(&format!("close {a}"));
@@ -574,9 +567,9 @@ fn filters() {
     let l1 = server.ok("listen 127.0.0.1:8085 16");
     let l2 = server.ok("listen [::1]:8086 16");
     for target in ["127.0.0.1:8085", "[::1]:8086"] {
-        let (c, _) = conn_id(&client.ok(&format!("connect {target}")));
+        let (c, _) = id_port(&client.ok(&format!("connect {target}")));
         let l = if target.ends_with("8085") { &l1 } else { &l2 };
-        let (a, _) = conn_id(&server.ok(&format!("accept {l}")));
+        let (a, _) = id_port(&server.ok(&format!("accept {l}")));
         client.ok(&format!("close {c}"));
         server.ok(&format!("close {a}"));
     }
@@ -658,19 +651,6 @@ fn loss_reported() {
         stderr.contains(&format!("{all_lost} lost")),
         "the final summary counts it: {stderr}"
     );
-}
-
-trait OkTimeout {
-    fn ok_timeout(&mut self, cmd: &str) -> String;
-}
-
-impl OkTimeout for Peer {
-    fn ok_timeout(&mut self, cmd: &str) -> String {
-        let r = self.cmd_timeout(cmd, Duration::from_secs(120));
-        r.strip_prefix("ok ")
-            .unwrap_or_else(|| panic!("{cmd}: {r}"))
-            .to_string()
-    }
 }
 
 /// `tcpwatch trace | head -1` ends with status 0 when the pipe closes; SIGTERM ends it with 0.

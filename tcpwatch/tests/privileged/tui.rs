@@ -168,12 +168,7 @@ fn replay() {
     let mut server = ns.peer("tw-leaky");
     let mut client = ns.peer("tw-client");
     let l = server.ok("listen 127.0.0.1:8122 16");
-    let c = client
-        .ok("connect 127.0.0.1:8122")
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let c = id_port(&client.ok("connect 127.0.0.1:8122")).0;
     server.ok(&format!("accept {l}"));
     client.ok(&format!("close {c}"));
     tracer.wait_for("CLOSE_WAIT", Duration::from_secs(10), |evs| {

@@ -1,0 +1,207 @@
+//! The TUI drawn into a TestBackend: each screen at two sizes, as insta snapshots.
+use std::collections::BTreeMap;
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::*;
+use crate::model::findings::{Finding, FindingId, Governor, Severity};
+use crate::model::snapshot::*;
+use crate::testkit::overflowing_listener;
+
+fn snap() -> Snapshot {
+    let mut s = Snapshot {
+        version: 1,
+        host: "h".into(),
+        kernel: "6.18.0".into(),
+        ..Default::default()
+    };
+    for (k, v) in [
+        ("ESTABLISHED", 12),
+        ("TIME_WAIT", 3000),
+        ("CLOSE_WAIT", 2),
+        ("SYN_SENT", 0),
+        ("LISTEN", 2),
+    ] {
+        s.states.insert(k, v);
+    }
+    s.hooks.push(HookView {
+        signal: "state".into(),
+        hook: Some("tp_btf/inet_sock_set_state".into()),
+        note: None,
+    });
+    s.hooks.push(HookView {
+        signal: "kprobe thing".into(),
+        hook: None,
+        note: Some("no".into()),
+    });
+    s.listeners.push(overflowing_listener(7, 8080));
+    s.listeners.push(ListenerView {
+        netns: 7,
+        addr: "::".into(),
+        port: 443,
+        cookie: 1,
+        owner: None,
+        accept_queue: QueueView {
+            now: 0,
+            max: 4096,
+            peak: 1,
+        },
+        syn_queue: QueueView::default(),
+        drops: 0,
+        overflows: OverflowsView::default(),
+        synack_retransmits: 1,
+    });
+    s.time_wait.total = 3000;
+    s.time_wait.entered = 3000;
+    s.time_wait.by_remote.push(RemoteCount {
+        netns: 7,
+        addr: "127.0.0.1".into(),
+        port: 8096,
+        count: 3000,
+    });
+    s.time_wait.by_local_port.push(PortCount {
+        netns: 7,
+        port: 40000,
+        count: 1,
+    });
+    s.time_wait.by_owner.push(OwnerCount {
+        pid: 4242,
+        comm: "loadgen".into(),
+        count: 2990,
+        source: "closed",
+    });
+    s.time_wait.owner_unknown = 10;
+    s.findings.push(Finding {
+        id: FindingId::AcceptQueueOverflow,
+        severity: Severity::Critical,
+        netns: 7,
+        what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
+        cause: "slow accept()".into(),
+        governed_by: vec![Governor {
+            name: "net.core.somaxconn".into(),
+            value: Some("4096".into()),
+        }],
+        owner: None,
+        count: 24,
+        examples: vec!["127.0.0.1:8080".into()],
+    });
+    s
+}
+
+fn conns() -> Vec<SocketView> {
+    let mut a = crate::testkit::conn(5, "CLOSE_WAIT", "127.0.0.1:8080", "srv", 42);
+    a.transitions = vec![
+        TransitionView {
+            ts_ns: 1,
+            old: "LISTEN",
+            new: "SYN_RECV",
+            prev_state_ns: None,
+        },
+        TransitionView {
+            ts_ns: 2,
+            old: "SYN_RECV",
+            new: "ESTABLISHED",
+            prev_state_ns: Some(5_000),
+        },
+        TransitionView {
+            ts_ns: 3,
+            old: "ESTABLISHED",
+            new: "CLOSE_WAIT",
+            prev_state_ns: Some(2_000_000_000),
+        },
+    ];
+    a.closed_first = Some(false);
+    let mut b = crate::testkit::conn(6, "SYN_SENT", "127.0.0.1:40000", "curl", 7);
+    b.retransmits = BTreeMap::from([("syn", 2)]);
+    b.retransmit_intervals_ns = vec![1_000_000_000];
+    vec![a, b]
+}
+
+fn app() -> App {
+    let mut a = App::new("host vm");
+    a.update(snap(), conns(), 1234.0);
+    a.log("20:00:00.000001 42/srv   state  127.0.0.1:8080 -> 127.0.0.1:40000  ESTABLISHED -> CLOSE_WAIT".into());
+    a
+}
+
+fn render(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| draw(f, app)).unwrap();
+    let buf = t.backend().buffer().clone();
+    let mut s = String::new();
+    for y in 0..buf.area.height {
+        for x in 0..buf.area.width {
+            s.push_str(buf[(x, y)].symbol());
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn key(a: &mut App, c: KeyCode) {
+    a.key(KeyEvent::new(c, KeyModifiers::NONE));
+}
+
+#[test]
+fn overview_80x24() {
+    insta::assert_snapshot!("overview_80x24", render(&app(), 80, 24));
+}
+
+#[test]
+fn overview_wide() {
+    insta::assert_snapshot!("overview_120x40", render(&app(), 120, 40));
+}
+
+#[test]
+fn connections_view_and_filter() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('2'));
+    insta::assert_snapshot!("connections_80x24", render(&a, 80, 24));
+    key(&mut a, KeyCode::Char('/'));
+    for c in "state:syn".chars() {
+        key(&mut a, KeyCode::Char(c));
+    }
+    insta::assert_snapshot!("connections_filtered", render(&a, 80, 24));
+}
+
+#[test]
+fn socket_and_listener_details() {
+    let mut a = app();
+    key(&mut a, KeyCode::Enter);
+    insta::assert_snapshot!("listener_detail", render(&a, 80, 24));
+    key(&mut a, KeyCode::Esc);
+    key(&mut a, KeyCode::Char('2'));
+    key(&mut a, KeyCode::Enter);
+    insta::assert_snapshot!("socket_detail", render(&a, 80, 24));
+}
+
+#[test]
+fn events_and_help() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('3'));
+    insta::assert_snapshot!("events_80x24", render(&a, 80, 24));
+    key(&mut a, KeyCode::Char('?'));
+    insta::assert_snapshot!("help_80x24", render(&a, 80, 24));
+}
+
+#[test]
+fn tiny_and_zero_sizes_do_not_panic() {
+    let a = app();
+    for (w, h) in [(0, 0), (1, 1), (39, 9), (40, 10), (200, 3), (3, 200)] {
+        let s = render(&a, w, h);
+        if w < MIN_W || h < MIN_H {
+            assert!(
+                w == 0 || h == 0 || s.contains("terminal") || s.contains("t"),
+                "{w}x{h}: {s}"
+            );
+        }
+    }
+    let mut b = app();
+    key(&mut b, KeyCode::Char('2'));
+    key(&mut b, KeyCode::Enter);
+    render(&b, 40, 10);
+    key(&mut b, KeyCode::Char('?'));
+    render(&b, 40, 10);
+}
