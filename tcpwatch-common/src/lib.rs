@@ -2,44 +2,42 @@
 //! fixed-width integers only, every padding byte spelled out so the verifier accepts stack copies.
 #![no_std]
 
-/// Kinds of [`RawEvent`]. Numbers are part of the wire format: append, never renumber.
+/// Kinds of [`RawEvent`]. Numbers are part of the wire format: append, never renumber. Each
+/// kind's own fields are its [`Payload`] member, named in its line.
 pub mod kind {
-    /// `inet_sock_set_state`: `old_state`/`new_state` set, `dur_ns` = time spent in `old_state`.
+    /// `inet_sock_set_state`: `old_state`/`new_state` set, `dur_ns` = time spent in
+    /// `old_state`. No payload.
     pub const STATE: u8 = 1;
-    /// `tcp_retransmit_skb`: `new_state` = socket state, `arg0` = TCP flags of the skb with
-    /// 0x100 set when they could be read, and in its upper 16 bits the segments the kernel
-    /// counted in `RetransSegs` (0: an attempt it gave up), `arg1` = 1-based count of this
-    /// socket's retransmits (attempts with no segment do not advance it),
-    /// `arg2` = the kernel's `err` (as u32, 0 when the kernel has no such argument), `dur_ns` =
-    /// time since the previous retransmit of this socket (0 for the first one).
+    /// `tcp_retransmit_skb`: `new_state` = socket state, `dur_ns` = time since the previous
+    /// retransmit of this socket (0 for the first one). Payload [`super::RetransmitArgs`].
     pub const RETRANSMIT: u8 = 2;
     /// `tcp_retransmit_synack`: `skaddr`/`cookie` are the listener's, the 4-tuple is the
-    /// request's (local = the listener's address), `arg0` = the request's `num_retrans` before
-    /// this one, `arg1` = accept queue length, `arg2` = SYN queue length, `aux_addr` = request,
-    /// `dur_ns` = time since this request's previous SYN-ACK retransmit.
+    /// request's (local = the listener's address), `aux_addr` = request, `dur_ns` = time since
+    /// this request's previous SYN-ACK retransmit. Payload [`super::SynAckArgs`].
     pub const SYNACK_RETRANSMIT: u8 = 3;
-    /// `tcp_send_reset`: `new_state` = state of the sending socket (or 0 when there is none),
-    /// `arg0` = reset reason when the kernel gives one (`u32::MAX` when not).
+    /// `tcp_send_reset`: `new_state` = state of the sending socket (or 0 when there is none).
+    /// For resets sent, the 4-tuple comes from the packet answered (local = its destination).
+    /// Payload [`super::ResetArgs`].
     pub const RESET_SENT: u8 = 4;
-    /// `tcp_receive_reset`: `new_state` = state of the socket that received it. For resets
-    /// sent, the 4-tuple comes from the packet answered (local = its destination).
+    /// `tcp_receive_reset`: `new_state` = state of the socket that received it. Payload
+    /// [`super::ResetArgs`] (no reason).
     pub const RESET_RECEIVED: u8 = 5;
-    /// `inet_sk_error_report`: `arg0` = errno the socket reports (ECONNREFUSED, ETIMEDOUT, …).
+    /// `inet_sk_error_report`. Payload [`super::ErrorArgs`].
     pub const SOCK_ERROR: u8 = 6;
     /// A timewait socket's timer was armed (`timer_start` with `tw_timer_handler`): a new
     /// timewait socket, or a re-arm if a cancel of the same socket just preceded it on this
     /// CPU. `skaddr` = the timewait socket, `new_state` = its substate (FIN_WAIT2/TIME_WAIT).
+    /// Payload [`super::TimerArgs`].
     pub const TW_START: u8 = 7;
     /// A timewait timer was detached (`timer_cancel`): followed on the same CPU by its expiry
     /// or a re-arm, or else the socket was descheduled (reuse, RST, netns teardown).
-    /// `arg1` = 1 when `current` is a kworker.
     pub const TW_CANCEL: u8 = 8;
     /// A timewait timer fired (`timer_expire_entry`): the normal end of the socket.
     pub const TW_EXPIRE: u8 = 9;
     /// `kfree_skb` with reason `TCP_LISTEN_OVERFLOW` (accept queue full at the final ACK), or
     /// `NO_SOCKET` for a syncookie ACK while the accept queue is full: the socket is the
-    /// listener, the remote side the dropped packet's source, `arg0` = accept queue length,
-    /// `arg1` = its max, `arg2` = SYN queue length.
+    /// listener, the remote side the dropped packet's source. Payload
+    /// [`super::OverflowArgs`].
     pub const LISTEN_OVERFLOW: u8 = 10;
     /// A timewait socket's timer was re-armed, seen at the function that does it
     /// (`__inet_twsk_schedule` with `rearm`, fentry strategy): the peer's FIN turned the
@@ -47,7 +45,7 @@ pub mod kind {
     pub const TW_REARM: u8 = 11;
     /// A timewait socket taken off before its timer fired, seen where the kernel does it
     /// (`inet_twsk_deschedule_put` with the timer still pending, fentry strategy): connect()
-    /// reusing the tuple, a RST, netns teardown. `arg1` = 1 when `current` is a kworker.
+    /// reusing the tuple, a RST, netns teardown.
     pub const TW_DESCHEDULE: u8 = 12;
 }
 
@@ -103,10 +101,11 @@ pub mod tcp_state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
-/// One record in the ring buffer. All kinds share this layout; `arg*` meanings are per kind
-/// (see [`kind`]). Ports are host order; addresses are network order, IPv4 in the first 4 bytes.
+/// One record in the ring buffer: a header every kind shares, then the kind's own fields
+/// ([`Payload`]). Ports are host order; addresses are network order, IPv4 in the first 4
+/// bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct RawEvent {
     /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`).
     pub ts_ns: u64,
@@ -140,9 +139,125 @@ pub struct RawEvent {
     pub comm: [u8; 16],
     /// [`flags`] bits.
     pub flags: u32,
-    pub arg0: u32,
-    pub arg1: u32,
-    pub arg2: u32,
+    /// The kind's own fields: which member is set is told by `kind`.
+    pub payload: Payload,
+}
+
+/// The fields of one kind of record. Every member is plain integers of the same 12 bytes, so
+/// reading any member is sound whatever was written; `kind` says which one means something.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union Payload {
+    pub retransmit: RetransmitArgs,
+    pub synack: SynAckArgs,
+    pub reset: ResetArgs,
+    pub error: ErrorArgs,
+    pub timer: TimerArgs,
+    pub overflow: OverflowArgs,
+    /// The bytes as written, for kinds without fields (zero).
+    pub raw: [u32; 3],
+}
+
+/// [`kind::RETRANSMIT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitArgs {
+    /// TCP flags of the skb, with [`RetransmitArgs::FLAGS_VALID`] set when they could be read.
+    pub tcp_flags: u16,
+    /// Segments the kernel added to `RetransSegs` for it (0: an attempt it gave up).
+    pub segs: u16,
+    /// 1-based count of this socket's retransmits (attempts with no segment do not advance
+    /// it).
+    pub nth: u32,
+    /// The kernel's `err` (0 where the tracepoint has no such argument, before 6.10).
+    pub err: i32,
+}
+
+impl RetransmitArgs {
+    /// Set in `tcp_flags` when the skb's flags could be read.
+    pub const FLAGS_VALID: u16 = 0x100;
+}
+
+/// [`kind::SYNACK_RETRANSMIT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynAckArgs {
+    /// The request's `num_retrans` before this one.
+    pub num_retrans: u32,
+    /// The listener's accept queue length and SYN queue length.
+    pub accept_queue: u32,
+    pub syn_queue: u32,
+}
+
+/// [`kind::RESET_SENT`], [`kind::RESET_RECEIVED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetArgs {
+    /// The kernel's reset reason (`enum sk_rst_reason`), [`ResetArgs::NO_REASON`] when it
+    /// gives none.
+    pub reason: u32,
+    pub _pad: [u32; 2],
+}
+
+impl ResetArgs {
+    pub const NO_REASON: u32 = u32::MAX;
+}
+
+/// [`kind::SOCK_ERROR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorArgs {
+    /// The errno the socket reports (ECONNREFUSED, ETIMEDOUT, ...).
+    pub errno: i32,
+    pub _pad: [u32; 2],
+}
+
+/// [`kind::TW_START`] and the other timewait kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerArgs {
+    pub _pad0: u32,
+    /// 1 when `current` is a kworker (a cancel or deschedule by netns teardown).
+    pub kworker: u32,
+    pub _pad1: u32,
+}
+
+/// [`kind::LISTEN_OVERFLOW`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowArgs {
+    /// The listener's accept queue length and limit, and SYN queue length.
+    pub accept_queue: u32,
+    pub accept_max: u32,
+    pub syn_queue: u32,
+}
+
+impl Default for RawEvent {
+    fn default() -> Self {
+        RawEvent {
+            ts_ns: 0,
+            cookie: 0,
+            skaddr: 0,
+            dur_ns: 0,
+            cgroup_id: 0,
+            aux_addr: 0,
+            netns: 0,
+            pid: 0,
+            tid: 0,
+            ctx_pid: 0,
+            kind: 0,
+            family: 0,
+            old_state: 0,
+            new_state: 0,
+            sport: 0,
+            dport: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            flags: 0,
+            payload: Payload { raw: [0; 3] },
+        }
+    }
 }
 
 /// Per-socket state kept in the kernel: the owner and the time of the last transition.
@@ -252,6 +367,14 @@ const _: () = assert!(core::mem::offset_of!(RawEvent, sport) == 68);
 const _: () = assert!(core::mem::offset_of!(RawEvent, saddr) == 72);
 const _: () = assert!(core::mem::offset_of!(RawEvent, comm) == 104);
 const _: () = assert!(core::mem::offset_of!(RawEvent, flags) == 120);
+const _: () = assert!(core::mem::offset_of!(RawEvent, payload) == 124);
+const _: () = assert!(core::mem::size_of::<Payload>() == 12);
+const _: () = assert!(core::mem::size_of::<RetransmitArgs>() == 12);
+const _: () = assert!(core::mem::size_of::<SynAckArgs>() == 12);
+const _: () = assert!(core::mem::size_of::<ResetArgs>() == 12);
+const _: () = assert!(core::mem::size_of::<ErrorArgs>() == 12);
+const _: () = assert!(core::mem::size_of::<TimerArgs>() == 12);
+const _: () = assert!(core::mem::size_of::<OverflowArgs>() == 12);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Owner>() == 32);

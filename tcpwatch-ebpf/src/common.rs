@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use tcpwatch_common::{ListenKey, Owner, RawEvent, SockInfo, counter, flags};
+use tcpwatch_common::{ListenKey, Owner, Payload, RawEvent, SockInfo, counter, flags};
 
 // Ring buffers, one per CPU group: a single shared ring costs ~135 ns per event in spinlock
 // and cache-line contention at 600 k events/s on 2 CPUs (measured with bpf_stats). CPU c uses
@@ -320,9 +320,8 @@ pub struct Meta {
     pub netns: u32,
     pub ctx_pid: u32,
     pub flags: u32,
-    pub arg0: u32,
-    pub arg1: u32,
-    pub arg2: u32,
+    /// The kind's own fields (see `tcpwatch_common::kind`).
+    pub payload: Payload,
     pub sport: u16,
     pub dport: u16,
     pub kind: u8,
@@ -343,9 +342,7 @@ impl Meta {
             netns: 0,
             ctx_pid: 0,
             flags: 0,
-            arg0: 0,
-            arg1: 0,
-            arg2: 0,
+            payload: Payload { raw: [0; 3] },
             sport: 0,
             dport: 0,
             kind,
@@ -543,9 +540,7 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
         (*p).new_state = m.new_state;
         (*p).sport = m.sport;
         (*p).dport = m.dport;
-        (*p).arg0 = m.arg0;
-        (*p).arg1 = m.arg1;
-        (*p).arg2 = m.arg2;
+        (*p).payload = m.payload;
         let sa = (*p).saddr.as_mut_ptr();
         let da = (*p).daddr.as_mut_ptr();
         if m.family == tcpwatch_common::AF_INET6 {

@@ -9,7 +9,10 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::BtfTracePointContext,
 };
-use tcpwatch_common::{SockInfo, flags, kind, tcp_state};
+use tcpwatch_common::{
+    ErrorArgs, OverflowArgs, Payload, ResetArgs, RetransmitArgs, SockInfo, SynAckArgs, flags, kind,
+    tcp_state,
+};
 
 use crate::common::{
     AddrSrc, IPPROTO_TCP, Meta, OFF_NET_NS_INUM, OFF_SK_PROTOCOL, OFF_SKC_DPORT, OFF_SKC_FAMILY,
@@ -121,7 +124,16 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
             (*i).segs_base = total.wrapping_add(1);
         }
     }
+    let mut args = RetransmitArgs {
+        tcp_flags: (tcp_flags & 0xff) | RetransmitArgs::FLAGS_VALID,
+        segs: segs.min(0xffff) as u16,
+        nth: 0,
+        err,
+    };
     if let Some(i) = info {
+        // SAFETY: `i` is this socket's storage value, valid while the program runs; the
+        // socket is locked or in softirq, so no other program writes it concurrently on
+        // another CPU for the same socket.
         unsafe {
             // The count and the interval are of retransmits the kernel made, not attempts.
             if segs > 0 {
@@ -132,11 +144,10 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
                 }
                 (*i).last_retrans_ts_ns = m.ts_ns;
             }
-            m.arg1 = (*i).retrans;
+            args.nth = (*i).retrans;
         }
     }
-    m.arg0 = tcp_flags as u32 | 0x100 | (segs.min(0xffff) << 16);
-    m.arg2 = err as u32;
+    m.payload = Payload { retransmit: args };
     emit(
         &m,
         &AddrSrc::sock(sk as u64),
@@ -176,9 +187,13 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
     }
     m.new_state = tcp_state::SYN_RECV;
     let nr: u8 = rd(r, OFF_REQ_NUM_RETRANS.load());
-    m.arg0 = nr as u32;
-    m.arg1 = ld(listener, OFF_SK_ACK_BACKLOG.load());
-    m.arg2 = rd(listener as u64, OFF_ICSK_QLEN.load());
+    m.payload = Payload {
+        synack: SynAckArgs {
+            num_retrans: nr as u32,
+            accept_queue: ld(listener, OFF_SK_ACK_BACKLOG.load()),
+            syn_queue: rd(listener as u64, OFF_ICSK_QLEN.load()),
+        },
+    };
     if let Some(last) = unsafe { REQ_LAST.get(r) } {
         m.dur_ns = m.ts_ns - *last;
     }
@@ -197,6 +212,16 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
     }
     emit(&m, &AddrSrc::sock(r), info);
     0
+}
+
+#[inline(always)]
+fn reset_args(reason: u32) -> Payload {
+    Payload {
+        reset: ResetArgs {
+            reason,
+            _pad: [0; 2],
+        },
+    }
 }
 
 /// Network and transport header addresses of a packet.
@@ -247,7 +272,7 @@ fn send_reset(ctx: &BtfTracePointContext, reason: u32) -> i32 {
             return 0;
         }
         let mut m = sock_event(kind::RESET_SENT, sk);
-        m.arg0 = reason;
+        m.payload = reset_args(reason);
         emit(&m, &AddrSrc::sock(sk as u64), sk_info_get(sk));
         return 0;
     }
@@ -266,7 +291,7 @@ fn send_reset(ctx: &BtfTracePointContext, reason: u32) -> i32 {
     };
     m.sport = u16::from_be(rd(th, 2));
     m.dport = u16::from_be(rd(th, 0));
-    m.arg0 = reason;
+    m.payload = reset_args(reason);
     let mut owner = core::ptr::null();
     if sk.is_null() {
         m.netns = skb_netns(skb);
@@ -297,7 +322,7 @@ fn send_reset(ctx: &BtfTracePointContext, reason: u32) -> i32 {
 pub fn rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let mut m = sock_event(kind::RESET_RECEIVED, sk);
-    m.arg0 = u32::MAX;
+    m.payload = reset_args(ResetArgs::NO_REASON);
     emit(&m, &AddrSrc::sock(sk as u64), sk_info_get(sk));
     0
 }
@@ -314,7 +339,12 @@ pub fn sk_error_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let mut m = sock_event(kind::SOCK_ERROR, sk);
-    m.arg0 = err as u32;
+    m.payload = Payload {
+        error: ErrorArgs {
+            errno: err,
+            _pad: [0; 2],
+        },
+    };
     emit(&m, &AddrSrc::sock(sk as u64), sk_info_get(sk));
     0
 }
@@ -342,9 +372,13 @@ pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
     let (nh, th) = headers(skb);
     let mut m = sock_event(kind::LISTEN_OVERFLOW, sk);
     m.dport = u16::from_be(rd(th, 0));
-    m.arg0 = ack;
-    m.arg1 = max;
-    m.arg2 = rd(sk as u64, OFF_ICSK_QLEN.load());
+    m.payload = Payload {
+        overflow: OverflowArgs {
+            accept_queue: ack,
+            accept_max: max,
+            syn_queue: rd(sk as u64, OFF_ICSK_QLEN.load()),
+        },
+    };
     emit(
         &m,
         &AddrSrc {

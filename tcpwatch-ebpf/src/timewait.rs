@@ -12,7 +12,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry},
     programs::{BtfTracePointContext, FEntryContext},
 };
-use tcpwatch_common::{flags, kind};
+use tcpwatch_common::{Payload, TimerArgs, flags, kind};
 
 use crate::common::{
     AddrSrc, Meta, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, TIMER_SOFTIRQ,
@@ -82,7 +82,13 @@ fn tw_event(k: u8, tw: u64) {
         let mut comm = [0u64; 2];
         unsafe { bpf_get_current_comm(comm.as_mut_ptr() as *mut c_void, 16) };
         if comm[0] & 0x00ff_ffff_ffff_ffff == u64::from_le_bytes(*b"kworker\0") {
-            m.arg1 = 1;
+            m.payload = Payload {
+                timer: TimerArgs {
+                    _pad0: 0,
+                    kworker: 1,
+                    _pad1: 0,
+                },
+            };
         }
     }
     emit(&m, &AddrSrc::sock(tw), core::ptr::null());

@@ -1,6 +1,8 @@
-//! Wire records (`tcpwatch_common::RawEvent`) to model events: bounds-checked, allocation-free,
-//! never panics on garbage.
-use tcpwatch_common::{AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, flags, kind, tcp_state};
+//! Wire records (`tcpwatch_common::RawEvent`: a shared header, then the kind's typed payload)
+//! to model events: bounds-checked, allocation-free, never panics on garbage.
+use tcpwatch_common::{
+    AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, ResetArgs, RetransmitArgs, flags, kind, tcp_state,
+};
 
 use crate::model::event::{
     Comm, Event, EventKind, Family, OverflowAction, OverflowSource, Owner, OwnerSource, Queue,
@@ -8,10 +10,8 @@ use crate::model::event::{
 };
 
 /// TCP header flag bits as the kernel keeps them in `tcp_skb_cb.tcp_flags`.
-pub const TCPHDR_FIN: u32 = 0x01;
-pub const TCPHDR_SYN: u32 = 0x02;
-/// Set by the kernel side in `arg0` of a retransmit when the skb's flags could be read.
-pub const TCP_FLAGS_VALID: u32 = 0x100;
+pub const TCPHDR_FIN: u16 = 0x01;
+pub const TCPHDR_SYN: u16 = 0x02;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -48,8 +48,8 @@ fn nonzero(v: u64) -> Option<u64> {
 }
 
 /// Retransmit kind: the skb's own flags when the kernel could read them, else the state.
-fn retransmit_kind(state: u8, tcp_flags: u32) -> RetransmitKind {
-    if tcp_flags & TCP_FLAGS_VALID != 0 {
+fn retransmit_kind(state: u8, tcp_flags: u16) -> RetransmitKind {
+    if tcp_flags & RetransmitArgs::FLAGS_VALID != 0 {
         if tcp_flags & TCPHDR_SYN != 0 {
             return RetransmitKind::Syn;
         }
@@ -71,39 +71,52 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
         AF_INET6 => Family::Inet6,
         other => return Err(DecodeError::Family(other)),
     };
+    // SAFETY (every payload read below): each member of the union is plain integers of the
+    // same 12 bytes, so any bit pattern is a valid value of any member; `kind` picks the one
+    // that means something.
+    let p = &r.payload;
     let kind = match r.kind {
         kind::STATE => EventKind::State {
             old: state(r.old_state)?,
             new: state(r.new_state)?,
             prev_state_ns: nonzero(r.dur_ns),
         },
-        kind::RETRANSMIT => EventKind::Retransmit {
-            kind: retransmit_kind(r.new_state, r.arg0),
-            state: TcpState::from_kernel(r.new_state),
-            nth: r.arg1,
-            interval_ns: nonzero(r.dur_ns),
-            err: r.arg2 as i32,
-            segs: r.arg0 >> 16,
-            accept_queue: None,
-            syn_queue: None,
-        },
-        kind::SYNACK_RETRANSMIT => EventKind::Retransmit {
-            kind: RetransmitKind::SynAck,
-            state: Some(TcpState::SynRecv),
-            nth: r.arg0.saturating_add(1),
-            interval_ns: nonzero(r.dur_ns),
-            err: 0,
-            segs: 1,
-            accept_queue: Some(r.arg1),
-            syn_queue: Some(r.arg2),
-        },
-        kind::RESET_SENT | kind::RESET_RECEIVED => EventKind::Reset {
-            sent: r.kind == kind::RESET_SENT,
-            state: TcpState::from_kernel(r.new_state),
-            reason: (r.arg0 != u32::MAX).then_some(r.arg0),
-        },
+        kind::RETRANSMIT => {
+            let a = unsafe { p.retransmit };
+            EventKind::Retransmit {
+                kind: retransmit_kind(r.new_state, a.tcp_flags),
+                state: TcpState::from_kernel(r.new_state),
+                nth: a.nth,
+                interval_ns: nonzero(r.dur_ns),
+                err: a.err,
+                segs: u32::from(a.segs),
+                accept_queue: None,
+                syn_queue: None,
+            }
+        }
+        kind::SYNACK_RETRANSMIT => {
+            let a = unsafe { p.synack };
+            EventKind::Retransmit {
+                kind: RetransmitKind::SynAck,
+                state: Some(TcpState::SynRecv),
+                nth: a.num_retrans.saturating_add(1),
+                interval_ns: nonzero(r.dur_ns),
+                err: 0,
+                segs: 1,
+                accept_queue: Some(a.accept_queue),
+                syn_queue: Some(a.syn_queue),
+            }
+        }
+        kind::RESET_SENT | kind::RESET_RECEIVED => {
+            let a = unsafe { p.reset };
+            EventKind::Reset {
+                sent: r.kind == kind::RESET_SENT,
+                state: TcpState::from_kernel(r.new_state),
+                reason: (a.reason != ResetArgs::NO_REASON).then_some(a.reason),
+            }
+        }
         kind::SOCK_ERROR => EventKind::SockError {
-            errno: r.arg0 as i32,
+            errno: unsafe { p.error }.errno,
         },
         kind::TW_START
         | kind::TW_CANCEL
@@ -118,16 +131,19 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
                 _ => TwOp::Expire,
             },
             substate: TcpState::from_kernel(r.new_state),
-            kworker: r.arg1 != 0,
+            kworker: unsafe { p.timer }.kworker != 0,
         },
-        kind::LISTEN_OVERFLOW => EventKind::Overflow {
-            queue: Queue::Accept,
-            len: Some(r.arg0),
-            max: Some(r.arg1),
-            count: 1,
-            source: OverflowSource::Packet,
-            action: OverflowAction::Dropped,
-        },
+        kind::LISTEN_OVERFLOW => {
+            let a = unsafe { p.overflow };
+            EventKind::Overflow {
+                queue: Queue::Accept,
+                len: Some(a.accept_queue),
+                max: Some(a.accept_max),
+                count: 1,
+                source: OverflowSource::Packet,
+                action: OverflowAction::Dropped,
+            }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     let owner = (r.flags & flags::OWNER_KNOWN != 0).then_some(Owner {
@@ -189,7 +205,7 @@ mod tests {
         b.extend_from_slice(
             &(flags::OWNER_KNOWN | flags::SOFTIRQ | flags::HAS_COOKIE).to_le_bytes(),
         );
-        b.extend_from_slice(&[0u8; 12]); // arg0..arg2
+        b.extend_from_slice(&[0u8; 12]); // payload (none for a transition)
         b
     }
 
@@ -295,11 +311,14 @@ mod tests {
         assert_eq!(retransmit_kind(tcp_state::LAST_ACK, 0), RetransmitKind::Fin);
         // Data still unacknowledged when FIN_WAIT1 began is data, not FIN.
         assert_eq!(
-            retransmit_kind(tcp_state::FIN_WAIT1, TCP_FLAGS_VALID | 0x10),
+            retransmit_kind(tcp_state::FIN_WAIT1, RetransmitArgs::FLAGS_VALID | 0x10),
             RetransmitKind::Data
         );
         assert_eq!(
-            retransmit_kind(tcp_state::FIN_WAIT1, TCP_FLAGS_VALID | TCPHDR_FIN | 0x10),
+            retransmit_kind(
+                tcp_state::FIN_WAIT1,
+                RetransmitArgs::FLAGS_VALID | TCPHDR_FIN | 0x10
+            ),
             RetransmitKind::Fin
         );
     }
