@@ -88,6 +88,7 @@ fn storage(map: *mut c_void, sk: *const c_void, create: bool) -> *mut c_void {
     } else {
         0
     };
+    // SAFETY: the helper takes a map and a socket pointer the verifier has typed (BTF) and returns null or a pointer to a value the kernel keeps alive with the socket.
     unsafe { raw::bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), flags) }
 }
 
@@ -151,12 +152,22 @@ pub const IPPROTO_TCP: u16 = 6;
 /// fault-safe load, so no helper call is needed.
 #[inline(always)]
 pub fn ld<T: Copy>(base: *const c_void, off: u32) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer and `off` a frozen offset into it: the verifier checks the access against the type and the JIT makes it a fault-safe load.
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T) }
 }
 
 #[inline(always)]
 pub fn rd<T: Copy + Default>(base: u64, off: u32) -> T {
+    // SAFETY: the helper copies from any kernel address and reports a fault instead of taking one; a failed read gives the default value.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+/// The socket cookie of a BTF-typed socket pointer.
+#[inline(always)]
+pub fn cookie_of(sk: *const c_void) -> u64 {
+    // SAFETY: the helper reads the cookie of the socket the verifier typed `sk` as (it
+    // assigns one on first use); it has no other effect.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk as *mut c_void) }
 }
 
 /// The socket's `SockInfo` in socket local storage, created zeroed on first use.
@@ -207,6 +218,7 @@ pub fn addr_info(skaddr: u64) -> Option<*mut SockInfo> {
 pub fn bump(idx: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
         // BPF_ATOMIC add: Rust's BPF target offers no atomic read-modify-write.
+        // SAFETY: `p` is a non-null pointer into this CPU's slot of a per-CPU array, valid for 8 bytes; the instruction is the verifier's BPF_ATOMIC add.
         unsafe {
             core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) 1u64);
         }
@@ -370,6 +382,7 @@ pub fn sock_meta_btf(sk: *const c_void, m: &mut Meta) {
 
 #[inline(always)]
 fn read_into(dst: *mut u8, len: u32, src: u64) {
+    // SAFETY: the helper writes at most `len` bytes into `dst`, which points into a reserved ring record at least that long; on failure those bytes are zeroed.
     unsafe {
         if raw::bpf_probe_read_kernel(dst as *mut c_void, len, src as *const c_void) != 0 {
             core::ptr::write_bytes(dst, 0, len as usize);
@@ -393,12 +406,14 @@ pub fn current() -> Current {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 /// Records `current` as the owner in a map value (task context only).
 #[inline(always)]
 pub fn take_current_owner(info: *mut SockInfo, cur: &Current) {
+    // SAFETY: `info` is a live socket-storage (or hash map) value of the socket this program handles; `comm` is 16 bytes as the helper is told.
     unsafe {
         (*info).pid = cur.pid;
         (*info).tid = cur.tid;
@@ -410,6 +425,7 @@ pub fn take_current_owner(info: *mut SockInfo, cur: &Current) {
 
 #[inline(always)]
 pub fn copy16(dst: *mut u8, src: *const u8) {
+    // SAFETY: callers pass two 16-byte arrays; unaligned reads and aligned-enough writes of two u64s.
     unsafe {
         let s = src as *const u64;
         let d = dst as *mut u64;
@@ -435,6 +451,7 @@ pub fn set_listener_owner(netns: u32, port: u16, info: *const SockInfo) {
         port,
         _pad: 0,
     };
+    // SAFETY: `info` is a live socket-storage value of the listener.
     let owner = unsafe {
         Owner {
             cgroup_id: (*info).cgroup_id,
@@ -446,6 +463,7 @@ pub fn set_listener_owner(netns: u32, port: u16, info: *const SockInfo) {
     if LISTENERS.insert(key, owner, 0).is_ok()
         && let Some(p) = LISTENERS.get_ptr_mut(key)
     {
+        // SAFETY: `p` is the map value just inserted and `info` a live socket-storage value, both 16-byte `comm` arrays.
         unsafe { copy16((*p).comm.as_mut_ptr(), (*info).comm.as_ptr()) };
     }
 }
@@ -500,6 +518,7 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
     let owner_pid = if owner.is_null() {
         0
     } else {
+        // SAFETY: checked non-null above; a socket-storage value alive while the program runs.
         unsafe { (*owner).pid }
     };
     if !wanted(m, owner_pid) {
@@ -508,6 +527,7 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
     }
     let ring = match NRINGS.load() {
         0 | 1 => 0,
+        // SAFETY: a helper without arguments.
         n => (unsafe { raw::bpf_get_smp_processor_id() }) % n,
     };
     let reserved = match ring {
@@ -519,6 +539,7 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
     let Some(mut entry) = reserved else {
         bump(counter::RINGBUF_FULL);
         if let Some(p) = DROPS_BY_KIND.get_ptr_mut((m.kind & 15) as u32) {
+            // SAFETY: as in `bump`: a per-CPU slot valid for 8 bytes, a BPF_ATOMIC add.
             unsafe {
                 core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) 1u64)
             };
@@ -526,6 +547,9 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
         return;
     };
     let p: *mut RawEvent = entry.as_mut_ptr();
+    // SAFETY: `p` is the ring record just reserved, `size_of::<RawEvent>()` bytes, written
+    // field by field before it is submitted; the address reads write into its own arrays, and
+    // `owner` was checked non-null where it is read.
     unsafe {
         (*p).ts_ns = m.ts_ns;
         (*p).cookie = m.cookie;
@@ -582,6 +606,7 @@ pub fn emit(m: &Meta, addrs: &AddrSrc, owner: *const SockInfo) {
 #[inline(always)]
 fn set_softirq(v: u32) {
     if let Some(p) = SOFTIRQ.get_ptr_mut(0) {
+        // SAFETY: `p` points into this CPU's slot of a per-CPU array.
         unsafe { *p = v };
     }
 }
@@ -592,26 +617,43 @@ fn set_softirq(v: u32) {
 // so the raw BTF tracepoints, which only guard against themselves, are preferred.
 #[btf_tracepoint(function = "softirq_entry")]
 pub fn softirq_entry_btf(ctx: BtfTracePointContext) -> i32 {
+    try_softirq_entry_btf(&ctx).unwrap_or(0)
+}
+
+fn try_softirq_entry_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let vec: u32 = ctx.arg(0);
     set_softirq(vec + 1);
-    0
+    Ok(0)
 }
 
 #[btf_tracepoint(function = "softirq_exit")]
 pub fn softirq_exit_btf(_ctx: BtfTracePointContext) -> i32 {
+    try_softirq_exit_btf(&_ctx).unwrap_or(0)
+}
+
+fn try_softirq_exit_btf(_ctx: &BtfTracePointContext) -> Result<i32, i64> {
     set_softirq(0);
-    0
+    Ok(0)
 }
 
 #[tracepoint(category = "irq", name = "softirq_entry")]
 pub fn softirq_entry(ctx: TracePointContext) -> u32 {
+    try_softirq_entry(&ctx).unwrap_or(0)
+}
+
+fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
+    // SAFETY: `read_at` copies with bpf_probe_read from the tracepoint record, whose `vec` field is at offset 8 in every kernel's format.
     let vec: u32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     set_softirq(vec + 1);
-    0
+    Ok(0)
 }
 
 #[tracepoint(category = "irq", name = "softirq_exit")]
 pub fn softirq_exit(_ctx: TracePointContext) -> u32 {
+    try_softirq_exit(&_ctx).unwrap_or(0)
+}
+
+fn try_softirq_exit(_ctx: &TracePointContext) -> Result<u32, i64> {
     set_softirq(0);
-    0
+    Ok(0)
 }

@@ -7,7 +7,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     Global,
-    helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
+    helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_sock},
     macros::map,
     maps::Array,
 };
@@ -15,7 +15,7 @@ use tcpwatch_common::{AF_INET6, IterRec, OwnerRec, tcp_state};
 
 use crate::common::{
     OFF_INET_SPORT, OFF_NET_NS_INUM, OFF_SKC_DADDR, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
-    OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, mark_listener, rd,
+    OFF_SKC_RCV_SADDR, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR, cookie_of, mark_listener, rd,
 };
 use crate::signals::{
     OFF_ICSK_QLEN, OFF_SK_ACK_BACKLOG, OFF_SK_MAX_ACK_BACKLOG, OFF_SKC_NUM, OFF_SKC_STATE,
@@ -69,6 +69,8 @@ pub struct BpfIterTcp {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid iterator context whose `meta` points to live iterator
+    // metadata; the verifier checks these loads against `struct bpf_iter__tcp`.
     let (seq, skc, uid) = unsafe { ((*(*ctx).meta).seq, (*ctx).sk_common, (*ctx).uid) };
     if skc.is_null() {
         return 0;
@@ -84,6 +86,7 @@ pub extern "C" fn dump_tcp(ctx: *const BpfIterTcp) -> i32 {
     }
     if state == tcp_state::LISTEN {
         // A listener from before start: from now on the sampler finds it in LISTEN_SK.
+        // SAFETY: the helper checks that `skc` is a full TCP socket and returns null if not.
         let sk = unsafe { bpf_skc_to_tcp_sock(skc as *mut c_void) };
         if !sk.is_null() {
             mark_listener(sk as *const c_void);
@@ -108,6 +111,7 @@ pub struct BpfIterSkStorage {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_sk_storage_map")]
 pub extern "C" fn dump_listeners(ctx: *const BpfIterSkStorage) -> i32 {
+    // SAFETY: as in `dump_tcp`, for `struct bpf_iter__bpf_sk_storage_map`.
     let (seq, sk) = unsafe { ((*(*ctx).meta).seq, (*ctx).sk) };
     if sk.is_null() {
         return 0;
@@ -121,6 +125,8 @@ pub extern "C" fn dump_listeners(ctx: *const BpfIterSkStorage) -> i32 {
 
 #[inline(always)]
 fn write(seq: *mut c_void, r: &IterRec) {
+    // SAFETY: `seq` is the iterator's seq_file from its context; the helper copies
+    // `size_of::<IterRec>()` bytes from `r`, which has them.
     unsafe {
         bpf_seq_write(
             seq as *mut _,
@@ -139,7 +145,7 @@ fn record(skc: *const c_void, state: u8) -> IterRec {
         state,
         ..IterRec::default()
     };
-    r.cookie = unsafe { bpf_get_socket_cookie(skc as *mut c_void) };
+    r.cookie = cookie_of(skc);
     let family: u16 = rd(s, OFF_SKC_FAMILY.load());
     r.family = family as u8;
     r.dport = u16::from_be(rd(s, OFF_SKC_DPORT.load()));
@@ -202,6 +208,7 @@ const S_IFSOCK: u16 = 0o140000;
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn dump_task_file(ctx: *const BpfIterTaskFile) -> i32 {
+    // SAFETY: as in `dump_tcp`, for `struct bpf_iter__task_file`.
     let (seq, task, file) = unsafe { ((*(*ctx).meta).seq, (*ctx).task, (*ctx).file) };
     if task.is_null() || file.is_null() {
         return 0;
@@ -220,6 +227,7 @@ pub extern "C" fn dump_task_file(ctx: *const BpfIterTaskFile) -> i32 {
         _pad: 0,
         comm: rd(task as u64, OFF_TASK_COMM.load()),
     };
+    // SAFETY: as in `write`: the iterator's seq_file, and a whole `OwnerRec` on the stack.
     unsafe {
         bpf_seq_write(
             seq as *mut _,

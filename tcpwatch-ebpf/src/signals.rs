@@ -4,7 +4,6 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     Global,
-    helpers::generated::bpf_get_socket_cookie,
     macros::{btf_tracepoint, map},
     maps::LruHashMap,
     programs::BtfTracePointContext,
@@ -16,8 +15,8 @@ use tcpwatch_common::{
 
 use crate::common::{
     AddrSrc, IPPROTO_TCP, Meta, OFF_NET_NS_INUM, OFF_SK_PROTOCOL, OFF_SKC_DPORT, OFF_SKC_FAMILY,
-    OFF_SKC_NET, OFF_TP_TOTAL_RETRANS, Side, current, emit, in_softirq, ld, now_ns, rd, sk_info,
-    sk_info_get, sock_meta_btf,
+    OFF_SKC_NET, OFF_TP_TOTAL_RETRANS, Side, cookie_of, current, emit, in_softirq, ld, now_ns, rd,
+    sk_info, sk_info_get, sock_meta_btf,
 };
 
 #[unsafe(no_mangle)]
@@ -67,7 +66,7 @@ fn sock_event(kind: u8, sk: *const c_void) -> Meta {
     let mut m = Meta::new(kind);
     m.ts_ns = now_ns();
     m.skaddr = sk as u64;
-    m.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    m.cookie = cookie_of(sk);
     m.flags = flags::HAS_COOKIE;
     m.ctx_pid = current().pid;
     if in_softirq() {
@@ -87,13 +86,21 @@ fn is_tcp(sk: *const c_void) -> bool {
 // older kernels, where the two-argument variant is used.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn retrans_btf(ctx: BtfTracePointContext) -> i32 {
+    try_retrans_btf(&ctx).unwrap_or(0)
+}
+
+fn try_retrans_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let err: i32 = ctx.arg(2);
-    retransmit(&ctx, err)
+    Ok(retransmit(ctx, err))
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn retrans_btf_noerr(ctx: BtfTracePointContext) -> i32 {
-    retransmit(&ctx, 0)
+    try_retrans_btf_noerr(&ctx).unwrap_or(0)
+}
+
+fn try_retrans_btf_noerr(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    Ok(retransmit(ctx, 0))
 }
 
 #[inline(always)]
@@ -116,6 +123,7 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
     let mut segs = if early { 0 } else { pcount.max(1) as u32 };
     if let Some(i) = info.filter(|_| off_total != 0) {
         let total: u32 = rd(sk as u64, off_total);
+        // SAFETY: `i` is this socket's storage value, alive with the socket.
         unsafe {
             let base = (*i).segs_base;
             if base != 0 && total >= base - 1 && total - (base - 1) <= 0xffff {
@@ -158,13 +166,17 @@ fn retransmit(ctx: &BtfTracePointContext, err: i32) -> i32 {
 
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
+    try_synack_btf(&ctx).unwrap_or(0)
+}
+
+fn try_synack_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let listener: *const c_void = ctx.arg(0);
     let req: *const c_void = ctx.arg(1);
     let mut m = Meta::new(kind::SYNACK_RETRANSMIT);
     m.ts_ns = now_ns();
     m.skaddr = listener as u64;
     m.aux_addr = req as u64;
-    m.cookie = unsafe { bpf_get_socket_cookie(listener as *mut c_void) };
+    m.cookie = cookie_of(listener);
     m.flags = flags::HAS_COOKIE;
     m.ctx_pid = current().pid;
     if in_softirq() {
@@ -194,6 +206,8 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
             syn_queue: rd(listener as u64, OFF_ICSK_QLEN.load()),
         },
     };
+    // SAFETY: the value is read at once, before anything could delete it; a concurrent update
+    // of the same request (another CPU) would only move the interval by that much.
     if let Some(last) = unsafe { REQ_LAST.get(r) } {
         m.dur_ns = m.ts_ns - *last;
     }
@@ -204,6 +218,7 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
     // data retransmit would count this segment again.
     if !info.is_null() && ld::<u8>(listener, OFF_SKC_STATE.load()) != tcp_state::LISTEN {
         let i = info as *mut SockInfo;
+        // SAFETY: checked non-null: the child's live socket-storage value.
         unsafe {
             if (*i).segs_base != 0 {
                 (*i).segs_base = (*i).segs_base.wrapping_add(1);
@@ -211,7 +226,7 @@ pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
         }
     }
     emit(&m, &AddrSrc::sock(r), info);
-    0
+    Ok(0)
 }
 
 #[inline(always)]
@@ -253,13 +268,21 @@ fn skb_netns(skb: *const c_void) -> u32 {
 // packet to a closed port; the 4-tuple always comes from the packet being answered.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn rst_send_btf(ctx: BtfTracePointContext) -> i32 {
+    try_rst_send_btf(&ctx).unwrap_or(0)
+}
+
+fn try_rst_send_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let reason: u32 = ctx.arg(2);
-    send_reset(&ctx, reason)
+    Ok(send_reset(ctx, reason))
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn rst_send_btf_noreason(ctx: BtfTracePointContext) -> i32 {
-    send_reset(&ctx, u32::MAX)
+    try_rst_send_btf_noreason(&ctx).unwrap_or(0)
+}
+
+fn try_rst_send_btf_noreason(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    Ok(send_reset(ctx, u32::MAX))
 }
 
 #[inline(always)]
@@ -297,7 +320,7 @@ fn send_reset(ctx: &BtfTracePointContext, reason: u32) -> i32 {
         m.netns = skb_netns(skb);
     } else {
         m.skaddr = sk as u64;
-        m.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+        m.cookie = cookie_of(sk);
         m.flags |= flags::HAS_COOKIE;
         m.new_state = ld::<u8>(sk, OFF_SKC_STATE.load());
         let net: *const c_void = ld(sk, OFF_SKC_NET.load());
@@ -320,23 +343,31 @@ fn send_reset(ctx: &BtfTracePointContext, reason: u32) -> i32 {
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
+    try_rst_recv_btf(&ctx).unwrap_or(0)
+}
+
+fn try_rst_recv_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let sk: *const c_void = ctx.arg(0);
     let mut m = sock_event(kind::RESET_RECEIVED, sk);
     m.payload = reset_args(ResetArgs::NO_REASON);
     emit(&m, &AddrSrc::sock(sk as u64), sk_info_get(sk));
-    0
+    Ok(0)
 }
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn sk_error_btf(ctx: BtfTracePointContext) -> i32 {
+    try_sk_error_btf(&ctx).unwrap_or(0)
+}
+
+fn try_sk_error_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let sk: *const c_void = ctx.arg(0);
     if !is_tcp(sk) {
-        return 0;
+        return Ok(0);
     }
     let err: i32 = ld(sk, OFF_SK_ERR.load());
     if err == 0 {
         // Reports without a pending error (e.g. when the socket is torn down afterwards).
-        return 0;
+        return Ok(0);
     }
     let mut m = sock_event(kind::SOCK_ERROR, sk);
     m.payload = Payload {
@@ -346,27 +377,31 @@ pub fn sk_error_btf(ctx: BtfTracePointContext) -> i32 {
         },
     };
     emit(&m, &AddrSrc::sock(sk as u64), sk_info_get(sk));
-    0
+    Ok(0)
 }
 
 // kfree_skb fires for every freed packet: leave after one compare unless it is a listen drop.
 // `rx_sk` (the listener) exists since 6.12; older kernels keep only the counter-based signal.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    try_kfree_skb_btf(&ctx).unwrap_or(0)
+}
+
+fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     let reason: u32 = ctx.arg(2);
     let overflow = reason == REASON_LISTEN_OVERFLOW.load();
     if !overflow && reason != REASON_NO_SOCKET.load() {
-        return 0;
+        return Ok(0);
     }
     let sk: *const c_void = ctx.arg(3);
     if sk.is_null() || ld::<u8>(sk, OFF_SKC_STATE.load()) != tcp_state::LISTEN {
-        return 0;
+        return Ok(0);
     }
     let ack: u32 = ld(sk, OFF_SK_ACK_BACKLOG.load());
     let max: u32 = ld(sk, OFF_SK_MAX_ACK_BACKLOG.load());
     // NO_SOCKET on a listener is a syncookie ACK refused because the accept queue is full.
     if !overflow && ack <= max {
-        return 0;
+        return Ok(0);
     }
     let skb: *const c_void = ctx.arg(0);
     let (nh, th) = headers(skb);
@@ -387,5 +422,5 @@ pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
         },
         sk_info_get(sk),
     );
-    0
+    Ok(0)
 }

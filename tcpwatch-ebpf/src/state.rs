@@ -4,7 +4,6 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    helpers::generated::bpf_get_socket_cookie,
     macros::{btf_tracepoint, map, tracepoint},
     maps::PerCpuArray,
     programs::{BtfTracePointContext, TracePointContext},
@@ -13,8 +12,9 @@ use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
     AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, OFF_TP_TOTAL_RETRANS, SOCKS, Side, addr_info,
-    bump, copy16, current, emit, forget_listener, in_softirq, ld, listener_owner, mark_listener,
-    netns_of, now_ns, rd, set_listener_owner, sk_info, sock_meta_btf, take_current_owner,
+    bump, cookie_of, copy16, current, emit, forget_listener, in_softirq, ld, listener_owner,
+    mark_listener, netns_of, now_ns, rd, set_listener_owner, sk_info, sock_meta_btf,
+    take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -51,9 +51,14 @@ static TPS_DADDR_V6: Global<u32> = Global::new(56);
 // skipped only if a softirq is interrupted by another TCP event, which cannot happen.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn state_btf_main(ctx: BtfTracePointContext) -> i32 {
-    state_btf(&ctx);
-    let (sk, st) = ident(&ctx);
+    try_state_btf_main(&ctx).unwrap_or(0)
+}
+
+fn try_state_btf_main(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    state_btf(ctx);
+    let (sk, st) = ident(ctx);
     if let Some(p) = STATE_DONE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for its four u64s.
         unsafe {
             (*p)[2] = (*p)[0];
             (*p)[3] = (*p)[1];
@@ -61,21 +66,26 @@ pub fn state_btf_main(ctx: BtfTracePointContext) -> i32 {
             (*p)[1] = st;
         }
     }
-    0
+    Ok(0)
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn state_btf_nested(ctx: BtfTracePointContext) -> i32 {
-    let (sk, st) = ident(&ctx);
+    try_state_btf_nested(&ctx).unwrap_or(0)
+}
+
+fn try_state_btf_nested(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    let (sk, st) = ident(ctx);
     let done = match STATE_DONE.get_ptr(0) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for its four u64s.
         Some(p) => unsafe { ((*p)[0] == sk && (*p)[1] == st) || ((*p)[2] == sk && (*p)[3] == st) },
         None => true,
     };
     if !done {
         bump(counter::STATE_RESCUED);
-        state_btf(&ctx);
+        state_btf(ctx);
     }
-    0
+    Ok(0)
 }
 
 /// What identifies one transition on one CPU: the socket and its (old, new) states.
@@ -101,7 +111,7 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     let mut m = Meta::new(kind::STATE);
-    m.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    m.cookie = cookie_of(sk);
     m.flags = flags::HAS_COOKIE;
     m.skaddr = skaddr;
     m.old_state = old as u8;
@@ -118,6 +128,8 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
         // socket: a connect starts from zero (tcp_disconnect zeroes it for a reused socket);
         // an accepted child is cloned from its listener in SYN_RECV and only then given its
         // request's SYN-ACK retransmits, so it is read when the child is established.
+        // SAFETY: `i` is this socket's storage value, alive with the socket, which the kernel
+        // holds locked (or in softirq) while it changes state.
         unsafe {
             let (old, new) = (old as u8, new as u8);
             if new == tcp_state::SYN_SENT {
@@ -136,22 +148,29 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn state_tp(ctx: TracePointContext) -> u32 {
-    let _ = try_state_tp(&ctx);
-    0
+    try_state_tp(&ctx).unwrap_or(0)
 }
 
-fn try_state_tp(ctx: &TracePointContext) -> Result<(), i64> {
-    let proto: u16 = unsafe { ctx.read_at(TPS_PROTOCOL.load() as usize) }?;
+/// A field of the classic tracepoint's record at the offset its format gives.
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, off: &Global<u32>) -> Result<T, i64> {
+    // SAFETY: `read_at` copies with bpf_probe_read from the record; the offset comes from
+    // this kernel's tracefs format for the field, so the bytes are a `T`.
+    unsafe { ctx.read_at(off.load() as usize) }.map_err(i64::from)
+}
+
+fn try_state_tp(ctx: &TracePointContext) -> Result<u32, i64> {
+    let proto: u16 = field(ctx, &TPS_PROTOCOL)?;
     if proto != IPPROTO_TCP {
-        return Ok(());
+        return Ok(0);
     }
     let mut m = Meta::new(kind::STATE);
-    m.skaddr = unsafe { ctx.read_at::<u64>(TPS_SKADDR.load() as usize) }?;
-    m.old_state = unsafe { ctx.read_at::<i32>(TPS_OLDSTATE.load() as usize) }? as u8;
-    m.new_state = unsafe { ctx.read_at::<i32>(TPS_NEWSTATE.load() as usize) }? as u8;
-    m.sport = unsafe { ctx.read_at(TPS_SPORT.load() as usize) }?;
-    m.dport = unsafe { ctx.read_at(TPS_DPORT.load() as usize) }?;
-    let family: u16 = unsafe { ctx.read_at(TPS_FAMILY.load() as usize) }?;
+    m.skaddr = field::<u64>(ctx, &TPS_SKADDR)?;
+    m.old_state = field::<i32>(ctx, &TPS_OLDSTATE)? as u8;
+    m.new_state = field::<i32>(ctx, &TPS_NEWSTATE)? as u8;
+    m.sport = field(ctx, &TPS_SPORT)?;
+    m.dport = field(ctx, &TPS_DPORT)?;
+    let family: u16 = field(ctx, &TPS_FAMILY)?;
     m.family = family as u8;
     m.netns = netns_of(m.skaddr);
     if m.netns != 0 {
@@ -172,7 +191,7 @@ fn try_state_tp(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let info = addr_info(m.skaddr);
     transition(&mut m, &addrs, info, true);
-    Ok(())
+    Ok(0)
 }
 
 /// Owner and timing bookkeeping shared by both hooks, then emission. `keyed` entries live in
@@ -191,6 +210,8 @@ fn transition(m: &mut Meta, addrs: &AddrSrc, info: Option<*mut SockInfo>, keyed:
         emit(m, addrs, core::ptr::null());
         return;
     };
+    // SAFETY: `info` is this socket's value in socket storage or the address-keyed map,
+    // alive while the program runs; `listener_owner` returns a live map value.
     unsafe {
         if !softirq {
             // Task context: a syscall (connect, listen, close, shutdown, or release_sock

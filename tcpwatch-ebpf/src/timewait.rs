@@ -80,6 +80,7 @@ fn tw_event(k: u8, tw: u64) {
     if (k == kind::TW_CANCEL || k == kind::TW_DESCHEDULE) && !softirq {
         // netns teardown runs in a kworker; tcp_tw_reuse in the connecting task.
         let mut comm = [0u64; 2];
+        // SAFETY: the helper writes at most 16 bytes into `comm`, which has 16.
         unsafe { bpf_get_current_comm(comm.as_mut_ptr() as *mut c_void, 16) };
         if comm[0] & 0x00ff_ffff_ffff_ffff == u64::from_le_bytes(*b"kworker\0") {
             m.payload = Payload {
@@ -96,47 +97,67 @@ fn tw_event(k: u8, tw: u64) {
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn tw_start_btf(ctx: BtfTracePointContext) -> i32 {
-    if let Some(tw) = tw_of(&ctx) {
+    try_tw_start_btf(&ctx).unwrap_or(0)
+}
+
+fn try_tw_start_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    if let Some(tw) = tw_of(ctx) {
         tw_event(kind::TW_START, tw);
     }
-    0
+    Ok(0)
 }
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn tw_cancel_btf(ctx: BtfTracePointContext) -> i32 {
+    try_tw_cancel_btf(&ctx).unwrap_or(0)
+}
+
+fn try_tw_cancel_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     // The timer softirq detaches every timer it is about to run, and the detach fires this
     // tracepoint: not a cancel, the expiry record follows. Left to userspace to pair by time,
     // a stalled CPU (seen under QEMU TCG) split the pair into a kill and a stray expiry.
     // Real cancels come from a peer's segment (NET_RX), a task or a kworker.
     if softirq_vector() == Some(TIMER_SOFTIRQ) {
-        return 0;
+        return Ok(0);
     }
-    if let Some(tw) = tw_of(&ctx) {
+    if let Some(tw) = tw_of(ctx) {
         tw_event(kind::TW_CANCEL, tw);
     }
-    0
+    Ok(0)
 }
 
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn tw_expire_btf(ctx: BtfTracePointContext) -> i32 {
-    if let Some(tw) = tw_of(&ctx) {
+    try_tw_expire_btf(&ctx).unwrap_or(0)
+}
+
+fn try_tw_expire_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
+    if let Some(tw) = tw_of(ctx) {
         tw_event(kind::TW_EXPIRE, tw);
     }
-    0
+    Ok(0)
 }
 
 // The fentry strategy. Entering: the socket is fully set up (substate, ports, cookie) before
 // it is hashed. Older kernels (6.1) name it `inet_twsk_hashdance`, and arm the timer apart.
 #[fentry(function = "inet_twsk_hashdance_schedule")]
 pub fn tw_enter_fentry(ctx: FEntryContext) -> i32 {
+    try_tw_enter_fentry(&ctx).unwrap_or(0)
+}
+
+fn try_tw_enter_fentry(ctx: &FEntryContext) -> Result<i32, i64> {
     tw_event(kind::TW_START, ctx.arg(0));
-    0
+    Ok(0)
 }
 
 #[fentry(function = "inet_twsk_hashdance")]
 pub fn tw_enter_old_fentry(ctx: FEntryContext) -> i32 {
+    try_tw_enter_old_fentry(&ctx).unwrap_or(0)
+}
+
+fn try_tw_enter_old_fentry(ctx: &FEntryContext) -> Result<i32, i64> {
     tw_event(kind::TW_START, ctx.arg(0));
-    0
+    Ok(0)
 }
 
 /// `__inet_twsk_schedule(tw, timeo, rearm)` with `rearm`: the peer's FIN, a retransmitted
@@ -144,19 +165,27 @@ pub fn tw_enter_old_fentry(ctx: FEntryContext) -> i32 {
 /// first arm (`rearm` false) is already reported on entering, and may be inlined there.
 #[fentry(function = "__inet_twsk_schedule")]
 pub fn tw_rearm_fentry(ctx: FEntryContext) -> i32 {
+    try_tw_rearm_fentry(&ctx).unwrap_or(0)
+}
+
+fn try_tw_rearm_fentry(ctx: &FEntryContext) -> Result<i32, i64> {
     let rearm: u64 = ctx.arg(2);
     if rearm & 0xff != 0 {
         tw_event(kind::TW_REARM, ctx.arg(0));
     }
-    0
+    Ok(0)
 }
 
 /// The timer firing: expiry.
 #[fentry(function = "tw_timer_handler")]
 pub fn tw_expire_fentry(ctx: FEntryContext) -> i32 {
+    try_tw_expire_fentry(&ctx).unwrap_or(0)
+}
+
+fn try_tw_expire_fentry(ctx: &FEntryContext) -> Result<i32, i64> {
     let timer: u64 = ctx.arg(0);
     tw_event(kind::TW_EXPIRE, timer - OFF_TW_TIMER.load() as u64);
-    0
+    Ok(0)
 }
 
 /// Taken off early: connect() reusing the tuple, a RST, netns teardown. Only while the timer
@@ -164,10 +193,14 @@ pub fn tw_expire_fentry(ctx: FEntryContext) -> i32 {
 /// the end, while this call only drops a reference.
 #[fentry(function = "inet_twsk_deschedule_put")]
 pub fn tw_deschedule_fentry(ctx: FEntryContext) -> i32 {
+    try_tw_deschedule_fentry(&ctx).unwrap_or(0)
+}
+
+fn try_tw_deschedule_fentry(ctx: &FEntryContext) -> Result<i32, i64> {
     let tw: u64 = ctx.arg(0);
     let pprev: u64 = rd(tw + OFF_TW_TIMER.load() as u64, OFF_TIMER_PPREV.load());
     if pprev != 0 {
         tw_event(kind::TW_DESCHEDULE, tw);
     }
-    0
+    Ok(0)
 }
