@@ -158,6 +158,31 @@ pub union Payload {
     pub raw: [u32; 3],
 }
 
+// The readers: any member of a `Payload` is plain integers of the same 12 bytes, so reading
+// whichever one `kind` names is sound whatever was written.
+macro_rules! readers {
+    ($($name:ident: $ty:ty),*) => {
+        impl Payload {
+            $(
+                pub fn $name(&self) -> $ty {
+                    // SAFETY: every member is `repr(C)` integers filling the same 12 bytes:
+                    // any bit pattern is a valid value of any of them.
+                    unsafe { self.$name }
+                }
+            )*
+        }
+    };
+}
+
+readers!(
+    retransmit: RetransmitArgs,
+    synack: SynAckArgs,
+    reset: ResetArgs,
+    error: ErrorArgs,
+    timer: TimerArgs,
+    overflow: OverflowArgs
+);
+
 /// [`kind::RETRANSMIT`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -381,10 +406,17 @@ const _: () = assert!(core::mem::size_of::<Owner>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `repr(C)` structs of integers and byte arrays with no implicit padding.
+    // SAFETY (each impl): plain `repr(C)` structs of integers and byte arrays (and a union of
+    // such structs, all of one size) with every padding byte spelled out, so any bit pattern
+    // is a valid value and copying bytes in and out is sound.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RawEvent {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::SockInfo {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Owner {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::IterRec {}
 }

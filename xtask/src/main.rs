@@ -14,7 +14,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
     setup     install what building and testing need (idempotent)
     run       setup, build, and start tcpwatch on this host (as root)
-    test      setup, then every test: unit, CLI and privileged (as root)
+    test      setup, then lint and every test: unit, CLI, privileged, kernel matrix (as root)
     bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
     vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate";
@@ -98,6 +98,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the privileged tests need root: run `sudo -E cargo xtask test` (CI runs as root)");
     }
+    // Format, clippy (host and eBPF) and the workspace lints hold before anything runs.
+    lint()?;
     // Default members only: the eBPF crate builds for the BPF target, through tcpwatch/build.rs.
     status(cargo().args(["test"]))?;
     let mut cmd = cargo();

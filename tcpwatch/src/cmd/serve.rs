@@ -58,7 +58,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
         std::thread::Builder::new()
             .name("http".into())
             .spawn(move || http_loop(&server, &want_tx))
-            .expect("spawning the HTTP thread")
+            .map_err(|e| anyhow::anyhow!("starting the HTTP thread: {e}"))?
     };
     let (state_tx, state_rx) = sync_channel::<()>(4);
     let waker = src.waker();
@@ -120,7 +120,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
                 src.loss().total()
             );
         })
-        .expect("spawning the reader thread");
+        .map_err(|e| anyhow::anyhow!("starting the reader thread: {e}"))?;
     note!(
         "tcpwatch: serving http://{}/metrics; Ctrl-C to stop",
         a.listen

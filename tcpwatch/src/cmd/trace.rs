@@ -41,7 +41,7 @@ pub fn run(a: TraceArgs) -> anyhow::Result<i32> {
     let writer = std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || write(rx, json, clock, reasons, &wstop))
-        .expect("spawning the writer thread");
+        .map_err(|e| anyhow::anyhow!("starting the writer thread: {e}"))?;
 
     let mut last_loss_check = Instant::now();
     loop {

@@ -71,9 +71,6 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
         AF_INET6 => Family::Inet6,
         other => return Err(DecodeError::Family(other)),
     };
-    // SAFETY (every payload read below): each member of the union is plain integers of the
-    // same 12 bytes, so any bit pattern is a valid value of any member; `kind` picks the one
-    // that means something.
     let p = &r.payload;
     let kind = match r.kind {
         kind::STATE => EventKind::State {
@@ -82,7 +79,7 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             prev_state_ns: nonzero(r.dur_ns),
         },
         kind::RETRANSMIT => {
-            let a = unsafe { p.retransmit };
+            let a = p.retransmit();
             EventKind::Retransmit {
                 kind: retransmit_kind(r.new_state, a.tcp_flags),
                 state: TcpState::from_kernel(r.new_state),
@@ -95,7 +92,7 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             }
         }
         kind::SYNACK_RETRANSMIT => {
-            let a = unsafe { p.synack };
+            let a = p.synack();
             EventKind::Retransmit {
                 kind: RetransmitKind::SynAck,
                 state: Some(TcpState::SynRecv),
@@ -108,7 +105,7 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             }
         }
         kind::RESET_SENT | kind::RESET_RECEIVED => {
-            let a = unsafe { p.reset };
+            let a = p.reset();
             EventKind::Reset {
                 sent: r.kind == kind::RESET_SENT,
                 state: TcpState::from_kernel(r.new_state),
@@ -116,7 +113,7 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
             }
         }
         kind::SOCK_ERROR => EventKind::SockError {
-            errno: unsafe { p.error }.errno,
+            errno: p.error().errno,
         },
         kind::TW_START
         | kind::TW_CANCEL
@@ -131,10 +128,10 @@ pub fn decode_raw(r: &RawEvent) -> Result<Event, DecodeError> {
                 _ => TwOp::Expire,
             },
             substate: TcpState::from_kernel(r.new_state),
-            kworker: unsafe { p.timer }.kworker != 0,
+            kworker: p.timer().kworker != 0,
         },
         kind::LISTEN_OVERFLOW => {
-            let a = unsafe { p.overflow };
+            let a = p.overflow();
             EventKind::Overflow {
                 queue: Queue::Accept,
                 len: Some(a.accept_queue),

@@ -1,7 +1,6 @@
 //! tracefs: make sure it is mounted (aya attaches classic tracepoints through it, and
 //! `ip netns exec` remounts /sys without it) and read tracepoint record layouts.
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -18,8 +17,8 @@ pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
             return Ok(PathBuf::from(p));
         }
     }
-    let target = CString::new(TRACEFS).expect("static path");
-    let fstype = CString::new("tracefs").expect("static string");
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(

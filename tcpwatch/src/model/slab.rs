@@ -77,10 +77,9 @@ impl<V> SlabMap<V> {
 
     /// Sets `key` to `value`; returns the value it replaces.
     pub fn insert(&mut self, key: u64, value: V) -> Option<V> {
-        if let Some(&i) = self.index.get(&key) {
-            let slot = self.slots[i as usize]
-                .as_mut()
-                .expect("indexed slot is full");
+        if let Some(&i) = self.index.get(&key)
+            && let Some(slot) = self.slots[i as usize].as_mut()
+        {
             return Some(std::mem::replace(&mut slot.1, value));
         }
         let i = self.place(key, value);

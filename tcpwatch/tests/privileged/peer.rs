@@ -37,6 +37,7 @@ fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 },
                 sin_zero: [0; 8],
             };
+            // SAFETY: sockaddr_storage is larger than, and aligned for, a sockaddr_in.
             unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
             std::mem::size_of::<libc::sockaddr_in>()
         }
@@ -50,6 +51,7 @@ fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 },
                 sin6_scope_id: 0,
             };
+            // SAFETY: sockaddr_storage is larger than, and aligned for, a sockaddr_in6.
             unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
             std::mem::size_of::<libc::sockaddr_in6>()
         }
@@ -95,6 +97,7 @@ fn listen(addr: &SocketAddr, backlog: i32, reuseport: bool) -> std::io::Result<T
     let (ss, len) = sockaddr(addr);
     // SAFETY: valid fd and sockaddr.
     check(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
+    // SAFETY: a valid socket fd.
     check(unsafe { libc::listen(fd, backlog) })?;
     // SAFETY: we own fd.
     Ok(unsafe { TcpListener::from_raw_fd(fd) })
@@ -107,9 +110,11 @@ fn connect(addr: &SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<TcpSt
     if let Some(b) = bind {
         setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
         let (ss, len) = sockaddr(&b);
+        // SAFETY: valid fd and sockaddr of `len` bytes.
         check(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
     }
     let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and sockaddr of `len` bytes.
     check(unsafe { libc::connect(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
     Ok(s)
 }
@@ -126,6 +131,7 @@ fn connect_nonblocking(addr: &SocketAddr, port: Option<u16>) -> std::io::Result<
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))
         };
         let (ss, len) = sockaddr(&local);
+        // SAFETY: valid fd and sockaddr of `len` bytes.
         check(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) })?;
     }
     s.set_nonblocking(true)?;
