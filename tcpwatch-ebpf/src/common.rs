@@ -13,6 +13,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::warn;
 use tcpwatch_common::{ListenKey, Owner, Payload, RawEvent, SockInfo, counter, flags};
 
 // Ring buffers, one per CPU group: a single shared ring costs ~135 ns per event in spinlock
@@ -76,6 +77,10 @@ pub static LISTEN_SK: SkStorage<u32> = SkStorage::new();
 pub fn mark_listener(sk: *const c_void) {
     if storage(core::ptr::addr_of!(LISTEN_SK) as *mut c_void, sk, true).is_null() {
         bump(counter::SOCK_MAP_FULL);
+        warn!(
+            &(),
+            "a listener got no socket storage for its mark: its queues go unsampled"
+        );
     }
 }
 
@@ -176,6 +181,10 @@ pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
     let p = storage(core::ptr::addr_of!(SK_INFO) as *mut c_void, sk, true) as *mut SockInfo;
     if p.is_null() {
         bump(counter::SOCK_MAP_FULL);
+        warn!(
+            &(),
+            "a socket got no socket storage: its owner and timings are not kept"
+        );
         None
     } else {
         Some(p)
@@ -208,6 +217,10 @@ pub fn addr_info(skaddr: u64) -> Option<*mut SockInfo> {
     };
     if SOCKS.insert(skaddr, fresh, 0).is_err() {
         bump(counter::SOCK_MAP_FULL);
+        warn!(
+            &(),
+            "socket {:x}: the socket map refused it: its owner is not kept", skaddr
+        );
     }
     SOCKS.get_ptr_mut(skaddr)
 }
@@ -460,10 +473,17 @@ pub fn set_listener_owner(netns: u32, port: u16, info: *const SockInfo) {
             comm: [0; 16],
         }
     };
-    if LISTENERS.insert(key, owner, 0).is_ok()
-        && let Some(p) = LISTENERS.get_ptr_mut(key)
-    {
-        // SAFETY: `p` is the map value just inserted and `info` a live socket-storage value, both 16-byte `comm` arrays.
+    if LISTENERS.insert(key, owner, 0).is_err() {
+        warn!(
+            &(),
+            "listener port {}: the listener map is full: its children's owner falls back to userspace",
+            port
+        );
+        return;
+    }
+    if let Some(p) = LISTENERS.get_ptr_mut(key) {
+        // SAFETY: `p` is the map value just inserted and `info` a live socket-storage value,
+        // both 16-byte `comm` arrays.
         unsafe { copy16((*p).comm.as_mut_ptr(), (*info).comm.as_ptr()) };
     }
 }

@@ -8,6 +8,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use tcpwatch_common::{
     ErrorArgs, OverflowArgs, Payload, ResetArgs, RetransmitArgs, SockInfo, SynAckArgs, flags, kind,
     tcp_state,
@@ -211,7 +212,9 @@ fn try_synack_btf(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     if let Some(last) = unsafe { REQ_LAST.get(r) } {
         m.dur_ns = m.ts_ns - *last;
     }
-    let _ = REQ_LAST.insert(r, m.ts_ns, 0);
+    if REQ_LAST.insert(r, m.ts_ns, 0).is_err() {
+        warn!(&(), "no room to time a request's SYN-ACK retransmits");
+    }
     let info = sk_info_get(listener);
     // A passive Fast Open child answers for its own request, and tcp_rtx_synack adds this
     // SYN-ACK to the child's total_retrans: move the child's baseline with it, or its next

@@ -8,6 +8,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
@@ -83,6 +84,7 @@ fn try_state_btf_nested(ctx: &BtfTracePointContext) -> Result<i32, i64> {
     };
     if !done {
         bump(counter::STATE_RESCUED);
+        debug!(&(), "a transition was handled by the nested program");
         state_btf(ctx);
     }
     Ok(0)

@@ -271,6 +271,10 @@ impl FilterArgs {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct ProbeArgs {
+    /// Also show the kernel programs' debug diagnostics on stderr (their warnings, such as a
+    /// full socket map, are always shown).
+    #[arg(long)]
+    pub log_ebpf: bool,
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
     pub ring_mib: u32,
@@ -282,6 +286,27 @@ pub struct ProbeArgs {
         value_parser = ["tp_btf", "fentry", "task_file", "iter_tcp", "sock_diag", "tcpdiag_getsock", "listener_map"]
     )]
     pub disable_hook: Vec<String>,
+    /// Resize a map of the eBPF object (NAME=N); for testing what happens at its limit.
+    #[arg(long = "map-entries", value_name = "NAME=N", hide = true, value_parser = parse_map_entries)]
+    pub map_entries: Vec<(String, u32)>,
+}
+
+/// `NAME=N`: a map of the eBPF object and its size (hidden: tests shrink maps to reach their
+/// limits).
+fn parse_map_entries(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not NAME=N"))?;
+    let n: u32 = n.parse().map_err(|_| format!("`{n}` is not a number"))?;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'_' || b.is_ascii_digit())
+        || n == 0
+    {
+        return Err(format!("`{s}` is not a map NAME=N with N > 0"));
+    }
+    Ok((name.to_string(), n))
 }
 
 fn parse_ring_mib(s: &str) -> Result<u32, String> {

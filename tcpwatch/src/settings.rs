@@ -103,6 +103,8 @@ pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {
         filters: filters.kernel,
         ring_bytes: p.ring_mib << 20,
         disabled: p.disable_hook.clone(),
+        log_ebpf: p.log_ebpf,
+        map_entries: p.map_entries.clone(),
         ..ProbeConfig::default()
     }
 }

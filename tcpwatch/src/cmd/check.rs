@@ -175,6 +175,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
         }
     }
     session.refresh_loss();
+    warnings.extend(session.take_diagnostics());
     let now = session.now_ns();
     let (status, _) = exited.expect("the loop ends after the command exits");
     let (left_running, scope_text) = {

@@ -9,7 +9,7 @@ use crate::source::host;
 pub fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     require_privileges()?;
     let cfg = probe_config(&a.probe, &Filters::default(), true);
-    let probe = Probe::start(&cfg)?;
+    let mut probe = Probe::start(&cfg)?;
     println!("kernel: {}", host::kernel_release());
     for s in &probe.status {
         println!("{}", s.line());
@@ -28,5 +28,18 @@ pub fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         .map(|(w, d)| format!("{w} {:.0} ms", d.as_secs_f64() * 1e3))
         .collect();
     println!("start-up: {}", t.join(", "));
+    // The programs' own diagnostics (a socket storage or map refusing an entry): a second of
+    // this host's traffic shows whether any appear.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (lines, more) = probe.diagnostics();
+    if lines.is_empty() {
+        println!("kernel-side diagnostics: none in 1 s");
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    if more > 0 {
+        println!("{more} more kernel-side diagnostics");
+    }
     Ok(EXIT_OK)
 }

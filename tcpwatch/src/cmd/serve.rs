@@ -93,6 +93,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
                 if last_loss.elapsed() >= Duration::from_secs(1) {
                     last_loss = Instant::now();
                     let d = src.refresh_loss();
+                    for line in src.take_diagnostics() {
+                        note!("tcpwatch: {line}");
+                    }
                     if d.total() > 0 {
                         note!(
                             "tcpwatch: lost {} events; {} so far",

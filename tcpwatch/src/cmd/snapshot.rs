@@ -52,6 +52,9 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
         }
         session.finish();
         session.refresh_loss();
+        for d in session.take_diagnostics() {
+            note!("tcpwatch: {d}");
+        }
         // As `trace` and `serve` end: the report has the loss too, this line is for whoever
         // only watches stderr (scripts, the benchmark).
         let loss = session.loss();

@@ -87,6 +87,9 @@ fn live(a: &TopArgs) -> anyhow::Result<i32> {
             break;
         }
         session.refresh_loss();
+        for d in session.take_diagnostics() {
+            app.log(d);
+        }
         // The socket listing is the expensive part: once a second is enough for the eye.
         let snap = session.snapshot(Duration::from_secs(1));
         let el = rate_t.elapsed().as_secs_f64();

@@ -58,6 +58,9 @@ pub fn run(a: TraceArgs) -> anyhow::Result<i32> {
         if stopping || last_loss_check.elapsed() >= Duration::from_secs(1) {
             last_loss_check = Instant::now();
             let delta = session.refresh_loss();
+            for d in session.take_diagnostics() {
+                note!("tcpwatch: {d}");
+            }
             if delta.total() > 0 {
                 let total = session.loss();
                 note!(

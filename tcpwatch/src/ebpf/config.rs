@@ -32,6 +32,10 @@ pub struct ProbeConfig {
     pub sock_diag: Result<(), String>,
     /// Limits of an unprivileged listing, to report with an instant snapshot's hooks.
     pub listing_limits: Option<String>,
+    /// The programs' debug diagnostics too (warnings always come).
+    pub log_ebpf: bool,
+    /// Maps resized from the object's defaults (tests reach their limits with these).
+    pub map_entries: Vec<(String, u32)>,
 }
 
 impl Default for ProbeConfig {
@@ -43,6 +47,8 @@ impl Default for ProbeConfig {
             trace: true,
             sock_diag: Ok(()),
             listing_limits: None,
+            log_ebpf: false,
+            map_entries: Vec::new(),
         }
     }
 }

@@ -135,9 +135,12 @@ impl KernelFacts {
 pub(super) struct Globals {
     u32s: Vec<(&'static str, u32)>,
     tw_handler: u64,
+    /// aya-log's level: warnings, or everything down to debug.
+    log_level: u8,
     nrings: u32,
     per_ring: u32,
     trace: bool,
+    map_entries: Vec<(String, u32)>,
 }
 
 impl Globals {
@@ -160,6 +163,11 @@ impl Globals {
         Globals {
             u32s,
             tw_handler: k.tw_handler,
+            log_level: if cfg.log_ebpf {
+                aya_log::Level::Debug as u8
+            } else {
+                aya_log::Level::Warn as u8
+            },
             nrings,
             per_ring: if cfg.trace {
                 ring_size(cfg.ring_bytes, nrings)
@@ -167,6 +175,7 @@ impl Globals {
                 4096
             },
             trace: cfg.trace,
+            map_entries: cfg.map_entries.clone(),
         }
     }
 
@@ -186,7 +195,11 @@ impl Globals {
                 loader.map_max_entries(m, 1);
             }
         }
+        for (name, n) in &self.map_entries {
+            loader.map_max_entries(name, *n);
+        }
         loader.override_global("TW_HANDLER", &self.tw_handler, true);
+        loader.override_global(aya_log::LEVEL, &self.log_level, true);
         for (name, v) in &self.u32s {
             loader.override_global(name, v, true);
         }

@@ -4,6 +4,7 @@ pub mod btf;
 mod config;
 mod counters;
 pub mod decode;
+mod diagnostics;
 mod globals;
 mod iter;
 mod kallsyms;

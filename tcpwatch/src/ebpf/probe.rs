@@ -8,6 +8,7 @@ use tcpwatch_common::{ListenKey, Owner};
 use super::config::{
     EBPF_OBJECT, ProbeConfig, SignalStatus, needs_bpf, one_walk, sock_diag_status,
 };
+use super::diagnostics::Diagnostics;
 use super::globals::{self, KernelFacts};
 use super::rings::{RINGS, ring_count};
 use super::strategies;
@@ -27,6 +28,9 @@ pub struct Probe {
     pub timings: Vec<(&'static str, std::time::Duration)>,
     /// Names of this kernel's reset reasons.
     pub rst_reasons: RstReasons,
+    /// The programs' diagnostics (aya-log), read by `diagnostics`.
+    logger: Option<aya_log::EbpfLogger<Diagnostics>>,
+    diagnostics: Diagnostics,
 }
 
 impl Probe {
@@ -59,6 +63,8 @@ impl Probe {
             sock_diag_one_walk: one_walk(cfg),
             timings: vec![("sock_diag", t0.elapsed())],
             rst_reasons: Default::default(),
+            logger: None,
+            diagnostics: Diagnostics::default(),
         })
     }
 
@@ -83,6 +89,20 @@ impl Probe {
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object: {}", short(&e)))?;
         lap("load object");
+        // Without the log ring the programs still run; their diagnostics are then lost, and
+        // doctor says so.
+        let diagnostics = Diagnostics::default();
+        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, diagnostics.clone()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                status.push(SignalStatus {
+                    signal: "kernel diagnostics",
+                    hook: None,
+                    note: Some(format!("aya-log: {e}")),
+                });
+                None
+            }
+        };
         if cfg.trace {
             strategies::attach_all(&mut ebpf, cfg, &k, &mut status)?;
         }
@@ -101,7 +121,17 @@ impl Probe {
             sock_diag_one_walk: one_walk(cfg),
             timings,
             rst_reasons: k.rst_reasons,
+            logger,
+            diagnostics,
         })
+    }
+
+    /// The programs' diagnostics since the previous call, and how many more were not kept.
+    pub fn diagnostics(&mut self) -> (Vec<String>, u64) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+        self.diagnostics.take()
     }
 
     /// Tells the kernel who owns a listener that existed before start, so its accepted

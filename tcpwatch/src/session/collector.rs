@@ -74,6 +74,8 @@ pub struct Collector {
     namespaces: BTreeMap<u32, NsState>,
     /// The start-up inventory of every watched namespace.
     inventory: Vec<SockRec>,
+    /// The kernel programs' diagnostics not yet shown.
+    diagnostics: Vec<String>,
     /// Final-ACK overflows reported one by one that no listener sample has claimed yet.
     final_acks: FinalAckLedger,
     sampled: Receiver<Sampled>,
@@ -100,6 +102,7 @@ impl Collector {
             events: 0,
             namespaces: BTreeMap::new(),
             inventory: Vec::new(),
+            diagnostics: Vec::new(),
             final_acks: FinalAckLedger::default(),
             sampled: rx,
             sampled_tx: Some(tx),
@@ -507,16 +510,28 @@ impl Collector {
         (!parts.is_empty()).then(|| parts.join(", "))
     }
 
-    /// Refreshes the kernel-side loss counters; returns the loss since the previous call.
+    /// The kernel programs' diagnostics since the previous call (read with the loss).
+    pub fn take_diagnostics(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.diagnostics)
+    }
+
+    /// Refreshes the kernel-side loss counters (and takes in the programs' diagnostics);
+    /// returns the loss since the previous call.
     pub fn refresh_loss(&mut self) -> Loss {
-        let (dropped, by_kind, skipped) = {
-            let p = self.probe();
+        let (dropped, by_kind, skipped, (diag, more)) = {
+            let mut p = self.probe();
             (
                 p.kernel_dropped(),
                 p.kernel_dropped_by_kind(),
                 p.recursion_misses(),
+                p.diagnostics(),
             )
         };
+        self.diagnostics.extend(diag);
+        if more > 0 {
+            self.diagnostics
+                .push(format!("{more} more kernel-side diagnostics not kept"));
+        }
         self.loss.kernel_dropped = dropped;
         self.loss.kernel_dropped_by_type = crate::model::ByType::from_wire(&by_kind);
         self.loss.kernel_skipped = skipped;

@@ -153,6 +153,11 @@ impl Session {
         self.collector.refresh_loss()
     }
 
+    /// The kernel programs' diagnostics read since the previous call.
+    pub fn take_diagnostics(&mut self) -> Vec<String> {
+        self.collector.take_diagnostics()
+    }
+
     pub fn loss(&self) -> Loss {
         self.collector.loss()
     }

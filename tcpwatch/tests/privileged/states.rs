@@ -23,6 +23,10 @@ pub const TESTS: &[crate::Test] = &[
     ("loss_is_counted_and_reported", loss_reported),
     ("closed_stdout_and_sigterm_exit_zero", exits),
     ("runs_under_ip_netns_exec", under_ip_netns_exec),
+    (
+        "kernel_side_diagnostics_reach_stderr",
+        kernel_side_diagnostics,
+    ),
 ];
 
 const W: Duration = Duration::from_secs(10);
@@ -734,4 +738,30 @@ fn under_ip_netns_exec() {
         seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")])
     );
     assert_owner(&tl, &client);
+}
+
+/// The programs' diagnostics (aya-log) reach stderr: with the listener-owner map shrunk to
+/// one entry, the second listener's insert fails in the kernel, which says so — and the
+/// events go on (its transitions are still reported).
+fn kernel_side_diagnostics() {
+    let ns = Netns::new();
+    let tracer = Tracer::start(&ns, &["--map-entries", "LISTENERS=1"]);
+    let mut server = ns.peer("tw-server");
+    server.ok("listen 127.0.0.1:9101 16");
+    server.ok("listen 127.0.0.1:9102 16");
+    tracer.wait_for("both listeners", W, |evs| {
+        evs.iter().filter(|e| is(e, "CLOSE", "LISTEN")).count() >= 2
+    });
+    // Diagnostics are read with the loss counters, once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (evs, stderr) = tracer.finish();
+    assert!(
+        stderr.contains("kernel side warn: listener port 9102: the listener map is full"),
+        "{stderr}"
+    );
+    assert_eq!(
+        evs.iter().filter(|e| is(e, "CLOSE", "LISTEN")).count(),
+        2,
+        "{evs:#?}"
+    );
 }
