@@ -19,6 +19,9 @@ struct Opts {
     secs: f64,
     clients: usize,
     tracer: Vec<String>,
+    /// Another tcpwatch binary run as a second tracer in every round (a build of an earlier
+    /// commit, say): both ratios come from the same rounds.
+    baseline: Option<String>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -27,6 +30,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         secs: 3.0,
         clients: 2,
         tracer: vec!["trace".into(), "--json".into()],
+        baseline: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -36,8 +40,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--secs" => o.secs = val()?.parse()?,
             "--clients" => o.clients = val()?.parse()?,
             "--tracer" => o.tracer = val()?.split_whitespace().map(String::from).collect(),
+            "--baseline" => o.baseline = Some(val()?.clone()),
             other => bail!(
-                "unknown bench option {other} (--pairs N --secs S --clients N --tracer 'ARGS')"
+                "unknown bench option {other} (--pairs N --secs S --clients N --tracer 'ARGS' --baseline BIN)"
             ),
         }
     }
@@ -631,35 +636,53 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
         o.pairs,
         o.tracer.join(" ")
     );
-    let mut ratios = Vec::new();
-    let (mut lost_total, mut cpu) = (0u64, Vec::new());
+    if let Some(b) = &o.baseline {
+        println!("baseline tracer: {b} {}", o.tracer.join(" "));
+    }
+    // Per tracer (this build, then the baseline): ratios, CPU, loss.
+    let tracers: Vec<&str> = std::iter::once(bin)
+        .chain(o.baseline.as_deref())
+        .collect();
+    let mut ratios = vec![Vec::new(); tracers.len()];
+    let mut cpu = vec![Vec::new(); tracers.len()];
+    let mut lost_total = vec![0u64; tracers.len()];
     for i in 0..o.pairs {
-        let traced_first = i % 2 == 1;
+        // The untraced run and each tracer's run, in an order that rotates every round, so
+        // machine noise over time hits all of them alike.
+        let n = tracers.len() + 1;
         let mut base = 0.0;
-        let mut tr = None;
-        for step in 0..2 {
-            if (step == 0) == traced_first {
-                tr = Some(run_traced(bin, &o, &format!("t{i}"))?);
-            } else {
+        let mut runs: Vec<Option<Traced>> = (0..tracers.len()).map(|_| None).collect();
+        for step in 0..n {
+            let slot = (step + i) % n;
+            if slot == tracers.len() {
                 let ns = Netns::new(&format!("u{i}"))?;
                 base = churn(&ns, o.secs, o.clients)? as f64 / o.secs;
+            } else {
+                runs[slot] = Some(run_traced(tracers[slot], &o, &format!("t{i}{slot}"))?);
             }
         }
-        let t = tr.expect("traced run");
-        let traced = t.conns as f64 / o.secs;
-        let ratio = traced / base;
-        ratios.push(ratio);
-        lost_total += t.lost;
-        cpu.push(t.cpu_pct);
+        for (k, t) in runs.into_iter().enumerate() {
+            let t = t.expect("every tracer ran");
+            let traced = t.conns as f64 / o.secs;
+            let ratio = traced / base;
+            ratios[k].push(ratio);
+            lost_total[k] += t.lost;
+            cpu[k].push(t.cpu_pct);
+            let who = if k == 0 { "" } else { " (baseline)" };
+            println!(
+                "pair {i}{who}: untraced {base:>8.0} conn/s  traced {traced:>8.0} conn/s  ratio {ratio:.3}  tracer CPU {:>5.1}%  events {} lost {}",
+                t.cpu_pct, t.events, t.lost
+            );
+        }
+    }
+    for (k, r) in ratios.into_iter().enumerate() {
+        let who = if k == 0 { "" } else { " (baseline)" };
         println!(
-            "pair {i}: untraced {base:>8.0} conn/s  traced {traced:>8.0} conn/s  ratio {ratio:.3}  tracer CPU {:>5.1}%  events {} lost {}",
-            t.cpu_pct, t.events, t.lost
+            "median ratio traced/untraced{who}: {:.3}; median tracer CPU {:.1}%; events lost in all runs: {}",
+            median(r),
+            median(std::mem::take(&mut cpu[k])),
+            lost_total[k]
         );
     }
-    println!(
-        "median ratio traced/untraced: {:.3}; median tracer CPU {:.1}%; events lost in all runs: {lost_total}",
-        median(ratios),
-        median(cpu)
-    );
     Ok(())
 }
