@@ -7,6 +7,7 @@ use crate::model::Loss;
 use crate::model::event::{
     Event, EventKind, Family, OverflowAction, OverflowSource, Queue, RstReasons, TcpState,
 };
+use crate::model::findings::{Finding, FindingId, Governor, Severity};
 use crate::model::snapshot::{
     Input, ListenerView, NsInput, OverflowsView, OwnerView, QueueView, SocketView, Thresholds,
 };
@@ -174,5 +175,23 @@ pub fn snapshot_input(inv: Option<&[SockRec]>) -> Input<'_> {
         thresholds: Thresholds::default(),
         sockets_filtered: false,
         reasons: rst_reasons(),
+    }
+}
+
+/// The outputs' finding fixture: listener 127.0.0.1:8080 in namespace 7 overflowed.
+pub fn overflow_finding(examples: Vec<String>) -> Finding {
+    Finding {
+        id: FindingId::AcceptQueueOverflow,
+        severity: Severity::Critical,
+        netns: 7,
+        what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
+        cause: "slow accept()".into(),
+        governed_by: vec![Governor {
+            name: "net.core.somaxconn".into(),
+            value: Some("4096".into()),
+        }],
+        owner: None,
+        count: 24,
+        examples,
     }
 }

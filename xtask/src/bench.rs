@@ -640,9 +640,7 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
         println!("baseline tracer: {b} {}", o.tracer.join(" "));
     }
     // Per tracer (this build, then the baseline): ratios, CPU, loss.
-    let tracers: Vec<&str> = std::iter::once(bin)
-        .chain(o.baseline.as_deref())
-        .collect();
+    let tracers: Vec<&str> = std::iter::once(bin).chain(o.baseline.as_deref()).collect();
     let mut ratios = vec![Vec::new(); tracers.len()];
     let mut cpu = vec![Vec::new(); tracers.len()];
     let mut lost_total = vec![0u64; tracers.len()];

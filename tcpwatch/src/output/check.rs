@@ -72,15 +72,11 @@ pub fn write_text<W: Write>(mut w: W, r: &Report) -> io::Result<()> {
             writeln!(w, "         {d}")?;
         }
         if !a.passed && !a.governed_by.is_empty() {
-            let g: Vec<String> = a
-                .governed_by
-                .iter()
-                .map(|g| match &g.value {
-                    Some(v) => format!("{} = {v}", g.name),
-                    None => g.name.clone(),
-                })
-                .collect();
-            writeln!(w, "         governed by: {}", g.join("; "))?;
+            writeln!(
+                w,
+                "         governed by: {}",
+                crate::output::snapshot::governors(&a.governed_by)
+            )?;
         }
     }
     let lost = loss_total(r);

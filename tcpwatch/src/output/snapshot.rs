@@ -29,19 +29,23 @@ fn owner(o: &Option<crate::model::snapshot::OwnerView>) -> String {
         .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm))
 }
 
-/// One finding: what, cause, governing sysctls with their values, examples.
-pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::findings::Finding) -> io::Result<()> {
-    writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
-    writeln!(w, "      cause: {}", f.cause)?;
-    let g: Vec<String> = f
-        .governed_by
+/// `name = value; code; ...`: what governs a finding, sysctls with their values.
+pub fn governors(g: &[crate::model::findings::Governor]) -> String {
+    let v: Vec<String> = g
         .iter()
         .map(|g| match &g.value {
             Some(v) => format!("{} = {v}", g.name),
             None => g.name.clone(),
         })
         .collect();
-    writeln!(w, "      governed by: {}", g.join("; "))?;
+    v.join("; ")
+}
+
+/// One finding: what, cause, governing sysctls with their values, examples.
+pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::findings::Finding) -> io::Result<()> {
+    writeln!(w, "  [{}] {}: {}", f.severity, f.id, f.what)?;
+    writeln!(w, "      cause: {}", f.cause)?;
+    writeln!(w, "      governed by: {}", governors(&f.governed_by))?;
     if !f.examples.is_empty() {
         writeln!(w, "      e.g. {}", f.examples.join(", "))?;
     }
@@ -277,9 +281,8 @@ pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::findings::{Finding, FindingId, Governor, Severity};
     use crate::model::snapshot::*;
-    use crate::testkit::overflowing_listener;
+    use crate::testkit::{overflow_finding, overflowing_listener};
 
     fn sample() -> Snapshot {
         let mut s = Snapshot {
@@ -293,20 +296,7 @@ mod tests {
         s.states.insert("LISTEN", 1);
         s.states.insert("SYN_SENT", 0);
         s.listeners.push(overflowing_listener(7, 8080));
-        s.findings.push(Finding {
-            id: FindingId::AcceptQueueOverflow,
-            severity: Severity::Critical,
-            netns: 7,
-            what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
-            cause: "slow accept()".into(),
-            governed_by: vec![Governor {
-                name: "net.core.somaxconn".into(),
-                value: Some("4096".into()),
-            }],
-            owner: None,
-            count: 24,
-            examples: vec![],
-        });
+        s.findings.push(overflow_finding(vec![]));
         s
     }
 

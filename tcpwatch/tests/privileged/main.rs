@@ -6,6 +6,7 @@
 mod check;
 mod findings;
 mod harness;
+mod modes;
 mod overflows;
 mod peer;
 mod serve;
@@ -23,6 +24,7 @@ type Test = (&'static str, fn());
 fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend_from_slice(states::TESTS);
+    v.extend_from_slice(modes::TESTS);
     v.extend_from_slice(signals::TESTS);
     v.extend_from_slice(overflows::TESTS);
     v.extend_from_slice(timewait::TESTS);

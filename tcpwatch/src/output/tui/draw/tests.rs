@@ -6,9 +6,8 @@ use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::*;
-use crate::model::findings::{Finding, FindingId, Governor, Severity};
 use crate::model::snapshot::*;
-use crate::testkit::overflowing_listener;
+use crate::testkit::{overflow_finding, overflowing_listener};
 
 fn snap() -> Snapshot {
     let mut s = Snapshot {
@@ -73,20 +72,8 @@ fn snap() -> Snapshot {
         source: "closed",
     });
     s.time_wait.owner_unknown = 10;
-    s.findings.push(Finding {
-        id: FindingId::AcceptQueueOverflow,
-        severity: Severity::Critical,
-        netns: 7,
-        what: "listener 127.0.0.1:8080 dropped 24 handshake packet(s) with its accept queue full (peak 3/2)".into(),
-        cause: "slow accept()".into(),
-        governed_by: vec![Governor {
-            name: "net.core.somaxconn".into(),
-            value: Some("4096".into()),
-        }],
-        owner: None,
-        count: 24,
-        examples: vec!["127.0.0.1:8080".into()],
-    });
+    s.findings
+        .push(overflow_finding(vec!["127.0.0.1:8080".into()]));
     s
 }
 
