@@ -14,10 +14,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cli", &["model"]),
     ("settings", &["cli", "model", "ebpf", "source"]),
     ("session", &["model", "source", "ebpf", "settings"]),
+    ("server", &["model", "output"]),
     (
         "cmd",
         &[
-            "cli", "model", "source", "ebpf", "output", "settings", "session",
+            "cli", "model", "source", "ebpf", "output", "settings", "session", "server",
         ],
     ),
 ];

@@ -8,7 +8,13 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-pub const TESTS: &[crate::Test] = &[("serve_scraped_by_prometheus_s5_s7", scraped)];
+pub const TESTS: &[crate::Test] = &[
+    ("serve_scraped_by_prometheus_s5_s7", scraped),
+    (
+        "serve_answers_while_50_abusers_of_each_kind_hold_on",
+        abused,
+    ),
+];
 
 fn prometheus_bin(name: &str) -> std::path::PathBuf {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -256,4 +262,90 @@ fn scraped() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(st.code(), Some(0));
+}
+
+/// Starts `serve` on a free port and waits until it answers.
+fn serve_on(ns: &Netns) -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new(TCPWATCH)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--netns",
+            &ns.name,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting serve");
+    let serve = Killed(child);
+    let end = Instant::now() + Duration::from_secs(20);
+    while curl(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
+        assert!(Instant::now() < end, "serve did not answer within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (serve, port)
+}
+
+/// One scrape of /metrics over a fresh connection: the body, and how long it took.
+fn scrape(port: u16) -> (String, Duration) {
+    use std::io::{Read as _, Write as _};
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    (body, t.elapsed())
+}
+
+/// The defects the hardening issue reproduced, 50 connections of each at once: bodies of
+/// absurd announced length (one that allocates it all, one that overflows), a partial body
+/// held open, a pipelining client that never reads its answers, idle keep-alive. Through all
+/// of it /metrics answers within a second, and the process is still the same one.
+fn abused() {
+    use std::io::Write as _;
+    let ns = Netns::new();
+    let (mut serve, port) = serve_on(&ns);
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let mut a = connect();
+        let _ = a.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 4611686018427387904\r\n\r\nab",
+        );
+        let mut b = connect();
+        let _ = b.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n",
+        );
+        let mut c = connect();
+        let _ =
+            c.write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf");
+        let mut d = connect();
+        d.set_nonblocking(true).unwrap();
+        for _ in 0..200 {
+            let _ = d.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+        let e = connect();
+        held.extend([a, b, c, d, e]);
+    }
+    for i in 0..5 {
+        let (body, took) = scrape(port);
+        assert!(
+            body.contains("tcpwatch_build_info"),
+            "scrape {i} got no metrics: {body:.200}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "scrape {i} took {took:?} with 250 abusive connections open"
+        );
+    }
+    assert!(
+        serve.0.try_wait().unwrap().is_none(),
+        "serve exited under abuse"
+    );
+    drop(held);
+    assert!(curl(&format!("http://127.0.0.1:{port}/healthz")).is_some());
 }
