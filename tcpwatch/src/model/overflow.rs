@@ -36,19 +36,48 @@ pub struct FinalAckLedger {
     by_listener: rustc_hash::FxHashMap<u64, Vec<(u64, u64)>>,
 }
 
-/// Listeners whose overflows no sample claims (gone before one read them) are forgotten past
-/// this many, so the ledger stays bounded.
+/// An overflow no sample has claimed this long belongs to a listener the samples no longer
+/// list (it closed before a read): it is forgotten. Samples come every 250 ms.
+pub const LEDGER_TTL_NS: u64 = 5_000_000_000;
+
+/// At most this many listeners are held; beyond, the one whose oldest overflow is oldest
+/// goes first (a flood of closing listeners between two prunes).
 const LEDGER_LISTENERS: usize = 4096;
 
 impl FinalAckLedger {
     pub fn record(&mut self, listener: u64, ts_ns: u64, count: u64) {
-        if self.by_listener.len() >= LEDGER_LISTENERS && !self.by_listener.contains_key(&listener) {
-            self.by_listener.clear();
+        if self.by_listener.len() >= LEDGER_LISTENERS
+            && !self.by_listener.contains_key(&listener)
+            && let Some(oldest) = self
+                .by_listener
+                .iter()
+                .min_by_key(|(_, v)| v.first().map_or(0, |e| e.0))
+                .map(|(k, _)| *k)
+        {
+            self.by_listener.remove(&oldest);
         }
         self.by_listener
             .entry(listener)
             .or_default()
             .push((ts_ns, count));
+    }
+
+    /// Forgets overflows older than [`LEDGER_TTL_NS`] at `now`: no sample will claim them.
+    pub fn prune(&mut self, now: u64) {
+        let cut = now.saturating_sub(LEDGER_TTL_NS);
+        self.by_listener.retain(|_, v| {
+            v.retain(|&(ts, _)| ts >= cut);
+            !v.is_empty()
+        });
+    }
+
+    /// Listeners with unclaimed overflows.
+    pub fn len(&self) -> usize {
+        self.by_listener.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_listener.is_empty()
     }
 
     /// The overflows of `listener` before `read_at`, taken out of the ledger.
@@ -235,6 +264,22 @@ mod tests {
         assert_eq!(led.claim(8, 151), 2);
         assert_eq!(led.claim(9, 1000), 0);
         assert!(led.by_listener.is_empty());
+    }
+
+    #[test]
+    fn unclaimed_overflows_expire_and_the_ledger_stays_bounded() {
+        let mut led = FinalAckLedger::default();
+        // Listeners that closed before any sample claimed their overflows.
+        for l in 0..10_000u64 {
+            led.record(l, l * 1_000_000, 1);
+        }
+        assert!(led.len() <= LEDGER_LISTENERS);
+        // The newest are kept (the oldest went first), and a live one still claims its own.
+        led.record(99_999, 10_000_000_000, 3);
+        assert_eq!(led.claim(99_999, 10_000_000_001), 3);
+        assert_eq!(led.claim(9_999, 20_000_000_000), 1);
+        led.prune(10_000_000_000 + LEDGER_TTL_NS);
+        assert!(led.is_empty(), "{} left", led.len());
     }
 
     #[test]

@@ -14,7 +14,12 @@ pub struct SlabMap<V> {
     index: HashMap<u64, u32>,
     slots: Vec<Option<(u64, V)>>,
     free: Vec<u32>,
+    /// Slots never given back (what `with_slots` reserved).
+    floor: usize,
 }
+
+/// Below this many slots a map never shrinks.
+const SHRINK_MIN: usize = 4096;
 
 impl<V> Default for SlabMap<V> {
     fn default() -> Self {
@@ -22,6 +27,7 @@ impl<V> Default for SlabMap<V> {
             index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
+            floor: 0,
         }
     }
 }
@@ -34,6 +40,7 @@ impl<V> SlabMap<V> {
             index: HashMap::default(),
             slots: Vec::with_capacity(n),
             free: Vec::new(),
+            floor: n,
         }
     }
 
@@ -90,7 +97,28 @@ impl<V> SlabMap<V> {
     pub fn remove(&mut self, key: &u64) -> Option<V> {
         let i = self.index.remove(key)?;
         self.free.push(i);
-        self.slots[i as usize].take().map(|(_, v)| v)
+        let v = self.slots[i as usize].take().map(|(_, v)| v);
+        self.maybe_shrink();
+        v
+    }
+
+    /// After a peak (a TIME_WAIT pile-up that drained), gives the memory back: when fewer
+    /// than a quarter of the slots are full, the values move into a vector twice their
+    /// number. Each value moves once per halving, so removals stay O(1) amortised.
+    fn maybe_shrink(&mut self) {
+        let live = self.index.len();
+        let slots = self.slots.len();
+        if slots <= SHRINK_MIN.max(self.floor) || live * 4 >= slots {
+            return;
+        }
+        let mut packed = Vec::with_capacity((live * 2).max(self.floor));
+        for (k, v) in self.slots.drain(..).flatten() {
+            self.index.insert(k, packed.len() as u32);
+            packed.push(Some((k, v)));
+        }
+        self.slots = packed;
+        self.free = Vec::new();
+        self.index.shrink_to_fit();
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
@@ -158,5 +186,42 @@ mod tests {
         all.sort();
         assert_eq!(all, vec![(9, "b!"), (11, "d?")]);
         assert_eq!(m.values().count(), 2);
+    }
+
+    #[test]
+    fn memory_comes_back_after_a_peak() {
+        let mut m: SlabMap<[u64; 16]> = SlabMap::default();
+        for k in 0..100_000u64 {
+            m.insert(k, [k; 16]);
+        }
+        let peak = m.capacity();
+        assert!(peak >= 100_000);
+        // Drain to 1000: the slots shrink with it, every value still there.
+        for k in 1000..100_000u64 {
+            m.remove(&k);
+        }
+        assert_eq!(m.len(), 1000);
+        assert!(m.capacity() < peak / 8, "{} of {peak}", m.capacity());
+        for k in 0..1000u64 {
+            assert_eq!(m.get(&k), Some(&[k; 16]));
+        }
+        // And it grows again as before.
+        for k in 5000..6000u64 {
+            m.insert(k, [k; 16]);
+        }
+        assert_eq!(m.len(), 2000);
+        assert_eq!(m.get(&5500), Some(&[5500; 16]));
+    }
+
+    #[test]
+    fn a_reserved_map_keeps_its_reservation() {
+        let mut m: SlabMap<u64> = SlabMap::with_slots(10_000);
+        for k in 0..10_000u64 {
+            m.insert(k, k);
+        }
+        for k in 10..10_000u64 {
+            m.remove(&k);
+        }
+        assert!(m.capacity() >= 10_000);
     }
 }

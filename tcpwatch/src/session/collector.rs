@@ -130,9 +130,10 @@ impl Collector {
         self.loss.channel_dropped += events;
     }
 
-    /// The start-up inventory (empty after `discover`), filtered like the events.
-    pub fn startup_inventory(&self) -> &[SockRec] {
-        &self.inventory
+    /// The start-up inventory (empty after `discover`), filtered like the events: taken
+    /// once, to seed the analysis, and not kept.
+    pub fn take_startup_inventory(&mut self) -> Vec<SockRec> {
+        std::mem::take(&mut self.inventory)
     }
 
     pub fn rst_reasons(&self) -> RstReasons {
@@ -232,23 +233,35 @@ impl Collector {
         }
     }
 
-    /// One last sample of every namespace, on this thread, so drops since the sampler's
-    /// last round are reported too (at shutdown).
-    pub fn final_sample(&mut self, out: &mut Batch) {
+    /// The end: one last sample of every namespace, on this thread, so drops since the
+    /// sampler's last round are reported too; then every event still held back. The rings are
+    /// drained after those reads, so every final-ACK overflow a read counted is in the ledger
+    /// when its sample is applied.
+    pub fn finish(&mut self, out: &mut Batch) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.sampler.take() {
             let _ = h.join();
         }
+        let start = out.events.len();
+        let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
+        let reads: Vec<_> = list
+            .into_iter()
+            .filter_map(|ns| {
+                read_namespace(&self.probe, &ns, false)
+                    .ok()
+                    .map(|r| (ns.inode, r))
+            })
+            .collect();
+        self.drain();
+        // Samples the thread queued before it stopped are older than the reads above.
         while let Ok(m) = self.sampled.try_recv() {
             self.apply_sampled(m, out);
         }
-        let list: Vec<NetnsRef> = self.namespaces.values().map(|n| n.ns.clone()).collect();
-        for ns in list {
-            if let Ok(r) = read_namespace(&self.probe, &ns, false) {
-                self.loss.decode_errors += r.bad as u64;
-                self.sample(ns.inode, r.socks, r.read_at, r.counters, r.sockstat, out);
-            }
+        for (inode, r) in reads {
+            self.loss.decode_errors += r.bad as u64;
+            self.sample(inode, r.socks, r.read_at, r.counters, r.sockstat, out);
         }
+        self.release(true, start, out);
     }
 
     fn apply_sampled(&mut self, m: Sampled, out: &mut Batch) {
@@ -325,6 +338,7 @@ impl Collector {
                 counters,
                 sockstat,
             } => {
+                self.final_acks.prune(read_at);
                 self.loss.decode_errors += bad as u64;
                 self.sample(inode, socks, read_at, counters, sockstat, out)
             }
@@ -447,7 +461,16 @@ impl Collector {
         // happened before a sample's socket read is then in the ledger when the sample is
         // applied, however recently it happened.
         let samples: Vec<Sampled> = self.sampled.try_iter().collect();
-        let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
+        self.drain();
+        for m in samples {
+            self.apply_sampled(m, out);
+        }
+        self.release(flush, start, out);
+    }
+
+    /// Everything the rings hold, decoded into the reorder buffer (final-ACK overflows also
+    /// into the ledger the samples claim them from).
+    fn drain(&mut self) {
         let (reorder, loss, final_acks) = (&mut self.reorder, &mut self.loss, &mut self.final_acks);
         self.reader
             .drain(1 << 16, |ring, bytes| match decode::decode(bytes) {
@@ -464,9 +487,13 @@ impl Collector {
                 }
                 Err(_) => loss.decode_errors += 1,
             });
-        for m in samples {
-            self.apply_sampled(m, out);
-        }
+    }
+
+    /// Releases, in time order, every event old enough to be final (all with `flush`) through
+    /// owner resolution, the timewait machine and the userspace filters into `out`, whose
+    /// events from `start` on are this round's.
+    fn release(&mut self, flush: bool, start: usize, out: &mut Batch) {
+        let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.
         let (owners, timewait) = (&mut self.owners, &mut self.timewait);

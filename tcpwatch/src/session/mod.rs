@@ -74,7 +74,7 @@ impl Session {
             reasons: collector.rst_reasons(),
         };
         let mut analysis = Analysis::new(ctx, watch.then(host::monotonic_ns));
-        analysis.seed(collector.startup_inventory());
+        analysis.seed(&collector.take_startup_inventory());
         Ok(Session {
             collector,
             analysis,
@@ -124,8 +124,7 @@ impl Session {
     /// The last step: one more sample of every namespace and everything still held back.
     pub fn finish(&mut self) -> &Batch {
         self.batch.clear();
-        self.collector.poll(Duration::ZERO, true, &mut self.batch);
-        self.collector.final_sample(&mut self.batch);
+        self.collector.finish(&mut self.batch);
         self.absorb()
     }
 

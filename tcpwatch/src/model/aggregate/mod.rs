@@ -59,6 +59,29 @@ pub struct ListenerStats {
     pub overflow_packets: u64,
     pub synack_retransmits: u64,
     pub last_ns: u64,
+    /// When its LISTEN -> CLOSE was seen.
+    pub closed_ns: Option<u64>,
+    /// When a sample last listed it (samples list every live listener four times a second).
+    pub sampled_ns: Option<u64>,
+}
+
+impl ListenerStats {
+    /// Whether it still listens, as far as events and samples tell.
+    pub fn is_open(&self) -> bool {
+        self.closed_ns.is_none()
+    }
+
+    /// A listener leaves the model `retention_ns` after it closed, or after samples stopped
+    /// listing it (a close whose event was lost, a namespace gone): it is shown, with its
+    /// final counters, until then.
+    fn retired(&self, now: u64, retention_ns: u64) -> bool {
+        match (self.closed_ns, self.sampled_ns) {
+            (Some(c), _) => c.saturating_add(retention_ns) <= now,
+            (None, Some(s)) => s.saturating_add(retention_ns) <= now,
+            // Known from events only (a replay): it stays until it closes.
+            (None, None) => false,
+        }
+    }
 }
 
 /// One sample of a listener's queues and drop counter.
@@ -151,7 +174,12 @@ pub struct Aggregator {
     pub lifetime_ms: Log2Hist,
     pub first_ns: Option<u64>,
     pub last_ns: u64,
+    /// When closed listeners were last looked for.
+    listeners_swept_ns: u64,
 }
+
+/// Listeners are looked through for retired ones this often (not at every tick).
+const LISTENER_SWEEP_NS: u64 = 1_000_000_000;
 
 /// Which socket an event belongs to: the cookie where the hook gives one, else the address.
 pub fn key_of(ev: &Event) -> u64 {
@@ -174,6 +202,7 @@ impl Aggregator {
             lifetime_ms: Log2Hist::default(),
             first_ns: None,
             last_ns: 0,
+            listeners_swept_ns: 0,
         }
     }
 
@@ -246,6 +275,7 @@ impl Aggregator {
             l.owner = s.owner;
         }
         l.last_ns = now;
+        l.sampled_ns = Some(now);
     }
 
     /// Starts a new peak window for every listener (after a scrape: peaks since the last one).
@@ -256,21 +286,14 @@ impl Aggregator {
         }
     }
 
-    /// Forgets listeners not seen since `before` (closed).
-    pub fn drop_listeners_before(&mut self, before: u64) {
-        self.listeners.retain(|_, g| {
-            g.retain(|l| l.last_ns >= before);
-            !g.is_empty()
-        });
-    }
-
     /// Every listener seen, each member of an SO_REUSEPORT group on its own.
     pub fn listeners(&self) -> impl Iterator<Item = &ListenerStats> {
         self.listeners.values().flatten()
     }
 
+    /// Listeners that have not closed.
     pub fn listener_count(&self) -> usize {
-        self.listeners.values().map(Vec::len).sum()
+        self.listeners().filter(|l| l.is_open()).count()
     }
 
     /// The listener at `local` with `cookie`; a caller without a cookie (0: the /proc
@@ -329,6 +352,8 @@ impl Aggregator {
             overflow_packets: 0,
             synack_retransmits: 0,
             last_ns: now,
+            closed_ns: None,
+            sampled_ns: None,
         });
         let last = g.len() - 1;
         &mut g[last]
@@ -374,6 +399,9 @@ impl Aggregator {
                     && let Some(d) = prev_state_ns
                 {
                     self.handshake_us.add(d / 1000);
+                }
+                if old == TcpState::Listen && new == TcpState::Close {
+                    self.listener_closed(ev);
                 }
                 let t = self.timeline(ev);
                 let tr = Transition {
@@ -530,15 +558,22 @@ impl Aggregator {
             EventKind::Overflow {
                 queue,
                 len,
+                max,
                 count,
                 source,
                 action,
-                ..
             } => {
                 let (netns, local, cookie, ts) = (ev.netns, ev.local, ev.cookie, ev.ts_ns);
                 let l = self.listener(netns, local, cookie, ts);
                 if ev.owner.is_some() {
                     l.owner = ev.owner;
+                }
+                // The limit the queue had then: where no sample ever gave one (a replay),
+                // the overflow's own record does.
+                if let Some(m) = max
+                    && l.sampled_ns.is_none()
+                {
+                    l.accept_max = m;
                 }
                 match (source, action, queue) {
                     (OverflowSource::Packet, _, _) => l.overflow_packets += count,
@@ -562,7 +597,36 @@ impl Aggregator {
     }
 
     /// Time passes: drops ended timelines past the retention window.
+    /// The listener a LISTEN -> CLOSE event is about closed now.
+    fn listener_closed(&mut self, ev: &Event) {
+        if let Some(g) = self.listeners.get_mut(&(ev.netns, ev.local)) {
+            for l in g
+                .iter_mut()
+                .filter(|l| l.cookie == ev.cookie || ev.cookie == 0 || l.cookie == 0)
+            {
+                l.closed_ns = Some(ev.ts_ns);
+            }
+        }
+    }
+
+    /// Drops listeners that closed (or left the samples) more than the retention ago.
+    fn retire_listeners(&mut self, now_ns: u64) {
+        if now_ns < self.listeners_swept_ns.saturating_add(LISTENER_SWEEP_NS) {
+            return;
+        }
+        self.listeners_swept_ns = now_ns;
+        let retention = self.cfg.retention_ns;
+        self.listeners.retain(|_, g| {
+            g.retain(|l| !l.retired(now_ns, retention));
+            !g.is_empty()
+        });
+        if self.listeners.capacity() > 64 && self.listeners.len() * 4 < self.listeners.capacity() {
+            self.listeners.shrink_to_fit();
+        }
+    }
+
     pub fn tick(&mut self, now_ns: u64) {
+        self.retire_listeners(now_ns);
         while let Some(&(t, key)) = self.ended.front() {
             if t.saturating_add(self.cfg.retention_ns) > now_ns {
                 break;

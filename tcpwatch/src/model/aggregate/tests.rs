@@ -327,7 +327,8 @@ fn reuseport_members_are_listeners_of_their_own() {
     // A restarted server's new socket is another listener; the old one ages out.
     a.apply(&crate::testkit::test_overflow(30, 9, l, 1));
     assert_eq!(a.listener_count(), 3);
-    a.drop_listeners_before(25);
+    // Samples stopped listing the old members: after the retention they are gone.
+    a.tick(10 + Config::default().retention_ns);
     assert_eq!(a.listener_count(), 1);
     assert_eq!(a.listeners().next().unwrap().cookie, 9);
 }
@@ -442,4 +443,40 @@ fn a_million_sockets_stay_within_the_bound() {
     assert!(used <= bound, "used {used} vs documented bound {bound}");
     a.tick(2_000_000);
     assert!(a.ended.is_empty());
+}
+
+#[test]
+fn closed_listeners_leave_the_model_after_the_retention() {
+    let mut a = Aggregator::new(Config::default());
+    let ret = Config::default().retention_ns;
+    let sample = |port: u16, cookie: u64| ListenerSample {
+        netns: 1,
+        local: SocketAddr::from(([10, 0, 0, 1], port)),
+        cookie,
+        owner: Some(owner(7)),
+        accept_now: 0,
+        accept_max: 8,
+        syn_now: 0,
+        drops: 0,
+    };
+    // 300 k short-lived listeners, each sampled once, overflowed once and closed.
+    let mut now = 1;
+    for i in 0..300_000u64 {
+        let port = 1024 + (i % 60_000) as u16;
+        let local = SocketAddr::from(([10, 0, 0, 1], port));
+        now += 1_000_000;
+        a.observe_listener(&sample(port, i + 1), now);
+        a.apply(&crate::testkit::test_overflow(now, i + 1, local, 1));
+        let mut close = ev(now, i + 1, st(Listen, Close, None));
+        close.local = local;
+        a.apply(&close);
+        a.tick(now);
+    }
+    // Only the last retention's worth are still there (300 s of closes, 60 s kept), and
+    // none of them counts as listening.
+    let kept = a.listeners().count();
+    assert!(kept <= (ret / 1_000_000 + 1_000) as usize, "{kept} kept");
+    assert_eq!(a.listener_count(), 0);
+    a.tick(now + ret);
+    assert_eq!(a.listeners().count(), 0);
 }
