@@ -1,8 +1,8 @@
 //! Retransmissions and the aborts they end in: connects stuck retransmitting their SYN, RTO
 //! storms without progress, loss connections recovered from, and idle connections killed by
 //! unanswered keepalives.
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
 use super::catalogue::{Finding, FindingId, Severity};
 use super::facts::{Facts, tuple};
@@ -52,12 +52,23 @@ pub(super) fn syn_sent_stuck(f: &Facts<'_>, out: &mut Vec<Finding>) {
         .map(|t| (t.netns, t.remote))
         .chain(stuck_inv.iter().map(|r| (r.netns, r.remote)))
         .collect();
+    // This host's addresses in each namespace, as far as its sockets show them: a wildcard
+    // listener receives SYNs to those only.
+    let local_ips: HashSet<(u32, IpAddr)> = inv
+        .iter()
+        .map(|r| (r.netns, canonical(r.local.ip())))
+        .collect();
     let refusing = f.snap.listeners.iter().find(|l| {
         let busy = l.accept_queue.is_full() || l.overflows.accept + l.overflows.syn > 0;
+        let Ok(lip) = l.addr.parse::<IpAddr>() else {
+            return false;
+        };
         busy && remotes.iter().any(|(ns, r)| {
             *ns == l.netns
                 && r.port() == l.port
-                && (l.addr == r.ip().to_string() || l.addr == "0.0.0.0" || l.addr == "::")
+                && listener_receives(canonical(lip), canonical(r.ip()), |ip| {
+                    local_ips.contains(&(*ns, ip))
+                })
         })
     });
     let cause = match refusing {
@@ -84,6 +95,27 @@ pub(super) fn syn_sent_stuck(f: &Facts<'_>, out: &mut Vec<Finding>) {
             ex,
         ),
     );
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a listener bound to `listener` gets SYNs sent to `dst` (both canonical): the same
+/// address, or a wildcard and `dst` is one of this host's (`is_local`) — `0.0.0.0` for IPv4
+/// destinations only, `::` for both (a dual-stack socket).
+fn listener_receives(listener: IpAddr, dst: IpAddr, is_local: impl Fn(IpAddr) -> bool) -> bool {
+    if listener == dst {
+        return true;
+    }
+    if !listener.is_unspecified() || !(dst.is_loopback() || is_local(dst)) {
+        return false;
+    }
+    listener.is_ipv6() || dst.is_ipv4()
 }
 
 /// RTO timeouts in a row at the end of a socket's retransmits, from their intervals: each
@@ -218,5 +250,39 @@ pub(super) fn storms(f: &Facts<'_>, out: &mut Vec<Finding>) {
                 .map(|t| tuple(&t.local, &t.remote))
                 .collect(),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        canonical(s.parse().unwrap())
+    }
+
+    #[test]
+    fn which_listener_a_syn_reaches() {
+        let local = |a: IpAddr| a == ip("10.0.0.5");
+        // The same address, also when one side writes it v4-mapped.
+        assert!(listener_receives(
+            ip("127.0.0.1"),
+            ip("::ffff:127.0.0.1"),
+            local
+        ));
+        assert!(listener_receives(
+            ip("::ffff:10.1.1.1"),
+            ip("10.1.1.1"),
+            local
+        ));
+        // Wildcards receive what is sent to this host only.
+        assert!(listener_receives(ip("0.0.0.0"), ip("10.0.0.5"), local));
+        assert!(listener_receives(ip("0.0.0.0"), ip("127.0.0.1"), local));
+        assert!(!listener_receives(ip("0.0.0.0"), ip("10.9.9.9"), local));
+        assert!(!listener_receives(ip("0.0.0.0"), ip("::1"), local));
+        assert!(listener_receives(ip("::"), ip("::1"), local));
+        assert!(listener_receives(ip("::"), ip("10.0.0.5"), local));
+        assert!(!listener_receives(ip("::"), ip("2001:db8::1"), local));
+        assert!(!listener_receives(ip("10.0.0.5"), ip("10.0.0.6"), local));
     }
 }

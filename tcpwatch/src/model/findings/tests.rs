@@ -185,6 +185,59 @@ fn a_listener_full_right_now_is_a_finding_and_explains_stuck_syns() {
 }
 
 #[test]
+fn a_wildcard_listener_is_named_only_for_syns_to_this_host() {
+    let any = SocketAddr::from(([0, 0, 0, 0], 9000));
+    let full = SockRec {
+        skaddr: 5,
+        cookie: 5,
+        accept_queue: 3,
+        accept_max: 2,
+        ..test_rec(
+            TcpState::Listen,
+            1,
+            any,
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        )
+    };
+    let stuck_to = |remote: SocketAddr| SockRec {
+        skaddr: 7,
+        cookie: 7,
+        retransmits: 1,
+        ..test_rec(
+            TcpState::SynSent,
+            1,
+            SocketAddr::from(([10, 0, 0, 1], 40000)),
+            remote,
+        )
+    };
+    let agg = Aggregator::new(AggConfig::default());
+    // A remote host with the same port is not this listener.
+    let inv = vec![full, stuck_to(SocketAddr::from(([10, 9, 9, 9], 9000)))];
+    let cause = |inv: &[SockRec]| {
+        let s = build(&agg, &snapshot_input(Some(inv)));
+        finding(&s, "syn_sent_stuck").expect("stuck").cause.clone()
+    };
+    assert!(
+        cause(&inv).starts_with("no SYN-ACK comes back"),
+        "{}",
+        cause(&inv)
+    );
+    // This host's own address (the client's local one), or loopback, is.
+    let inv = vec![full, stuck_to(SocketAddr::from(([10, 0, 0, 1], 9000)))];
+    assert!(
+        cause(&inv).contains("listener 0.0.0.0:9000"),
+        "{}",
+        cause(&inv)
+    );
+    let inv = vec![full, stuck_to(SocketAddr::from(([127, 0, 0, 1], 9000)))];
+    assert!(
+        cause(&inv).contains("listener 0.0.0.0:9000"),
+        "{}",
+        cause(&inv)
+    );
+}
+
+#[test]
 fn an_overflow_says_which_packets_met_the_full_queue_and_what_the_kernel_did() {
     use crate::model::event::{Event, EventKind, OverflowAction, OverflowSource, Queue};
     let l = SocketAddr::from(([127, 0, 0, 1], 9100));
