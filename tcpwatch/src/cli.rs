@@ -160,7 +160,7 @@ pub struct TopArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "record")]
     pub replay: Option<std::path::PathBuf>,
     /// Replay speed: 0 shows the end at once, 1 replays in real time, 10 ten times faster.
-    #[arg(long, default_value_t = 0.0, requires = "replay")]
+    #[arg(long, default_value_t = 0.0, requires = "replay", value_parser = parse_speed)]
     pub speed: f64,
     /// Also write every event as JSON lines to FILE.
     #[arg(long, value_name = "FILE")]
@@ -198,6 +198,14 @@ pub struct SnapshotArgs {
     pub filters: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+        return Err(format!("{s} is not a speed between 0 and 1000000"));
+    }
+    Ok(v)
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {

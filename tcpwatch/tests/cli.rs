@@ -47,6 +47,9 @@ fn usage_errors_exit_two() {
         &["check", "--max-retransmits", "-1", "--", "true"],
         &["check", "--close-wait-leak", "soon", "--", "true"],
         &["check", "--grace", "-1", "--", "true"],
+        &["top", "--replay", "x", "--speed", "inf"],
+        &["top", "--replay", "x", "--speed", "nan"],
+        &["top", "--replay", "x", "--speed", "-1"],
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -143,4 +146,30 @@ fn unprivileged_instant_snapshot_lists_this_namespace_and_names_what_it_misses()
     let o = unprivileged(&["snapshot", "--duration", "1"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("CAP_BPF"), "{}", stderr(&o));
+}
+
+/// A capture is read in bounded memory and time, whatever it holds: endless input without a
+/// newline, or lines that are no events, end in one line naming the first bad line.
+#[test]
+fn replaying_something_that_is_no_capture_exits_two() {
+    let t = std::time::Instant::now();
+    let o = run(&["top", "--replay", "/dev/zero"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        "tcpwatch: --replay /dev/zero: no tcpwatch event in it (line 1: longer than 65536 bytes)"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    let dir = std::env::temp_dir().join(format!("twcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("not-a-capture.jsonl");
+    std::fs::write(&f, "\n{\"a\": 1}\n\x1b[31mred\n").unwrap();
+    let o = run(&["top", "--replay", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).ends_with("no tcpwatch event in it (line 2: not a tcpwatch event)\n"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,10 +17,16 @@ use crate::session::{Analysis, Context, Reading};
 use crate::settings::Filters;
 
 pub fn run(a: TopArgs) -> anyhow::Result<i32> {
-    if !io::stdout().is_terminal() {
-        if a.replay.is_some() {
+    if let Some(p) = &a.replay {
+        // The capture is checked before the terminal: a file that holds no event is an
+        // error wherever it is run.
+        let reader = open_capture(p)?;
+        if !io::stdout().is_terminal() {
             anyhow::bail!("--replay needs a terminal");
         }
+        return replay(&a, p, reader);
+    }
+    if !io::stdout().is_terminal() {
         note!(
             "tcpwatch: stdout is not a terminal: printing a snapshot instead of the interactive view"
         );
@@ -32,9 +38,21 @@ pub fn run(a: TopArgs) -> anyhow::Result<i32> {
             probe: a.probe,
         });
     }
-    match &a.replay {
-        Some(p) => replay(&a, p),
-        None => live(&a),
+    live(&a)
+}
+
+type CaptureReader = crate::source::replay::Reader<io::BufReader<std::fs::File>>;
+
+/// The capture opened and read up to its first event (kept for the replay).
+fn open_capture(path: &std::path::Path) -> anyhow::Result<(CaptureReader, Event)> {
+    use crate::source::replay::{Limits, Reader};
+    let f = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("--replay {}: {e}", path.display()))?;
+    let mut r = Reader::new(io::BufReader::new(f), Limits::default());
+    match r.next_event() {
+        Ok(Some(first)) => Ok((r, first)),
+        Ok(None) => anyhow::bail!("--replay {}: no tcpwatch event in it", path.display()),
+        Err(e) => anyhow::bail!("--replay {}: {e}", path.display()),
     }
 }
 
@@ -101,32 +119,24 @@ fn live(a: &TopArgs) -> anyhow::Result<i32> {
     Ok(EXIT_OK)
 }
 
-fn replay(a: &TopArgs, path: &std::path::Path) -> anyhow::Result<i32> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("--replay {}: {e}", path.display()))?;
-    let capture = crate::source::replay::read(io::BufReader::new(f))
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+/// Events applied per screen refresh at most, so the view stays responsive at speed 0 on a
+/// large capture.
+const REPLAY_CHUNK: usize = 100_000;
+
+fn replay(
+    a: &TopArgs,
+    path: &std::path::Path,
+    (mut reader, first): (CaptureReader, Event),
+) -> anyhow::Result<i32> {
     let filters = Filters::from_args(&a.filters)?;
-    let events: Vec<Event> = capture
-        .events
-        .into_iter()
-        .filter(|e| filters.kernel_accepts(e) && filters.accepts(e))
-        .collect();
-    let log = LogLines::new(
-        Clock {
-            offset_ns: 0,
-            utc_offset_s: 0,
-        },
-        0,
-        capture.reasons.clone(),
-    );
-    let mut app = App::new(format!(
-        "replay {} ({} events, {} other lines)",
-        path.display(),
-        events.len(),
-        capture.skipped
-    ));
-    let first = events.first().map_or(0, |e| e.ts_ns);
+    let wanted = |e: &Event| filters.kernel_accepts(e) && filters.accepts(e);
+    let clock = Clock {
+        offset_ns: 0,
+        utc_offset_s: 0,
+    };
+    let mut log = LogLines::new(clock, 0, Default::default());
+    let mut app = App::new(format!("replay {}", path.display()));
+    let t0 = first.ts_ns;
     let mut analysis = Analysis::new(
         Context {
             host: String::new(),
@@ -134,35 +144,56 @@ fn replay(a: &TopArgs, path: &std::path::Path) -> anyhow::Result<i32> {
             home_netns: 0,
             thresholds: thresholds(a.close_wait_secs),
             sockets_filtered: a.filters.narrows_sockets(),
-            reasons: capture.reasons,
+            reasons: Default::default(),
         },
-        Some(first),
+        Some(t0),
     );
     let mut screen = Screen::new()?;
     let wall0 = Instant::now();
-    let mut i = 0;
     let refresh = Duration::from_millis(1000 / a.refresh as u64);
+    // The next event not applied yet; `None` once the capture is read to its end.
+    let mut next = Some(first);
+    let (mut applied, mut last_ts) = (0u64, t0);
     loop {
-        // Everything up to the replay clock (all at once at speed 0).
+        // Everything up to the replay clock (at speed 0 as fast as the screen allows).
         let replay_now = if a.speed <= 0.0 {
             u64::MAX
         } else {
-            first + (wall0.elapsed().as_nanos() as f64 * a.speed) as u64
+            t0.saturating_add((wall0.elapsed().as_nanos() as f64 * a.speed) as u64)
         };
-        let before = i;
-        while i < events.len() && events[i].ts_ns <= replay_now {
-            analysis.apply(std::slice::from_ref(&events[i]));
-            app.log(log.line(&events[i]));
-            i += 1;
+        let mut n = 0;
+        while let Some(e) = next.take_if(|e| e.ts_ns <= replay_now) {
+            if wanted(&e) {
+                analysis.apply(std::slice::from_ref(&e));
+                app.log(log.line(&e));
+                applied += 1;
+            }
+            last_ts = last_ts.max(e.ts_ns);
+            next = reader
+                .next_event()
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            n += 1;
+            if n >= REPLAY_CHUNK {
+                break;
+            }
         }
-        let now = if i > 0 { events[i - 1].ts_ns } else { first };
-        analysis.tick(now);
-        if i != before || app.snap.version == 0 {
-            let snap = analysis.snapshot(now, Reading::none(Loss::default(), Vec::new()));
+        if let Some(r) = reader.new_reasons() {
+            analysis.set_reasons(r.clone());
+            log = LogLines::new(clock, 0, r);
+        }
+        analysis.tick(last_ts);
+        if n > 0 || app.snap.version == 0 {
+            let snap = analysis.snapshot(last_ts, Reading::none(Loss::default(), Vec::new()));
+            app.source = format!(
+                "replay {} ({applied} events, {} other lines{})",
+                path.display(),
+                reader.skipped,
+                if next.is_none() { ", end" } else { "" }
+            );
             app.update(
                 snap,
-                analysis.connections(now),
-                (i - before) as f64 / refresh.as_secs_f64(),
+                analysis.connections(last_ts),
+                n as f64 / refresh.as_secs_f64(),
             );
         }
         screen.draw(&app)?;

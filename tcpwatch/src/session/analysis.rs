@@ -70,6 +70,11 @@ impl Analysis {
         }
     }
 
+    /// Reset-reason names learned later (a replay reads them as it goes).
+    pub fn set_reasons(&mut self, reasons: RstReasons) {
+        self.ctx.reasons = reasons;
+    }
+
     pub fn context(&self) -> &Context {
         &self.ctx
     }

@@ -126,43 +126,200 @@ pub fn event_from_json(v: &Value) -> Option<Event> {
     })
 }
 
-/// A capture read back: its events in time order, the lines that were not events, and the
-/// names of the reset reasons its records carry.
+/// How much of a capture is read at once, and how much garbage is waded through before it
+/// is declared no capture at all.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longer lines are skipped (and counted) without being held in memory.
+    pub max_line: usize,
+    /// No event within this many bytes from the start: not a capture.
+    pub max_leading_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line: 64 << 10,
+            max_leading_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no tcpwatch event in it (line {line}: {why})")]
+    NoEvents { line: u64, why: String },
+}
+
+/// One line as read, bounded.
+enum Line {
+    Text,
+    TooLong,
+}
+
+/// A capture read one event at a time, in bounded memory: lines are capped, events come out
+/// as they are read (a capture from `trace --json` or `top --record` is in time order), and
+/// what is not an event is counted.
+pub struct Reader<R> {
+    r: R,
+    limits: Limits,
+    line: Vec<u8>,
+    /// Lines read, and those that were not events.
+    pub lines: u64,
+    pub skipped: u64,
+    bytes: u64,
+    seen_event: bool,
+    /// The first line that was not an event, and why.
+    first_bad: Option<(u64, String)>,
+    /// Reset reason codes are the capturing kernel's numbering: its names come along.
+    reasons: Vec<(u32, String)>,
+    reasons_changed: bool,
+}
+
+impl<R: BufRead> Reader<R> {
+    pub fn new(r: R, limits: Limits) -> Self {
+        Reader {
+            r,
+            limits,
+            line: Vec::new(),
+            lines: 0,
+            skipped: 0,
+            bytes: 0,
+            seen_event: false,
+            first_bad: None,
+            reasons: Vec::new(),
+            reasons_changed: false,
+        }
+    }
+
+    /// The next event; `None` at the end. A capture whose first `max_leading_bytes` (or all
+    /// of it) hold no event is an error naming its first bad line.
+    pub fn next_event(&mut self) -> Result<Option<Event>, ReplayError> {
+        loop {
+            if !self.seen_event && self.bytes > self.limits.max_leading_bytes {
+                return Err(self.no_events());
+            }
+            let line = match self.read_line()? {
+                None if self.seen_event => return Ok(None),
+                None => return Err(self.no_events()),
+                Some(l) => l,
+            };
+            self.lines += 1;
+            let why = match line {
+                Line::TooLong => format!("longer than {} bytes", self.limits.max_line),
+                Line::Text => {
+                    let text = String::from_utf8_lossy(&self.line);
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<Value>(&text) {
+                        Err(_) => "not JSON".to_string(),
+                        Ok(v) => {
+                            self.learn_reason(&v);
+                            match event_from_json(&v) {
+                                Some(e) => {
+                                    self.seen_event = true;
+                                    return Ok(Some(e));
+                                }
+                                // Loss records and other lines of a capture are no events.
+                                None => "not a tcpwatch event".to_string(),
+                            }
+                        }
+                    }
+                }
+            };
+            self.skipped += 1;
+            self.first_bad.get_or_insert((self.lines, why));
+        }
+    }
+
+    /// The reset-reason names learned so far, when they changed since the last call.
+    pub fn new_reasons(&mut self) -> Option<RstReasons> {
+        std::mem::take(&mut self.reasons_changed).then(|| RstReasons::new(self.reasons.clone()))
+    }
+
+    fn no_events(&self) -> ReplayError {
+        let (line, why) = self
+            .first_bad
+            .clone()
+            .unwrap_or((self.lines.max(1), "the capture is empty".into()));
+        ReplayError::NoEvents { line, why }
+    }
+
+    fn learn_reason(&mut self, v: &Value) {
+        if let (Some(code), Some(name)) = (v["reason_code"].as_u64(), v["reason"].as_str())
+            && v["type"] == "reset"
+            && !self.reasons.iter().any(|(c, _)| u64::from(*c) == code)
+            && self.reasons.len() < 256
+        {
+            self.reasons
+                .push((code as u32, name.chars().take(64).collect()));
+            self.reasons_changed = true;
+        }
+    }
+
+    /// One line into `self.line`, or `TooLong` (its bytes past the cap are read and
+    /// dropped, never held); `None` at the end.
+    fn read_line(&mut self) -> std::io::Result<Option<Line>> {
+        self.line.clear();
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let buf = match self.r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                return Ok(any.then_some(if too_long { Line::TooLong } else { Line::Text }));
+            }
+            any = true;
+            let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], Some(i + 1)),
+                None => (buf, None),
+            };
+            if !too_long && self.line.len() + chunk.len() <= self.limits.max_line {
+                self.line.extend_from_slice(chunk);
+            } else {
+                too_long = true;
+                self.line.clear();
+            }
+            let used = done.unwrap_or(buf.len());
+            self.r.consume(used);
+            self.bytes += used as u64;
+            if done.is_some() {
+                return Ok(Some(if too_long { Line::TooLong } else { Line::Text }));
+            }
+            if !self.seen_event && self.bytes > self.limits.max_leading_bytes {
+                // An endless first line (`/dev/zero`): give up on it here.
+                return Ok(Some(Line::TooLong));
+            }
+        }
+    }
+}
+
+/// A capture read back whole (small captures, tests): its events in time order, the lines
+/// that were not events, and the names of the reset reasons its records carry.
 pub struct Capture {
     pub events: Vec<Event>,
     pub skipped: usize,
     pub reasons: RstReasons,
 }
 
-/// Every event of a capture.
-pub fn read(r: impl BufRead) -> std::io::Result<Capture> {
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    // Reset reason codes are the capturing kernel's numbering: its names come along.
-    let mut reasons: Vec<(u32, String)> = Vec::new();
-    for line in r.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v = serde_json::from_str::<Value>(&line).ok();
-        if let Some(v) = &v
-            && let (Some(code), Some(name)) = (v["reason_code"].as_u64(), v["reason"].as_str())
-            && v["type"] == "reset"
-            && !reasons.iter().any(|(c, _)| u64::from(*c) == code)
-        {
-            reasons.push((code as u32, name.to_string()));
-        }
-        match v.as_ref().and_then(event_from_json) {
-            Some(e) => out.push(e),
-            None => skipped += 1,
-        }
+/// Every event of a capture, sorted by time.
+pub fn read(r: impl BufRead) -> Result<Capture, ReplayError> {
+    let mut rd = Reader::new(r, Limits::default());
+    let mut events = Vec::new();
+    while let Some(e) = rd.next_event()? {
+        events.push(e);
     }
-    out.sort_by_key(|e| e.ts_ns);
+    events.sort_by_key(|e| e.ts_ns);
     Ok(Capture {
-        events: out,
-        skipped,
-        reasons: RstReasons::new(reasons),
+        events,
+        skipped: rd.skipped as usize,
+        reasons: RstReasons::new(rd.reasons),
     })
 }
 
@@ -269,15 +426,56 @@ mod tests {
         }
     }
 
+    const EVENT: &str = r#"{"type":"state","ts_ns":5,"cookie":1,"sk":"1","family":"inet","netns":1,"saddr":"127.0.0.1","sport":1,"daddr":"127.0.0.1","dport":2,"pid":null,"comm":null,"old":"CLOSE","new":"SYN_SENT","prev_state_ns":null}"#;
+
     #[test]
     fn loss_lines_and_garbage_are_skipped() {
-        let text = "{\"type\":\"loss\",\"ts_ns\":1}\nnot json\n\n";
+        let text = format!("{{\"type\":\"loss\",\"ts_ns\":1}}\nnot json\n\n{EVENT}\n");
         let Capture {
             events: evs,
             skipped,
             ..
         } = read(std::io::Cursor::new(text)).unwrap();
-        assert!(evs.is_empty());
+        assert_eq!(evs.len(), 1);
         assert_eq!(skipped, 2);
+    }
+
+    #[test]
+    fn a_file_without_events_names_its_first_bad_line() {
+        let e = read(std::io::Cursor::new("\n{\"type\":\"loss\"}\nhello\n")).err();
+        assert_eq!(
+            e.map(|e| e.to_string()).as_deref(),
+            Some("no tcpwatch event in it (line 2: not a tcpwatch event)")
+        );
+        let e = read(std::io::Cursor::new("")).err();
+        assert_eq!(
+            e.map(|e| e.to_string()).as_deref(),
+            Some("no tcpwatch event in it (line 1: the capture is empty)")
+        );
+    }
+
+    /// Endless input without a newline (`/dev/zero`) is given up on after a bounded read,
+    /// holding at most one capped line.
+    #[test]
+    fn endless_garbage_ends_in_bounded_memory() {
+        let zeros = std::io::BufReader::new(std::io::repeat(0));
+        let mut rd = Reader::new(zeros, Limits::default());
+        let e = rd.next_event().err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("no tcpwatch event in it (line 1: longer than 65536 bytes)")
+        );
+        assert!(rd.line.capacity() <= Limits::default().max_line * 2);
+    }
+
+    #[test]
+    fn long_lines_are_skipped_and_counted_once_events_came() {
+        let long = "x".repeat(100 << 10);
+        let text = format!("{EVENT}\n{long}\n{EVENT}\n");
+        let mut rd = Reader::new(std::io::Cursor::new(text), Limits::default());
+        assert!(rd.next_event().unwrap().is_some());
+        assert!(rd.next_event().unwrap().is_some());
+        assert!(rd.next_event().unwrap().is_none());
+        assert_eq!((rd.lines, rd.skipped), (3, 1));
     }
 }
