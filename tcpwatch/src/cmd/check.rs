@@ -25,7 +25,8 @@ fn report_file(p: &Option<std::path::PathBuf>) -> anyhow::Result<Option<Box<dyn 
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
         Some(p) => Some(Box::new(BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?,
+            crate::source::files::create(p)
+                .with_context(|| format!("cannot write {}", p.display()))?,
         ))),
     })
 }

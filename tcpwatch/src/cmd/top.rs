@@ -63,7 +63,7 @@ fn live(a: &TopArgs) -> anyhow::Result<i32> {
         Some(p) => Some(
             TraceWriter::new(
                 BufWriter::new(
-                    std::fs::File::create(p)
+                    crate::source::files::create(p)
                         .map_err(|e| anyhow::anyhow!("--record {}: {e}", p.display()))?,
                 ),
                 true,
