@@ -29,7 +29,14 @@ fn command_status(r: &Report) -> String {
     }
 }
 
-pub fn write_text<W: Write>(mut w: W, r: &Report) -> io::Result<()> {
+pub fn write_text<W: Write>(w: W, r: &Report) -> io::Result<()> {
+    // Process names, sysctl values and capture contents reach the terminal escaped.
+    let mut w = super::printable::Escaped::new(w);
+    write_text_raw(&mut w, r)?;
+    w.flush()
+}
+
+fn write_text_raw<W: Write>(mut w: W, r: &Report) -> io::Result<()> {
     writeln!(w, "{}", verdict_line(r))?;
     writeln!(
         w,

@@ -2,6 +2,7 @@
 //! touch aya, netlink or /proc.
 pub mod check;
 pub mod json;
+pub mod printable;
 pub mod prometheus;
 pub mod snapshot;
 pub mod trace;

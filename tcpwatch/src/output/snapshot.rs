@@ -52,7 +52,14 @@ pub fn write_finding<W: Write>(w: &mut W, f: &crate::model::findings::Finding) -
     Ok(())
 }
 
-pub fn write_text<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
+pub fn write_text<W: Write>(w: W, s: &Snapshot) -> io::Result<()> {
+    // Process names, sysctl values and capture contents reach the terminal escaped.
+    let mut w = super::printable::Escaped::new(w);
+    write_text_raw(&mut w, s)?;
+    w.flush()
+}
+
+fn write_text_raw<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     writeln!(
         w,
         "tcpwatch snapshot: {} (kernel {}), {}",

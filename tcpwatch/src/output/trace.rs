@@ -44,7 +44,14 @@ impl<W: Write> TraceWriter<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
-            self.out.write_all(&self.pending)?;
+            if self.json {
+                self.out.write_all(&self.pending)?;
+            } else {
+                // Names come from other users' processes and from captures: shown, never
+                // obeyed by the terminal.
+                self.out
+                    .write_all(super::printable::escape_bytes(&self.pending).as_bytes())?;
+            }
             self.pending.clear();
         }
         self.out.flush()
@@ -576,6 +583,22 @@ mod tests {
             s,
             "01:02:03.000001 42/cur\"l               state      127.0.0.1:40000 -> 127.0.0.1:8080  SYN_SENT -> ESTABLISHED (1.5ms in SYN_SENT)\n"
         );
+    }
+
+    #[test]
+    fn a_hostile_process_name_is_shown_not_obeyed() {
+        let mut e = ev(state());
+        e.owner.as_mut().unwrap().comm = Comm::new("\x1b]0;pwn\x07");
+        let mut w = TraceWriter::new(Vec::new(), false, clock(), 4026531840);
+        w.event(&e).unwrap();
+        let s = String::from_utf8(w.into_inner()).unwrap();
+        assert!(s.contains("42/\\x1b]0;pwn\\x07"), "{s}");
+        assert!(!s.contains('\x1b') && !s.contains('\x07'), "{s:?}");
+        // JSON keeps the name as it is, escaped the JSON way.
+        let mut w = TraceWriter::new(Vec::new(), true, clock(), 0);
+        w.event(&e).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&w.into_inner()).unwrap();
+        assert_eq!(v["comm"], "\x1b]0;pwn\x07");
     }
 
     #[test]

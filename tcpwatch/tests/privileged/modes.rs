@@ -1,11 +1,13 @@
 //! The command line's behaviour around the events: in-kernel filters, loss counted and
 //! reported, exit codes on a closed stdout and SIGTERM, running under `ip netns exec`, and
 //! the kernel side's diagnostics on stderr.
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::*;
 
 pub const TESTS: &[crate::Test] = &[
+    ("hostile_process_names_are_escaped_in_text", hostile_names),
     ("filters_port_pid_family_in_kernel", filters),
     ("loss_is_counted_and_reported", loss_reported),
     ("closed_stdout_and_sigterm_exit_zero", exits),
@@ -222,4 +224,41 @@ fn kernel_side_diagnostics() {
         2,
         "{evs:#?}"
     );
+}
+
+/// A process that names itself with terminal escape sequences: `snapshot` and `trace` text
+/// show the name escaped, never the raw bytes a terminal would obey.
+fn hostile_names() {
+    use std::io::Read as _;
+    let ns = Netns::new();
+    let evil = "\x1b]0;pwn\x07\x1b[2J";
+    let mut trace = Command::new(TCPWATCH)
+        .args(["trace", "--netns", &ns.name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting trace");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut server = ns.peer(evil);
+    server.ok("listen 127.0.0.1:9201 16");
+    let snap = Command::new(TCPWATCH)
+        .args(["snapshot", "--netns", &ns.name])
+        .output()
+        .expect("snapshot");
+    let text = String::from_utf8_lossy(&snap.stdout).into_owned();
+    assert!(text.contains("\\x1b]0;pwn"), "{text}");
+    assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
+    let mut out = String::new();
+    trace
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = trace.wait();
+    assert!(out.contains("\\x1b]0;pwn"), "{out}");
+    assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
 }

@@ -21,6 +21,17 @@ pub const MIN_H: u16 = 10;
 const KEY_STATES: [&str; 4] = ["ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "SYN_SENT"];
 
 pub fn draw(f: &mut Frame, app: &App) {
+    draw_screens(f, app);
+    // Every cell, whatever text put it there (process names, capture contents): a control
+    // character would be obeyed by the terminal, so none leaves here.
+    for cell in f.buffer_mut().content.iter_mut() {
+        if cell.symbol().chars().any(|c| c.is_control()) {
+            cell.set_symbol("?");
+        }
+    }
+}
+
+fn draw_screens(f: &mut Frame, app: &App) {
     let area = f.area();
     if area.width < MIN_W || area.height < MIN_H {
         let msg = format!(

@@ -192,3 +192,28 @@ fn tiny_and_zero_sizes_do_not_panic() {
     key(&mut b, KeyCode::Char('?'));
     render(&b, 40, 10);
 }
+
+/// A process naming itself with escape sequences cannot drive the terminal through the TUI.
+#[test]
+fn no_control_character_reaches_a_cell() {
+    let mut app = App::new("test \x1b[2J");
+    let mut c = crate::testkit::conn(5, "ESTABLISHED", "127.0.0.1:8080", "\x1b]0;x\x07", 42);
+    c.remote = "\u{9b}31m".into();
+    app.update(Snapshot::default(), vec![c], 0.0);
+    app.log("event \x1b[31mred".into());
+    for view in ["1", "2", "3"] {
+        app.key(KeyEvent::new(
+            KeyCode::Char(view.chars().next().unwrap()),
+            KeyModifiers::NONE,
+        ));
+        let mut t = Terminal::new(TestBackend::new(120, 30)).unwrap();
+        t.draw(|f| draw(f, &app)).unwrap();
+        for cell in t.backend().buffer().content.iter() {
+            assert!(
+                !cell.symbol().chars().any(|c| c.is_control()),
+                "view {view}: {:?}",
+                cell.symbol()
+            );
+        }
+    }
+}
