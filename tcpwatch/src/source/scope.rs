@@ -74,6 +74,45 @@ fn inode(p: &Path) -> Option<u64> {
     std::fs::metadata(p).ok().map(|m| m.ino())
 }
 
+/// Cgroups `tcpwatch-check-PID` below `parent` whose run is gone (killed before it could
+/// remove its own): their processes move to `parent`, untouched, and the cgroups go.
+fn remove_stale(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tcpwatch-check-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "tcpwatch");
+        if !alive {
+            release_dir(&e.path());
+        }
+    }
+}
+
+/// Moves every process of the cgroup `dir` (at any depth) to its parent and removes it.
+fn release_dir(dir: &Path) {
+    let parent_procs = dir.parent().map(|p| p.join("cgroup.procs"));
+    for d in subtree(dir) {
+        if let (Ok(s), Some(pp)) = (
+            std::fs::read_to_string(d.join("cgroup.procs")),
+            &parent_procs,
+        ) {
+            for pid in s.lines() {
+                let _ = std::fs::write(pp, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
+}
+
 /// Every cgroup at or below `dir`, deepest first.
 fn subtree(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -131,6 +170,7 @@ impl RunScope {
 
     fn make_cgroup() -> Result<Kind, String> {
         let (parent, rel_parent) = own_cgroup()?;
+        remove_stale(&parent);
         let name = format!("tcpwatch-check-{}", std::process::id());
         let dir = parent.join(&name);
         std::fs::create_dir(&dir).map_err(|e| format!("creating cgroup {}: {e}", dir.display()))?;
@@ -151,10 +191,18 @@ impl RunScope {
         let join = self.join_path();
         let mut c = std::process::Command::new(&cmd[0]);
         c.args(&cmd[1..]);
-        // SAFETY: only async-signal-safe calls between fork and exec: sigprocmask, open,
-        // write, close.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls between fork and exec: sigprocmask, prctl,
+        // getppid, open, write, close.
         unsafe {
             c.pre_exec(move || {
+                // The command dies with tcpwatch, even a tcpwatch killed with SIGKILL, so a
+                // run never leaves it behind under init. (Its own children stay in the run's
+                // cgroup, which the next run clears.)
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if libc::getppid() != parent {
+                    libc::_exit(127);
+                }
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::sigaddset(&mut set, libc::SIGINT);
@@ -302,18 +350,7 @@ impl RunScope {
     /// Removes the cgroup; processes left running move to the parent cgroup, untouched.
     pub fn release(&mut self) {
         if let Kind::Cgroup { dir, .. } = &self.kind {
-            let parent_procs = dir.parent().map(|p| p.join("cgroup.procs"));
-            for d in subtree(dir) {
-                if let (Ok(s), Some(pp)) = (
-                    std::fs::read_to_string(d.join("cgroup.procs")),
-                    &parent_procs,
-                ) {
-                    for pid in s.lines() {
-                        let _ = std::fs::write(pp, pid);
-                    }
-                }
-                let _ = std::fs::remove_dir(&d);
-            }
+            release_dir(dir);
         }
     }
 }

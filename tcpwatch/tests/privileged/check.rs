@@ -3,7 +3,7 @@
 //! (listen overflow), S8 (CLOSE_WAIT leak), and against traffic outside the command's tree.
 use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -17,6 +17,7 @@ pub const TESTS: &[crate::Test] = &[
     ("check_fails_on_s5_listen_overflow", overflow),
     ("check_fails_on_s8_close_wait_leak", leak),
     ("check_exit_codes_for_command_failures", exit_codes),
+    ("check_killed_leaves_no_command_and_no_cgroup", killed_check),
 ];
 
 struct Run {
@@ -341,4 +342,120 @@ fn exit_codes() {
         .filter(|n| n.starts_with("tcpwatch-check-"))
         .collect();
     assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
+/// The directory where `tcpwatch-check-*` cgroups of a run started from here appear: this
+/// process's cgroup, where the cgroup2 hierarchy is mounted in process `pid`'s view (the
+/// test binary's own mounts may differ from tcpwatch's).
+fn check_cgroup_dir(pid: u32) -> std::path::PathBuf {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .trim();
+    let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let mount = mi
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split_whitespace().nth(4))
+        .expect("a cgroup2 mount")
+        .to_string();
+    std::path::Path::new(&mount).join(rel.trim_start_matches('/'))
+}
+
+fn check_cgroups(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("tcpwatch-check-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `check` killed with SIGKILL (no cleanup runs): its command dies with it instead of living
+/// on under init, and the cgroup it leaves is removed by the next run.
+fn killed_check() {
+    let pidfile = std::env::temp_dir().join(format!("twcheck-pid-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pidfile);
+    let mut check = Command::new(TCPWATCH)
+        .args([
+            "check",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $$ > {}; exec sleep 300", pidfile.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let cmd_pid: u32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(Instant::now() < end, "the command never started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::fs::remove_file(&pidfile);
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    let ours = format!("tcpwatch-check-{}", check.id());
+    let dir = check_cgroup_dir(check.id());
+    let check_cgroups = || check_cgroups(&dir);
+    assert!(
+        check_cgroups().iter().any(|p| p.ends_with(&ours)),
+        "the run's cgroup exists: {:?}",
+        check_cgroups()
+    );
+    check.kill().unwrap();
+    check.wait().unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(cmd_pid) {
+        assert!(
+            Instant::now() < end,
+            "the command outlived its killed check"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        check_cgroups().iter().any(|p| p.ends_with(&ours)),
+        "SIGKILL leaves the cgroup behind"
+    );
+    let next = Command::new(TCPWATCH)
+        .args(["check", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        next.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(
+        !check_cgroups().iter().any(|p| p.ends_with(&ours)),
+        "the next run removed the stale cgroup: {:?}",
+        check_cgroups()
+    );
 }
