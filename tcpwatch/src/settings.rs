@@ -109,26 +109,33 @@ pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {
     }
 }
 
-/// A netns as an inode number, a path to an nsfs file, or an `ip netns` name.
+/// A netns as an inode number (of a namespace that exists), a path to a network namespace's
+/// nsfs file (opened once: its inode is what is kept), or an `ip netns` name.
 pub fn resolve_netns(s: &str) -> anyhow::Result<u32> {
+    use crate::source::netns;
     if let Ok(n) = s.parse::<u32>() {
         if n == 0 {
             anyhow::bail!("--netns 0 is not a namespace inode");
         }
-        return Ok(n);
-    }
-    let candidates = [Path::new(s).to_path_buf(), Path::new("/run/netns").join(s)];
-    for p in candidates
-        .iter()
-        .filter(|p| s.contains('/') || p.starts_with("/run/netns"))
-    {
-        if let Ok(m) = std::fs::metadata(p) {
-            return Ok(m.ino() as u32);
+        if n == own_netns() || netns::list().iter().any(|ns| ns.inode == n) {
+            return Ok(n);
         }
+        anyhow::bail!(
+            "--netns {n}: no network namespace has inode {n} (`lsns -t net` lists them)"
+        );
     }
-    anyhow::bail!(
-        "--netns {s}: no such namespace (expected an inode number, a path like /proc/PID/ns/net, or a name in /run/netns)"
-    )
+    let path = if s.contains('/') {
+        Path::new(s).to_path_buf()
+    } else {
+        Path::new("/run/netns").join(s)
+    };
+    match netns::inode_of(&path) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !s.contains('/') => anyhow::bail!(
+            "--netns {s}: no such namespace (expected an inode number, a path like /proc/PID/ns/net, or a name in /run/netns)"
+        ),
+        Err(e) => anyhow::bail!("--netns {s}: {e}"),
+    }
 }
 
 /// Inode of the network namespace tcpwatch itself runs in.
@@ -144,13 +151,29 @@ mod tests {
 
     #[test]
     fn netns_forms() {
-        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+        let own = own_netns();
+        assert_eq!(resolve_netns(&own.to_string()).unwrap(), own);
         assert!(resolve_netns("0").is_err());
-        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own_netns());
+        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own);
         let e = resolve_netns("surely-no-such-netns")
             .unwrap_err()
             .to_string();
         assert!(e.contains("no such namespace"), "{e}");
+    }
+
+    #[test]
+    fn anything_but_a_network_namespace_is_refused() {
+        let e = resolve_netns("/etc/passwd").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--netns /etc/passwd: not a namespace file (expected /proc/PID/ns/net or /run/netns/NAME)"
+        );
+        let e = resolve_netns("/proc/self/ns/mnt").unwrap_err().to_string();
+        assert!(e.contains("not a network namespace"), "{e}");
+        let e = resolve_netns("/nonexistent/ns").unwrap_err().to_string();
+        assert!(e.starts_with("--netns /nonexistent/ns: "), "{e}");
+        let e = resolve_netns("4294967295").unwrap_err().to_string();
+        assert!(e.contains("no network namespace has inode 4294967295"), "{e}");
     }
 
     #[test]

@@ -55,10 +55,45 @@ pub fn list() -> Vec<NetnsRef> {
         .collect()
 }
 
+/// `NS_GET_NSTYPE` (`_IO(0xb7, 0x3)`): the kind of namespace an nsfs file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// The inode of the network namespace at `path` (an nsfs file: `/proc/PID/ns/net`,
+/// `/run/netns/NAME`), read through one open descriptor, so a PID reused meanwhile cannot
+/// make it another namespace. Anything else is an error saying what it is.
+pub fn inode_of(path: &std::path::Path) -> std::io::Result<u32> {
+    use std::io::{Error, ErrorKind};
+    let f = File::open(path)?;
+    // SAFETY: an ioctl without argument on a descriptor we own; a file that is not nsfs
+    // answers ENOTTY.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind < 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a namespace file (expected /proc/PID/ns/net or /run/netns/NAME)",
+        ));
+    }
+    if kind != libc::CLONE_NEWNET {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "a namespace, but not a network namespace",
+        ));
+    }
+    Ok(f.metadata()?.ino() as u32)
+}
+
 /// Runs `f` with this thread inside `ns`, then returns the thread to its own namespace.
+/// Fails (the namespace is gone) when the path now leads elsewhere: a `/proc/PID` path whose
+/// process ended and whose PID was reused.
 pub fn run_in<T>(ns: &NetnsRef, f: impl FnOnce() -> T) -> std::io::Result<T> {
     let home = File::open("/proc/thread-self/ns/net")?;
     let target = File::open(&ns.path)?;
+    if target.metadata()?.ino() as u32 != ns.inode {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the namespace is gone (its path leads to another one now)",
+        ));
+    }
     let same = home.metadata()?.ino() == target.metadata()?.ino();
     if !same {
         setns(&target)?;
