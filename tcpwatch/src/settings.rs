@@ -120,9 +120,7 @@ pub fn resolve_netns(s: &str) -> anyhow::Result<u32> {
         if n == own_netns() || netns::list().iter().any(|ns| ns.inode == n) {
             return Ok(n);
         }
-        anyhow::bail!(
-            "--netns {n}: no network namespace has inode {n} (`lsns -t net` lists them)"
-        );
+        anyhow::bail!("--netns {n}: no network namespace has inode {n} (`lsns -t net` lists them)");
     }
     let path = if s.contains('/') {
         Path::new(s).to_path_buf()
@@ -173,7 +171,10 @@ mod tests {
         let e = resolve_netns("/nonexistent/ns").unwrap_err().to_string();
         assert!(e.starts_with("--netns /nonexistent/ns: "), "{e}");
         let e = resolve_netns("4294967295").unwrap_err().to_string();
-        assert!(e.contains("no network namespace has inode 4294967295"), "{e}");
+        assert!(
+            e.contains("no network namespace has inode 4294967295"),
+            "{e}"
+        );
     }
 
     #[test]

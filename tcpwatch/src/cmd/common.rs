@@ -38,7 +38,11 @@ pub fn probe_config(p: &ProbeArgs, filters: &Filters, trace: bool) -> crate::ebp
     let mut cfg = settings::probe_config(p, filters);
     cfg.trace = trace;
     cfg.sock_diag = crate::source::sockdiag::available();
-    cfg.listing_limits = caps::effective().and_then(caps::listing_limits);
+    cfg.listing_limits = caps::effective().and_then(if trace {
+        caps::tracing_limits
+    } else {
+        caps::listing_limits
+    });
     cfg
 }
 

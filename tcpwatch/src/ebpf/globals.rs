@@ -34,7 +34,7 @@ impl KernelFacts {
     /// The missing BTF is reported into `status` (everything BTF-based then degrades).
     pub fn read(
         cfg: &ProbeConfig,
-        tracefs: &Path,
+        tracefs: Option<&Path>,
         status: &mut Vec<SignalStatus>,
         lap: &mut dyn FnMut(&'static str),
     ) -> KernelFacts {
@@ -87,7 +87,7 @@ impl KernelFacts {
         } else {
             0
         };
-        let tps = tracefs::read_format(tracefs, "sock", "inet_sock_set_state").ok();
+        let tps = tracefs.and_then(|t| tracefs::read_format(t, "sock", "inet_sock_set_state").ok());
         let mut tps_globals = Vec::new();
         if let Some(f) = &tps {
             for (global, field) in [
@@ -206,7 +206,7 @@ impl Globals {
     }
 }
 
-/// The tracefs mount the classic tracepoints need.
-pub(super) fn tracefs() -> anyhow::Result<PathBuf> {
-    tracefs::ensure_mounted()
+/// The tracefs mount the classic tracepoints need, or why there is none.
+pub(super) fn tracefs() -> Result<PathBuf, String> {
+    tracefs::locate()
 }

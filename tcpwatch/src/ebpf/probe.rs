@@ -78,9 +78,16 @@ impl Probe {
             timings.push((what, t.elapsed()));
             t = std::time::Instant::now();
         };
-        let tracefs = globals::tracefs()?;
+        let tracefs = globals::tracefs();
         let mut status = Vec::new();
-        let k = KernelFacts::read(cfg, &tracefs, &mut status, &mut lap);
+        if let Some(limits) = &cfg.listing_limits {
+            status.push(SignalStatus {
+                signal: "privileges",
+                hook: Some("limited".into()),
+                note: Some(limits.clone()),
+            });
+        }
+        let k = KernelFacts::read(cfg, tracefs.as_deref().ok(), &mut status, &mut lap);
         let globals = globals::Globals::new(cfg, &k);
         let mut loader = EbpfLoader::new();
         loader.btf(k.aya_btf.as_ref());
@@ -104,7 +111,7 @@ impl Probe {
             }
         };
         if cfg.trace {
-            strategies::attach_all(&mut ebpf, cfg, &k, &mut status)?;
+            strategies::attach_all(&mut ebpf, cfg, &k, tracefs.as_ref().err(), &mut status)?;
         }
         lap("attach");
         strategies::load_iterators(&mut ebpf, cfg, &k, &mut status);

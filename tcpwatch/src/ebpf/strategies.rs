@@ -156,6 +156,8 @@ struct Attach<'a> {
     fentry: Option<&'a Btf>,
     /// The timer hooks recognise timewait timers by `tw_timer_handler`'s address.
     tw_handler_known: bool,
+    /// Why classic tracepoints cannot be attached (no usable tracefs), if so.
+    no_tracefs: Option<&'a String>,
 }
 
 impl Attach<'_> {
@@ -182,15 +184,20 @@ impl Attach<'_> {
                         if !self.tw_handler_known
                             && progs.iter().any(|(p, _)| p.starts_with("tw_")) =>
                     {
-                        Err(anyhow!("tw_timer_handler not in /proc/kallsyms"))
+                        Err(anyhow!(
+                            "tw_timer_handler's address is not in /proc/kallsyms (hidden without CAP_SYSLOG)"
+                        ))
                     }
                     Some(b) => progs
                         .iter()
                         .try_for_each(|(p, tp)| attach_btf(ebpf, p, tp, b)),
                 },
-                Strategy::Tp(progs) => progs
-                    .iter()
-                    .try_for_each(|(p, c, n)| attach_tracepoint(ebpf, p, c, n)),
+                Strategy::Tp(progs) => match self.no_tracefs {
+                    Some(why) => Err(anyhow!("{why}")),
+                    None => progs
+                        .iter()
+                        .try_for_each(|(p, c, n)| attach_tracepoint(ebpf, p, c, n)),
+                },
             };
             match res {
                 Ok(()) => {
@@ -300,6 +307,7 @@ pub(super) fn attach_all(
     ebpf: &mut Ebpf,
     cfg: &ProbeConfig,
     k: &KernelFacts,
+    no_tracefs: Option<&String>,
     status: &mut Vec<SignalStatus>,
 ) -> anyhow::Result<()> {
     let btf_ok = k.aya_btf.is_some() && k.core_ok && !cfg.disabled.iter().any(|d| d == "tp_btf");
@@ -308,6 +316,7 @@ pub(super) fn attach_all(
         btf: k.aya_btf.as_ref().filter(|_| btf_ok),
         fentry: k.aya_btf.as_ref().filter(|_| fentry_ok),
         tw_handler_known: k.tw_handler != 0,
+        no_tracefs,
     };
 
     // Execution context first: every other program reads the per-CPU softirq flag.
@@ -351,7 +360,10 @@ pub(super) fn attach_all(
             .as_deref()
             .is_some_and(|h| h.starts_with("tracepoint"))
     {
-        anyhow::bail!("sock/inet_sock_set_state has no readable format in tracefs");
+        anyhow::bail!(
+            "sock/inet_sock_set_state has no readable format in tracefs{}",
+            no_tracefs.map_or(String::new(), |w| format!(": {w}"))
+        );
     }
     status.push(state);
 

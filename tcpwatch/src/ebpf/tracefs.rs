@@ -1,5 +1,6 @@
-//! tracefs: make sure it is mounted (aya attaches classic tracepoints through it, and
-//! `ip netns exec` remounts /sys without it) and read tracepoint record layouts.
+//! tracefs: find it, or mount it (aya attaches classic tracepoints through it, and `ip netns
+//! exec` remounts /sys without it), and read tracepoint record layouts. Only the classic
+//! tracepoint fallbacks need it: the raw BTF tracepoints do not.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,12 +11,21 @@ fn populated(p: &Path) -> bool {
     p.join("events").is_dir()
 }
 
-/// Returns the tracefs mount, mounting it at `/sys/kernel/tracing` when it is missing.
-pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
+/// Returns the tracefs mount, mounting it at `/sys/kernel/tracing` when it is missing; or
+/// why it cannot be used (only the classic tracepoint fallbacks need it). A mount this
+/// process may not read is said to be that, never "not mounted".
+pub fn locate() -> Result<PathBuf, String> {
     for p in [TRACEFS, DEBUGFS_TRACING] {
         if populated(Path::new(p)) {
             return Ok(PathBuf::from(p));
         }
+    }
+    if let Err(e) = std::fs::read_dir(TRACEFS)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        return Err(format!(
+            "tracefs at {TRACEFS} is not readable by this process (root or CAP_DAC_READ_SEARCH)"
+        ));
     }
     let target = c"/sys/kernel/tracing";
     let fstype = c"tracefs";
@@ -31,9 +41,14 @@ pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
-        anyhow::bail!(
-            "tracefs is not mounted and mounting it at {TRACEFS} failed ({err}); run `mount -t tracefs tracefs {TRACEFS}` as root"
-        );
+        return Err(match err.raw_os_error() {
+            Some(libc::EPERM) => format!(
+                "tracefs is not mounted and mounting it needs CAP_SYS_ADMIN; run `mount -t tracefs tracefs {TRACEFS}` as root"
+            ),
+            _ => format!(
+                "tracefs is not mounted and mounting it at {TRACEFS} failed ({err}); run `mount -t tracefs tracefs {TRACEFS}` as root"
+            ),
+        });
     }
     Ok(PathBuf::from(TRACEFS))
 }

@@ -1,6 +1,9 @@
 //! Privilege check before touching BPF, so the user gets one line naming what is missing instead
 //! of an EPERM from deep inside the loader.
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYSLOG: u32 = 34;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -55,6 +58,29 @@ pub fn listing_limits(cap_eff: u64) -> Option<String> {
     (!lost.is_empty()).then(|| format!("not root: {}", lost.join("; ")))
 }
 
+/// What the event modes miss at these capabilities beyond the listing's limits, or `None`:
+/// TIME_WAIT timers (tw_timer_handler's address, CAP_SYSLOG) and the classic tracepoint
+/// fallbacks (tracefs, CAP_DAC_READ_SEARCH).
+pub fn tracing_limits(cap_eff: u64) -> Option<String> {
+    let has = |c: u32| cap_eff & (1u64 << c) != 0;
+    // Owners come from the kernel's task iterator there: no /proc/PID/fd to be denied.
+    let mut lost: Vec<String> = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        lost.push(
+            "this network namespace's sockets and counters only (others need CAP_SYS_ADMIN)".into(),
+        );
+    }
+    if !has(CAP_SYSLOG) && !has(CAP_SYS_ADMIN) {
+        lost.push(
+            "no TIME_WAIT timer events where the kernel has no BPF trampolines (tw_timer_handler's address needs CAP_SYSLOG)".into(),
+        );
+    }
+    if !has(CAP_DAC_READ_SEARCH) && !has(CAP_DAC_OVERRIDE) {
+        lost.push("no classic tracepoint fallbacks (tracefs needs CAP_DAC_READ_SEARCH)".into());
+    }
+    (!lost.is_empty()).then(|| format!("not root: {}", lost.join("; ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +116,15 @@ mod tests {
             !m.contains("CAP_SYS_ADMIN") && m.contains("CAP_SYS_PTRACE"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn the_event_modes_name_what_bpf_and_perfmon_alone_miss() {
+        assert_eq!(tracing_limits(0x000001ffffffffff), None);
+        let m = tracing_limits((1 << CAP_BPF) | (1 << CAP_PERFMON)).unwrap();
+        for cap in ["CAP_SYS_ADMIN", "CAP_SYSLOG", "CAP_DAC_READ_SEARCH"] {
+            assert!(m.contains(cap), "{cap}: {m}");
+        }
     }
 
     #[test]

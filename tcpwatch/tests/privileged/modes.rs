@@ -7,6 +7,10 @@ use std::time::Duration;
 use crate::harness::*;
 
 pub const TESTS: &[crate::Test] = &[
+    (
+        "event_modes_run_with_exactly_cap_bpf_and_cap_perfmon",
+        documented_capabilities,
+    ),
     ("hostile_process_names_are_escaped_in_text", hostile_names),
     ("filters_port_pid_family_in_kernel", filters),
     ("loss_is_counted_and_reported", loss_reported),
@@ -261,4 +265,74 @@ fn hostile_names() {
     let _ = trace.wait();
     assert!(out.contains("\\x1b]0;pwn"), "{out}");
     assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+}
+
+/// The README's promise: root, or CAP_BPF and CAP_PERFMON. As an unprivileged user with
+/// exactly those two (no tracefs access, no setns, no kallsyms), `trace` and `snapshot
+/// --duration` run, report what they lack by name, and see S1's transitions.
+fn documented_capabilities() {
+    let ns = Netns::new();
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+perfmon",
+            "--ambient-caps=-all,+bpf,+perfmon",
+            "--bounding-set=-all,+bpf,+perfmon",
+            TCPWATCH,
+        ])
+        .args(args);
+        c
+    };
+    let tracer = Tracer::start_cmd(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+perfmon",
+            "--ambient-caps=-all,+bpf,+perfmon",
+            "--bounding-set=-all,+bpf,+perfmon",
+            TCPWATCH,
+            "trace",
+            "--json",
+            "--netns",
+            &ns.name,
+        ],
+    );
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:9301 16");
+    let snap = as_nobody(&["snapshot", "--json", "--duration", "3", "--netns", &ns.name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("snapshot");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (c, _) = id_port(&client.ok("connect 127.0.0.1:9301"));
+    server.ok(&format!("accept {l}"));
+    client.ok(&format!("close {c}"));
+    tracer.wait_for("the client's close", W, |evs| {
+        evs.iter().any(|e| is(e, "FIN_WAIT2", "CLOSE"))
+    });
+    let (evs, stderr) = tracer.finish();
+    assert!(
+        evs.iter().any(|e| is(e, "SYN_SENT", "ESTABLISHED")),
+        "transitions seen: {stderr}"
+    );
+    assert!(!stderr.contains("not mounted"), "{stderr}");
+    assert!(
+        stderr.contains("privileges: limited") && stderr.contains("CAP_SYSLOG"),
+        "what is missing is named: {stderr}"
+    );
+    let out = snap.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("snapshot JSON");
+    assert!(
+        v["histograms"]["handshake_us"]["count"].as_u64() >= Some(1),
+        "the handshake was watched: {v}"
+    );
 }
