@@ -18,6 +18,7 @@ pub const TESTS: &[crate::Test] = &[
     ("check_fails_on_s8_close_wait_leak", leak),
     ("check_exit_codes_for_command_failures", exit_codes),
     ("check_killed_leaves_no_command_and_no_cgroup", killed_check),
+    ("a_second_signal_ends_the_shutdown_at_once", second_signal),
 ];
 
 struct Run {
@@ -458,4 +459,46 @@ fn killed_check() {
         "the next run removed the stale cgroup: {:?}",
         check_cgroups()
     );
+}
+
+/// The first SIGTERM starts the shutdown (check passes it on and waits up to 10 s for a
+/// command that ignores it); a second one ends tcpwatch at once, with 128 + SIGTERM.
+fn second_signal() {
+    // stderr to a file: the command's own child (sleep) keeps a pipe open after tcpwatch
+    // is gone.
+    let errf = std::env::temp_dir().join(format!("twsig-{}", std::process::id()));
+    let mut check = Command::new(TCPWATCH)
+        .args(["check", "--", "sh", "-c", "trap '' TERM INT; sleep 31.234; :"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(check.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        check.try_wait().unwrap().is_none(),
+        "still waiting for the command after the first signal"
+    );
+    let t = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(check.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(st) = check.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "the second signal did not end it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let err = std::fs::read_to_string(&errf).unwrap_or_default();
+    let _ = std::fs::remove_file(&errf);
+    let _ = Command::new("pkill")
+        .args(["-f", "sleep 31.234"])
+        .status();
+    assert!(err.contains("signalled again: exiting now"), "{err}");
 }
