@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// A CLOSE_WAIT socket idle this long counts as a leak finding.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub close_wait_secs: u64,
+    /// How long closed sockets and listeners stay in the model (hidden: the short soak).
+    #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub retention_secs: u64,
     #[command(flatten)]
     pub filters: FilterArgs,
     #[command(flatten)]

@@ -49,10 +49,10 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-struct Netns(String);
+pub(crate) struct Netns(pub(crate) String);
 
 impl Netns {
-    fn new(tag: &str) -> anyhow::Result<Netns> {
+    pub(crate) fn new(tag: &str) -> anyhow::Result<Netns> {
         let name = format!("twbench-{}-{tag}", std::process::id());
         status(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Netns(name);
@@ -70,11 +70,11 @@ impl Netns {
     }
 
     /// Sets `key=value` in this namespace.
-    fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
+    pub(crate) fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
         status(Command::new("ip").args(["netns", "exec", &self.0, "sysctl", "-qw", kv]))
     }
 
-    fn enter(&self) -> anyhow::Result<()> {
+    pub(crate) fn enter(&self) -> anyhow::Result<()> {
         let f = File::open(format!("/run/netns/{}", self.0))?;
         // SAFETY: setns on this thread with a valid nsfs fd.
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -443,7 +443,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn scrape(port: u16) -> anyhow::Result<(f64, String)> {
+pub(crate) fn scrape(port: u16) -> anyhow::Result<(f64, String)> {
     use std::io::{Read as _, Write as _};
     let t = Instant::now();
     let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
@@ -453,7 +453,7 @@ fn scrape(port: u16) -> anyhow::Result<(f64, String)> {
     Ok((t.elapsed().as_secs_f64() * 1e3, body))
 }
 
-fn metric(body: &str, series: &str) -> f64 {
+pub(crate) fn metric(body: &str, series: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -2,6 +2,7 @@
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
 mod setup;
+mod soak;
 mod vm;
 mod vmguest;
 
@@ -17,7 +18,8 @@ commands:
     test      setup, then lint and every test: unit, CLI, privileged, kernel matrix (as root)
     bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
     vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
-    lint      rustfmt check, clippy on the host crates and on the eBPF crate";
+    lint      rustfmt check, clippy on the host crates and on the eBPF crate
+    soak      [--minutes N] [--every SECS] the always-on mode under churn: flat RSS, no loss (as root)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("lint") => lint(),
+        Some("soak") => soak::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
         // Run inside the VMs by vm-test (and on the host in a namespace); not for people.
         Some("vm-guest") => vmguest::run(&args[1..]),
@@ -115,6 +118,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ]);
     cmd.args(extra);
     status(&mut cmd)?;
+    // The always-on mode under churn for a minute: memory levels off, nothing is lost.
+    if extra.is_empty() {
+        let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tcpwatch");
+        soak::run(&[
+            "--minutes".into(),
+            "1".into(),
+            "--every".into(),
+            "5".into(),
+            "--bin".into(),
+            bin.to_string_lossy().into_owned(),
+        ])?;
+    }
     // A filter narrows the privileged tests only; the full run includes the kernel matrix.
     if extra.is_empty() {
         vm::run(&[])?;

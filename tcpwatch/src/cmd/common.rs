@@ -63,6 +63,7 @@ pub fn watch_options(
         sockets_filtered: filters.narrows_sockets(),
         watch: true,
         aggregate,
+        retention_ns: None,
     })
 }
 

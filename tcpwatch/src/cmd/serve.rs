@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::common::{EXIT_OK, POLL, note, thresholds, watch_options};
 use super::signals;
 use crate::cli::ServeArgs;
 use crate::model::Loss;
@@ -46,7 +46,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
     let listener = std::net::TcpListener::bind(a.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
     listener.set_nonblocking(true)?;
-    let session = watching(&a.filters, &a.probe, thresholds(a.close_wait_secs), true)?;
+    let mut opts = watch_options(&a.filters, &a.probe, thresholds(a.close_wait_secs), true)?;
+    opts.retention_ns = Some(a.retention_secs * 1_000_000_000);
+    let session = crate::session::Session::start(opts)?;
     for s in session.collector().status() {
         note!("tcpwatch: {}", s.line());
     }

@@ -35,6 +35,7 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
         sockets_filtered: a.filters.narrows_sockets(),
         watch,
         aggregate: true,
+        retention_ns: None,
     })?;
     for s in session.collector().status() {
         if s.signal == "privileges" {

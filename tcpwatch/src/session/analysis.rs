@@ -70,6 +70,11 @@ impl Analysis {
         }
     }
 
+    /// Closed timelines and listeners are kept this long instead of the default minute.
+    pub fn set_retention(&mut self, ns: u64) {
+        self.agg.cfg.retention_ns = ns;
+    }
+
     /// Reset-reason names learned later (a replay reads them as it goes).
     pub fn set_reasons(&mut self, reasons: RstReasons) {
         self.ctx.reasons = reasons;

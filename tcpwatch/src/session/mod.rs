@@ -30,6 +30,8 @@ pub struct Options {
     pub watch: bool,
     /// Feed the aggregator (everything but `trace`, which only streams).
     pub aggregate: bool,
+    /// How long closed sockets and listeners stay in the model (`None`: a minute).
+    pub retention_ns: Option<u64>,
 }
 
 /// Which events and listener samples of a step count (for `check`: the command's own).
@@ -58,6 +60,7 @@ impl Session {
             sockets_filtered,
             watch,
             aggregate,
+            retention_ns,
         } = opts;
         let mut collector = Collector::start(&probe, filters)?;
         if watch {
@@ -74,6 +77,9 @@ impl Session {
             reasons: collector.rst_reasons(),
         };
         let mut analysis = Analysis::new(ctx, watch.then(host::monotonic_ns));
+        if let Some(r) = retention_ns {
+            analysis.set_retention(r);
+        }
         analysis.seed(&collector.take_startup_inventory());
         Ok(Session {
             collector,

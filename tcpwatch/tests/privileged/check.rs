@@ -468,7 +468,13 @@ fn second_signal() {
     // is gone.
     let errf = std::env::temp_dir().join(format!("twsig-{}", std::process::id()));
     let mut check = Command::new(TCPWATCH)
-        .args(["check", "--", "sh", "-c", "trap '' TERM INT; sleep 31.234; :"])
+        .args([
+            "check",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM INT; sleep 31.234; :",
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&errf).unwrap())
         .spawn()
@@ -497,8 +503,6 @@ fn second_signal() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     let err = std::fs::read_to_string(&errf).unwrap_or_default();
     let _ = std::fs::remove_file(&errf);
-    let _ = Command::new("pkill")
-        .args(["-f", "sleep 31.234"])
-        .status();
+    let _ = Command::new("pkill").args(["-f", "sleep 31.234"]).status();
     assert!(err.contains("signalled again: exiting now"), "{err}");
 }
