@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | run | test | bench`. Setup is idempotent code, not a
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
+mod fuzz;
 mod setup;
 mod soak;
 mod vm;
@@ -19,7 +20,8 @@ commands:
     bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
     vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate
-    soak      [--minutes N] [--every SECS] the always-on mode under churn: flat RSS, no loss (as root)";
+    soak      [--minutes N] [--every SECS] the always-on mode under churn: flat RSS, no loss (as root)
+    fuzz      [--secs N] [decode|replay|http] the fuzz targets under libFuzzer (cargo-fuzz, nightly)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("lint") => lint(),
         Some("soak") => soak::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
         // Run inside the VMs by vm-test (and on the host in a namespace); not for people.
         Some("vm-guest") => vmguest::run(&args[1..]),
@@ -118,6 +121,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ]);
     cmd.args(extra);
     status(&mut cmd)?;
+    // Every fuzz target for a CI-sized while: no input panics.
+    if extra.is_empty() {
+        fuzz::run(&["--secs".into(), "15".into()])?;
+    }
     // The always-on mode under churn for a minute: memory levels off, nothing is lost.
     if extra.is_empty() {
         let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tcpwatch");

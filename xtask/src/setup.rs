@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what this project needs on a Debian 12 machine, checking first so
 //! a second run only spends seconds: Debian packages (LLVM 22 for bpf-linker, test tools), the
-//! nightly `rust-src` component for `-Z build-std=core`, and bpf-linker itself.
+//! nightly `rust-src` component for `-Z build-std=core`, bpf-linker itself, and cargo-fuzz.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
@@ -26,6 +26,8 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The fuzz targets run with cargo-fuzz (libFuzzer) on the installed nightly.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> anyhow::Result<()> {
     apt(BUILD_PACKAGES
@@ -35,6 +37,7 @@ pub fn run() -> anyhow::Result<()> {
         .collect())?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     prometheus()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -136,6 +139,28 @@ fn prometheus() -> anyhow::Result<()> {
         })
         .context("no prometheus .deb downloaded")?;
     status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let ok = crate::cargo()
+        .args(["fuzz", "--version"])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        })
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    status(crate::cargo().args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -100,7 +100,11 @@ fn transient(e: &std::io::Error) -> bool {
     )
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, render: Render, limits: Limits) {
+/// Serves one connection, any byte stream (a TCP socket; an in-memory pipe for the fuzzer).
+pub async fn serve_connection<T>(stream: T, render: Render, limits: Limits)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let svc = service_fn(move |req| handle(req, render.clone(), limits));
     let conn = http1::Builder::new()
