@@ -125,14 +125,14 @@ pub fn conn(cookie: u64, state: &'static str, local: &str, comm: &str, pid: u32)
     SocketView {
         cookie,
         netns: 1,
-        family: "inet",
+        family: "inet".into(),
         local: local.into(),
         remote: "10.0.0.2:80".into(),
         owner: Some(OwnerView {
             pid,
             comm: comm.into(),
         }),
-        state: Some(state),
+        state: Some(state.into()),
         state_for_ns: cookie * 1_000_000_000,
         closed_first: None,
         transitions: vec![],

@@ -26,7 +26,7 @@ impl RstReasons {
 }
 
 /// An owner as outputs show it.
-#[derive(serde::Serialize, Clone, Debug, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
 pub struct OwnerView {
     pub pid: u32,
     pub comm: String,

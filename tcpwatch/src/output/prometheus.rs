@@ -498,8 +498,8 @@ mod tests {
             kernel: "6.18.0".into(),
             ..Default::default()
         };
-        s.states.insert("TIME_WAIT", 3000);
-        s.states.insert("ESTABLISHED", 12);
+        s.states.insert("TIME_WAIT".into(), 3000);
+        s.states.insert("ESTABLISHED".into(), 12);
         s.namespaces.push(crate::model::snapshot::NamespaceView {
             netns: 4026531840,
             sockstat_tw: 3000,

@@ -208,7 +208,7 @@ fn write_text_raw<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
         )?;
     }
     writeln!(w)?;
-    let kv = |m: &std::collections::BTreeMap<&'static str, u64>| -> String {
+    let kv = |m: &std::collections::BTreeMap<crate::model::snapshot::Name, u64>| -> String {
         m.iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect::<Vec<_>>()
@@ -299,9 +299,9 @@ mod tests {
             window_s: 2.0,
             ..Default::default()
         };
-        s.states.insert("ESTABLISHED", 2);
-        s.states.insert("LISTEN", 1);
-        s.states.insert("SYN_SENT", 0);
+        s.states.insert("ESTABLISHED".into(), 2);
+        s.states.insert("LISTEN".into(), 1);
+        s.states.insert("SYN_SENT".into(), 0);
         s.listeners.push(overflowing_listener(7, 8080));
         s.findings.push(overflow_finding(vec![]));
         s

@@ -2,7 +2,7 @@
 //! the JSON contract), its family, what it says in a line, and what governs it.
 use std::collections::BTreeMap;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::model::event::OwnerView;
 
@@ -55,6 +55,17 @@ impl Serialize for FindingId {
     }
 }
 
+impl<'de> Deserialize<'de> for FindingId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        FindingId::ALL
+            .iter()
+            .copied()
+            .find(|id| id.name() == s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown finding `{s}`")))
+    }
+}
+
 impl PartialEq<&str> for FindingId {
     fn eq(&self, other: &&str) -> bool {
         self.name() == *other
@@ -87,6 +98,16 @@ impl std::fmt::Display for Severity {
 impl Serialize for Severity {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Severity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        [Severity::Info, Severity::Warning, Severity::Critical]
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown severity `{s}`")))
     }
 }
 
@@ -312,13 +333,13 @@ impl FindingId {
 }
 
 /// A sysctl or piece of code that governs a finding, with the sysctl's value where known.
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Governor {
     pub name: String,
     pub value: Option<String>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Finding {
     pub id: FindingId,
     pub severity: Severity,

@@ -51,7 +51,7 @@ fn owner_states(agg: &Aggregator, inventory: Option<&[SockRec]>) -> Vec<OwnerSta
             pid,
             comm,
             sockets: states.values().sum(),
-            states,
+            states: states.into_iter().map(|(k, n)| (k.into(), n)).collect(),
         })
         .collect();
     v.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.pid.cmp(&b.pid)));
@@ -100,7 +100,7 @@ fn time_wait_owners(agg: &Aggregator, inv: &[SockRec], tws: &[&SockRec]) -> (Vec
             pid,
             comm,
             count,
-            source,
+            source: source.into(),
         })
         .collect();
     v.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
@@ -113,11 +113,11 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
     SocketView {
         cookie: t.cookie,
         netns: t.netns,
-        family: t.family.name(),
+        family: t.family.name().into(),
         local: t.local.to_string(),
         remote: t.remote.to_string(),
         owner: t.owner.as_ref().map(OwnerView::from),
-        state: t.state.map(TcpState::name),
+        state: t.state.map(|s| s.name().into()),
         state_for_ns: now.saturating_sub(t.state_since_ns),
         closed_first: t.closed_first,
         transitions: t
@@ -125,8 +125,8 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
             .iter()
             .map(|x| TransitionView {
                 ts_ns: x.ts_ns,
-                old: x.old.name(),
-                new: x.new.name(),
+                old: x.old.name().into(),
+                new: x.new.name().into(),
                 prev_state_ns: x.prev_state_ns,
             })
             .collect(),
@@ -134,7 +134,7 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
             .iter()
             .zip(t.retrans)
             .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| (*k, n))
+            .map(|(k, n)| ((*k).into(), n))
             .collect(),
         retransmit_intervals_ns: t
             .last_retrans
@@ -143,11 +143,11 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
             .collect(),
         resets_sent: t.resets_sent,
         resets_received: t.resets_received,
-        errors: t.errors.iter().map(|e| errno_name(*e)).collect(),
+        errors: t.errors.iter().map(|e| errno_name(*e).into()).collect(),
         time_wait: t.timewait.map(|p| TwView {
-            substate: p.substate.map(TcpState::name),
+            substate: p.substate.map(|s| s.name().into()),
             entered_ns: p.enter_ns,
-            exit: p.exit.map(|(_, r)| r.name()),
+            exit: p.exit.map(|(_, r)| r.name().into()),
         }),
     }
 }
@@ -176,28 +176,28 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
     };
     for st in TcpState::ALL {
         if !matches!(st, TcpState::Close | TcpState::NewSynRecv) {
-            s.states.insert(st.name(), 0);
+            s.states.insert(st.name().into(), 0);
         }
     }
     let inv: &[SockRec] = input.inventory.unwrap_or(&[]);
     if input.inventory.is_some() {
         for r in inv {
-            *s.states.entry(ss_state(r).name()).or_insert(0) += 1;
+            *s.states.entry(ss_state(r).name().into()).or_insert(0) += 1;
         }
     } else {
         // From the events: every timeline that has not ended, by its current state, and the
         // timewait registry by substate.
         for t in live_timelines(agg) {
             if let Some(st) = t.state {
-                *s.states.entry(st.name()).or_insert(0) += 1;
+                *s.states.entry(st.name().into()).or_insert(0) += 1;
             }
         }
         for e in agg.timewait.values() {
             *s.states
-                .entry(e.substate.unwrap_or(TcpState::TimeWait).name())
+                .entry(e.substate.unwrap_or(TcpState::TimeWait).name().into())
                 .or_insert(0) += 1;
         }
-        *s.states.entry(TcpState::Listen.name()).or_insert(0) += agg.listener_count() as u64;
+        *s.states.entry(TcpState::Listen.name().into()).or_insert(0) += agg.listener_count() as u64;
     }
     s.owners = owner_states(agg, input.inventory);
 
@@ -434,14 +434,15 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
 
     // Totals from events.
     for (i, k) in ["syn", "synack", "data", "fin"].iter().enumerate() {
-        s.retransmits.insert(k, agg.totals.retrans[i]);
+        s.retransmits.insert((*k).into(), agg.totals.retrans[i]);
     }
     s.retransmitted_segments = agg.totals.retrans_segs;
     s.retransmits_not_sent = agg.totals.retrans_not_sent;
-    s.resets.insert("sent", agg.totals.resets_sent);
-    s.resets.insert("received", agg.totals.resets_received);
+    s.resets.insert("sent".into(), agg.totals.resets_sent);
+    s.resets
+        .insert("received".into(), agg.totals.resets_received);
     for (e, n) in &agg.totals.errors {
-        *s.errors.entry(errno_name(*e)).or_insert(0) += n;
+        *s.errors.entry(errno_name(*e).into()).or_insert(0) += n;
     }
     s.histograms = Histograms {
         handshake_us: (&agg.handshake_us).into(),
@@ -456,7 +457,12 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
         .collect();
     s.loss = LossView {
         kernel_dropped: input.loss.kernel_dropped,
-        kernel_dropped_by_type: input.loss.kernel_dropped_by_type.nonzero().collect(),
+        kernel_dropped_by_type: input
+            .loss
+            .kernel_dropped_by_type
+            .nonzero()
+            .map(|(k, n)| (k.into(), n))
+            .collect(),
         kernel_skipped: input.loss.kernel_skipped,
         channel_dropped: input.loss.channel_dropped,
         decode_errors: input.loss.decode_errors

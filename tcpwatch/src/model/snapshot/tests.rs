@@ -91,7 +91,7 @@ fn sockets_by_owner_from_the_listing_or_the_events() {
             (
                 o.pid,
                 o.sockets,
-                o.states.iter().map(|(k, v)| (*k, *v)).collect(),
+                o.states.iter().map(|(k, v)| (k.as_ref(), *v)).collect(),
             )
         })
         .collect();
@@ -167,7 +167,7 @@ fn time_wait_is_owned_by_its_closer_or_its_listener() {
         .time_wait
         .by_owner
         .iter()
-        .map(|o| (o.pid, o.comm.as_str(), o.count, o.source))
+        .map(|o| (o.pid, o.comm.as_str(), o.count, o.source.as_ref()))
         .collect();
     assert_eq!(
         got,
@@ -200,4 +200,16 @@ fn listing_records_that_did_not_decode_count_with_the_loss() {
     };
     let snap = build(&Aggregator::new(AggConfig::default()), &input);
     assert_eq!(snap.loss.decode_errors, 3);
+}
+
+#[test]
+fn the_json_contract_reads_back_as_it_was_written() {
+    // A daemon's clients read snapshots back: every field the golden document has must
+    // survive the way there and back.
+    let golden = include_str!("../../../tests/golden/snapshot.json");
+    let snap: Snapshot = serde_json::from_str(golden).expect("the golden snapshot reads back");
+    assert!(!snap.findings.is_empty() && !snap.sockets.is_empty());
+    let again = serde_json::to_value(&snap).unwrap();
+    let want: serde_json::Value = serde_json::from_str(golden).unwrap();
+    assert_eq!(again, want);
 }

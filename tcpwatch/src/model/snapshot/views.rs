@@ -2,7 +2,9 @@
 //! renaming or removing one breaks users), and the input a snapshot is made from.
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::Loss;
 use crate::model::aggregate::Log2Hist;
@@ -12,6 +14,10 @@ use crate::model::findings::catalogue::Finding;
 use crate::model::system::{Counters, SockRec, Sockstat};
 
 /// What the snapshot is made from, besides the aggregator.
+/// A name from a fixed vocabulary (states, kinds, errno names): borrowed where the snapshot
+/// is built, owned where it is read back (a daemon's client).
+pub type Name = Cow<'static, str>;
+
 pub struct Input<'a> {
     pub now_ns: u64,
     /// How long events were watched (0 for an instant snapshot).
@@ -68,14 +74,14 @@ impl Default for Thresholds {
     }
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct HookView {
     pub signal: String,
     pub hook: Option<String>,
     pub note: Option<String>,
 }
 
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
 pub struct QueueView {
     pub now: u32,
     pub max: u32,
@@ -89,7 +95,7 @@ impl QueueView {
     }
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ListenerView {
     pub netns: u32,
     pub addr: String,
@@ -118,7 +124,7 @@ pub fn endpoint(addr: &str, port: u16) -> String {
     }
 }
 
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
 pub struct OverflowsView {
     pub accept: u64,
     pub syn: u64,
@@ -126,31 +132,31 @@ pub struct OverflowsView {
     pub final_ack_packets: u64,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct PortCount {
     pub netns: u32,
     pub port: u16,
     pub count: u64,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct OwnerStates {
     pub pid: u32,
     pub comm: String,
     pub sockets: u64,
-    pub states: BTreeMap<&'static str, u64>,
+    pub states: BTreeMap<Name, u64>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct OwnerCount {
     pub pid: u32,
     pub comm: String,
     pub count: u64,
     /// How it is known: `closed` (seen closing), `listener` (on its listening port).
-    pub source: &'static str,
+    pub source: Name,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct RemoteCount {
     pub netns: u32,
     pub addr: String,
@@ -160,7 +166,7 @@ pub struct RemoteCount {
 
 /// Ephemeral ports in use from one local address toward one remote endpoint (each needs its
 /// own local port: TIME_WAIT included), against `ip_local_port_range`.
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Headroom {
     pub netns: u32,
     pub local_addr: String,
@@ -172,7 +178,7 @@ pub struct Headroom {
     pub free: u64,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct TimeWaitView {
     pub total: u64,
     /// FIN_WAIT2-substate timewait sockets (orphans waiting for the peer's FIN).
@@ -191,14 +197,14 @@ pub struct TimeWaitView {
     pub exited: BTreeMap<String, u64>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Drift {
     pub netns: u32,
     pub sockstat: u64,
     pub tracked: u64,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct HistView {
     pub count: u64,
     pub p50: u64,
@@ -226,58 +232,58 @@ impl From<&Log2Hist> for HistView {
     }
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Histograms {
     pub handshake_us: HistView,
     pub lifetime_ms: HistView,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TransitionView {
     pub ts_ns: u64,
-    pub old: &'static str,
-    pub new: &'static str,
+    pub old: Name,
+    pub new: Name,
     pub prev_state_ns: Option<u64>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SocketView {
     pub cookie: u64,
     pub netns: u32,
-    pub family: &'static str,
+    pub family: Name,
     pub local: String,
     pub remote: String,
     pub owner: Option<OwnerView>,
-    pub state: Option<&'static str>,
+    pub state: Option<Name>,
     pub state_for_ns: u64,
     pub closed_first: Option<bool>,
     pub transitions: Vec<TransitionView>,
-    pub retransmits: BTreeMap<&'static str, u32>,
+    pub retransmits: BTreeMap<Name, u32>,
     pub retransmit_intervals_ns: Vec<u64>,
     pub resets_sent: u16,
     pub resets_received: u16,
-    pub errors: Vec<&'static str>,
+    pub errors: Vec<Name>,
     pub time_wait: Option<TwView>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TwView {
-    pub substate: Option<&'static str>,
+    pub substate: Option<Name>,
     pub entered_ns: u64,
-    pub exit: Option<&'static str>,
+    pub exit: Option<Name>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct LossView {
     pub kernel_dropped: u64,
-    pub kernel_dropped_by_type: BTreeMap<&'static str, u64>,
+    pub kernel_dropped_by_type: BTreeMap<Name, u64>,
     pub kernel_skipped: u64,
     pub channel_dropped: u64,
     pub decode_errors: u64,
     pub timelines_evicted: u64,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct NamespaceView {
     pub netns: u32,
     pub sockstat_tw: u64,
@@ -289,7 +295,7 @@ pub struct NamespaceView {
     pub sysctls: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Snapshot {
     pub version: u32,
     pub ts_ns: u64,
@@ -299,7 +305,7 @@ pub struct Snapshot {
     pub hooks: Vec<HookView>,
     /// Sockets per state as `ss -tan` counts them (a timewait socket by its substate, a
     /// request socket as SYN_RECV), TIME_WAIT included.
-    pub states: BTreeMap<&'static str, u64>,
+    pub states: BTreeMap<Name, u64>,
     /// Sockets per owning process and state, the most first (the tally people make of
     /// `ss -tanp`); timewait sockets, which no process holds, are in `time_wait.by_owner`.
     pub owners: Vec<OwnerStates>,
@@ -309,13 +315,13 @@ pub struct Snapshot {
     pub counters: BTreeMap<String, u64>,
     pub sysctls: BTreeMap<String, String>,
     pub namespaces: Vec<NamespaceView>,
-    pub retransmits: BTreeMap<&'static str, u64>,
+    pub retransmits: BTreeMap<Name, u64>,
     /// Segments those retransmits carried: what the kernel counts in `RetransSegs`.
     pub retransmitted_segments: u64,
     /// Retransmit attempts the kernel gave up before sending (not in `retransmits`).
     pub retransmits_not_sent: u64,
-    pub resets: BTreeMap<&'static str, u64>,
-    pub errors: BTreeMap<&'static str, u64>,
+    pub resets: BTreeMap<Name, u64>,
+    pub errors: BTreeMap<Name, u64>,
     pub histograms: Histograms,
     /// Timelines worth a look: retransmits, resets, errors, stuck states (at most 200).
     pub sockets: Vec<SocketView>,

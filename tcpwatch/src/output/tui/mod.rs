@@ -66,7 +66,7 @@ pub struct App {
     /// Every timeline the aggregator holds (most recent first), for the connections table.
     pub conns: Vec<SocketView>,
     /// State counts over time, oldest first.
-    pub history: VecDeque<BTreeMap<&'static str, u64>>,
+    pub history: VecDeque<BTreeMap<crate::model::snapshot::Name, u64>>,
     pub events: VecDeque<String>,
     pub events_per_s: f64,
     pub view: View,
@@ -138,7 +138,7 @@ impl App {
             .collect();
         match self.sort {
             Sort::Recent => {}
-            Sort::State => v.sort_by_key(|c| c.state.unwrap_or("")),
+            Sort::State => v.sort_by(|a, b| a.state.cmp(&b.state)),
             Sort::Age => v.sort_by_key(|c| std::cmp::Reverse(c.state_for_ns)),
             Sort::Retransmits => {
                 v.sort_by_key(|c| std::cmp::Reverse(c.retransmits.values().sum::<u32>()))
@@ -256,7 +256,7 @@ pub fn matches_filter(c: &SocketView, filter: &str) -> bool {
     filter.split_whitespace().all(|term| {
         let t = term.to_ascii_lowercase();
         let (field, v) = t.split_once(':').unwrap_or(("", t.as_str()));
-        let state = c.state.unwrap_or("").to_ascii_lowercase();
+        let state = c.state.as_deref().unwrap_or("").to_ascii_lowercase();
         let comm = c
             .owner
             .as_ref()
@@ -373,7 +373,7 @@ pub(crate) mod tests {
         a.key(k(KeyCode::Char('2')));
         a.key(k(KeyCode::Char('s')));
         assert_eq!(a.sort, Sort::State);
-        assert_eq!(a.visible_conns()[0].state, Some("CLOSE_WAIT"));
+        assert_eq!(a.visible_conns()[0].state.as_deref(), Some("CLOSE_WAIT"));
         a.key(k(KeyCode::Char('s')));
         assert_eq!(a.visible_conns()[0].cookie, 3, "longest in state first");
         a.key(k(KeyCode::Char('p')));

@@ -148,7 +148,7 @@ fn state_panel(f: &mut Frame, app: &App, area: Rect) {
         .snap
         .states
         .iter()
-        .filter(|(k, n)| **n > 0 && !KEY_STATES.contains(k))
+        .filter(|(k, n)| **n > 0 && !KEY_STATES.contains(&k.as_ref()))
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
     let [grid, rest] = Layout::vertical([Constraint::Length(2), Constraint::Min(0)]).areas(inner);
@@ -158,12 +158,12 @@ fn state_panel(f: &mut Frame, app: &App, area: Rect) {
         let cell = cols[i % 2];
         let [label, spark] =
             Layout::horizontal([Constraint::Length(20), Constraint::Min(0)]).areas(cell);
-        let n = app.snap.states.get(st).copied().unwrap_or(0);
+        let n = app.snap.states.get(*st).copied().unwrap_or(0);
         f.render_widget(Paragraph::new(format!("{st:<12}{n:>7} ")), label);
         let data: Vec<u64> = app
             .history
             .iter()
-            .map(|h| h.get(st).copied().unwrap_or(0))
+            .map(|h| h.get(*st).copied().unwrap_or(0))
             .collect();
         let w = spark.width as usize;
         let tail = &data[data.len().saturating_sub(w)..];
@@ -379,13 +379,13 @@ fn connections(f: &mut Frame, app: &App, area: Rect) {
     .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = rows_v.iter().map(|c| {
         let rtx: u32 = c.retransmits.values().sum();
-        let style = match c.state {
+        let style = match c.state.as_deref() {
             Some("CLOSE_WAIT") => Style::new().fg(Color::Yellow),
             _ if rtx > 0 || !c.errors.is_empty() => Style::new().fg(Color::Red),
             _ => Style::new(),
         };
         Row::new(vec![
-            c.state.unwrap_or("?").to_string(),
+            c.state.as_deref().unwrap_or("?").to_string(),
             c.local.clone(),
             c.remote.clone(),
             c.owner
@@ -459,7 +459,7 @@ fn detail(f: &mut Frame, app: &App, d: &Detail, area: Rect) {
                         c.owner
                             .as_ref()
                             .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm)),
-                        c.state.unwrap_or("?"),
+                        c.state.as_deref().unwrap_or("?"),
                         human_ns(c.state_for_ns),
                         match c.closed_first {
                             Some(true) => "closed first",
@@ -481,8 +481,9 @@ fn detail(f: &mut Frame, app: &App, d: &Detail, area: Rect) {
                     if let Some(tw) = &c.time_wait {
                         lines.push(Line::from(format!(
                             "  timewait socket ({})  {}",
-                            tw.substate.unwrap_or("?"),
+                            tw.substate.as_deref().unwrap_or("?"),
                             tw.exit
+                                .as_ref()
                                 .map_or("still waiting".into(), |e| format!("ended: {e}"))
                         )));
                     }

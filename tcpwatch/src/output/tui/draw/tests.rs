@@ -23,7 +23,7 @@ fn snap() -> Snapshot {
         ("SYN_SENT", 0),
         ("LISTEN", 2),
     ] {
-        s.states.insert(k, v);
+        s.states.insert(k.into(), v);
     }
     s.hooks.push(HookView {
         signal: "state".into(),
@@ -69,7 +69,7 @@ fn snap() -> Snapshot {
         pid: 4242,
         comm: "loadgen".into(),
         count: 2990,
-        source: "closed",
+        source: "closed".into(),
     });
     s.time_wait.owner_unknown = 10;
     s.findings
@@ -82,26 +82,26 @@ fn conns() -> Vec<SocketView> {
     a.transitions = vec![
         TransitionView {
             ts_ns: 1,
-            old: "LISTEN",
-            new: "SYN_RECV",
+            old: "LISTEN".into(),
+            new: "SYN_RECV".into(),
             prev_state_ns: None,
         },
         TransitionView {
             ts_ns: 2,
-            old: "SYN_RECV",
-            new: "ESTABLISHED",
+            old: "SYN_RECV".into(),
+            new: "ESTABLISHED".into(),
             prev_state_ns: Some(5_000),
         },
         TransitionView {
             ts_ns: 3,
-            old: "ESTABLISHED",
-            new: "CLOSE_WAIT",
+            old: "ESTABLISHED".into(),
+            new: "CLOSE_WAIT".into(),
             prev_state_ns: Some(2_000_000_000),
         },
     ];
     a.closed_first = Some(false);
     let mut b = crate::testkit::conn(6, "SYN_SENT", "127.0.0.1:40000", "curl", 7);
-    b.retransmits = BTreeMap::from([("syn", 2)]);
+    b.retransmits = BTreeMap::from([("syn".into(), 2)]);
     b.retransmit_intervals_ns = vec![1_000_000_000];
     vec![a, b]
 }
