@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod ebpf;
 pub mod model;
 pub mod output;
+pub mod recorder;
 pub mod server;
 pub mod session;
 pub mod settings;

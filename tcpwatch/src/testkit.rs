@@ -32,6 +32,23 @@ pub fn rst_reasons() -> RstReasons {
     )
 }
 
+/// An event of socket `cookie` between 10.0.0.1:40000 and 10.0.0.2:80 in namespace 1, owner
+/// unknown.
+pub fn test_event(ts_ns: u64, cookie: u64, kind: EventKind) -> Event {
+    Event {
+        ts_ns,
+        cookie,
+        skaddr: 0xffff_0000 + cookie,
+        netns: 1,
+        family: Family::Inet,
+        local: "10.0.0.1:40000".parse().expect("an address"),
+        remote: "10.0.0.2:80".parse().expect("an address"),
+        owner: None,
+        softirq: false,
+        kind,
+    }
+}
+
 /// The unit tests' listener overflow: `count` accept-queue drops (3 queued of 2) seen from
 /// the counters on `local` in namespace 1, owner unknown.
 pub fn test_overflow(ts_ns: u64, cookie: u64, local: SocketAddr, count: u64) -> Event {

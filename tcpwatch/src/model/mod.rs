@@ -1,8 +1,10 @@
 //! The pure side of tcpwatch: decoded events, owner resolution, and (later) aggregation.
 pub mod aggregate;
+pub mod api;
 pub mod check;
 pub mod event;
 pub mod findings;
+pub mod history;
 pub mod overflow;
 pub mod owners;
 pub mod reorder;

@@ -57,6 +57,12 @@ impl<W: Write> TraceWriter<W> {
         self.out.flush()
     }
 
+    /// The lines formatted since the last flush, taken instead of written (the daemon stores
+    /// and sends them itself): in JSON mode one line per event, in order.
+    pub fn take_lines(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         if self.json {
             self.json_event(ev)

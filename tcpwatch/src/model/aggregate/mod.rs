@@ -24,6 +24,9 @@ pub struct Config {
     pub max_sockets: usize,
     /// How long a closed socket's timeline stays visible after its end.
     pub retention_ns: u64,
+    /// Timelines leaving after their retention are kept for `take_retired` (the daemon's
+    /// recorder writes them down).
+    pub keep_retired: bool,
 }
 
 impl Default for Config {
@@ -31,6 +34,7 @@ impl Default for Config {
         Config {
             max_sockets: 65_536,
             retention_ns: 60_000_000_000,
+            keep_retired: false,
         }
     }
 }
@@ -176,6 +180,8 @@ pub struct Aggregator {
     pub last_ns: u64,
     /// When closed listeners were last looked for.
     listeners_swept_ns: u64,
+    /// Ended timelines past their retention, when `cfg.keep_retired`.
+    retired: Vec<Timeline>,
 }
 
 /// Listeners are looked through for retired ones this often (not at every tick).
@@ -203,7 +209,13 @@ impl Aggregator {
             first_ns: None,
             last_ns: 0,
             listeners_swept_ns: 0,
+            retired: Vec::new(),
         }
+    }
+
+    /// The ended timelines that left since the previous call (with `cfg.keep_retired`).
+    pub fn take_retired(&mut self) -> Vec<Timeline> {
+        std::mem::take(&mut self.retired)
     }
 
     pub fn sockets(&self) -> impl Iterator<Item = &Timeline> {
@@ -638,7 +650,10 @@ impl Aggregator {
                 .and_then(Timeline::ended_ns)
                 .is_some_and(|e| e == t)
             {
-                self.sockets.remove(&key);
+                let t = self.sockets.remove(&key);
+                if self.cfg.keep_retired {
+                    self.retired.extend(t);
+                }
             }
         }
         self.compact_touch();

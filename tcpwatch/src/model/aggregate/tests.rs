@@ -191,6 +191,7 @@ fn eviction_at_capacity_drops_the_least_recently_active() {
     let mut a = Aggregator::new(Config {
         max_sockets: 3,
         retention_ns: 1,
+        ..Config::default()
     });
     for c in 1..=3 {
         a.apply(&ev(c, c, st(Close, SynSent, None)));
@@ -207,6 +208,7 @@ fn eviction_gives_the_active_a_second_chance() {
     let mut a = Aggregator::new(Config {
         max_sockets: 3,
         retention_ns: 1,
+        ..Config::default()
     });
     for c in 1..=3 {
         a.apply(&ev(c, c, st(Close, SynSent, None)));
@@ -417,6 +419,7 @@ fn a_million_sockets_stay_within_the_bound() {
     let cfg = Config {
         max_sockets: 10_000,
         retention_ns: 1_000,
+        ..Config::default()
     };
     let mut a = Aggregator::new(cfg);
     for c in 1..=1_000_000u64 {
@@ -479,4 +482,25 @@ fn closed_listeners_leave_the_model_after_the_retention() {
     assert_eq!(a.listener_count(), 0);
     a.tick(now + ret);
     assert_eq!(a.listeners().count(), 0);
+}
+
+#[test]
+fn retired_timelines_are_handed_over_once_when_asked_for() {
+    let mut a = Aggregator::new(Config {
+        retention_ns: 100,
+        keep_retired: true,
+        ..Config::default()
+    });
+    a.apply(&ev(1, 7, st(Close, SynSent, None)));
+    a.apply(&ev(2, 7, st(SynSent, Established, None)));
+    a.apply(&ev(3, 8, st(Close, SynSent, None)));
+    a.apply(&ev(5, 7, st(Established, Close, None)));
+    a.tick(50);
+    assert!(a.take_retired().is_empty(), "still within its retention");
+    a.tick(200);
+    let gone = a.take_retired();
+    assert_eq!(gone.iter().map(|t| t.cookie).collect::<Vec<_>>(), [7]);
+    assert_eq!(gone[0].transitions.total, 3);
+    assert!(a.take_retired().is_empty());
+    assert!(a.socket(8).is_some(), "the open one stays");
 }

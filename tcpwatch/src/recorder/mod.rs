@@ -1,0 +1,589 @@
+//! The flight recorder: what the daemon saw, kept on disk within a bound so it can be asked
+//! about later (`snapshot --since`, `trace --since`, `top` stepping back) and survives a
+//! restart. A writer thread owns the database; the daemon hands it records through a
+//! bounded queue and never waits for the disk (what does not fit is dropped and counted).
+pub mod query;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::params;
+
+use crate::model::api::RecordSpan;
+use crate::model::history::Frame;
+pub use store::{DB_FILE, Store, Table};
+
+/// One event's columns; its JSON line is in the batch's `lines`.
+#[derive(Clone, Copy, Debug)]
+pub struct EventMeta {
+    pub wall_ns: i64,
+    pub kind: &'static str,
+    pub cookie: u64,
+    pub netns: u32,
+    /// Also kept with the signals.
+    pub signal: bool,
+}
+
+/// A closed connection's timeline, ready to store.
+#[derive(Clone, Debug)]
+pub struct TimelineRow {
+    pub closed_wall_ns: i64,
+    pub cookie: u64,
+    pub netns: u32,
+    pub local: String,
+    pub remote: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Why it is kept (comma-separated), empty for a plain one.
+    pub interest: String,
+    /// realtime − monotonic when it was recorded: its times are monotonic.
+    pub clock_offset_ns: i64,
+    /// The snapshot's `SocketView` as JSON.
+    pub json: String,
+}
+
+pub enum Rec {
+    /// Events with their JSON lines, one per event, in order, each ending in '\n'.
+    Events {
+        rows: Vec<EventMeta>,
+        lines: Vec<u8>,
+    },
+    Timelines(Vec<TimelineRow>),
+    Frame {
+        frame: Box<Frame>,
+        /// Each namespace's nonzero counters as JSON.
+        counters: Vec<(u32, String)>,
+    },
+    /// Write everything queued now and answer.
+    Sync(SyncSender<()>),
+}
+
+impl Rec {
+    fn bytes(&self) -> usize {
+        match self {
+            Rec::Events { rows, lines } => lines.len() + rows.len() * 32,
+            Rec::Timelines(v) => v.iter().map(|t| t.json.len() + 64).sum(),
+            Rec::Frame { counters, .. } => 4096 + counters.iter().map(|c| c.1.len()).sum::<usize>(),
+            Rec::Sync(_) => 0,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        match self {
+            Rec::Events { rows, .. } => rows.len() as u64,
+            Rec::Timelines(v) => v.len() as u64,
+            Rec::Frame { .. } => 1,
+            Rec::Sync(_) => 0,
+        }
+    }
+}
+
+/// Records queued for the writer at most, in bytes: beyond it they are dropped and counted.
+const QUEUE_BYTES: usize = 64 << 20;
+/// The writer commits at least this often.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// And measures the tables again this often (the estimate drifts a little).
+const MEASURE_EVERY: Duration = Duration::from_secs(600);
+
+/// The daemon's handle on the writer thread.
+pub struct Recorder {
+    tx: SyncSender<Rec>,
+    queued: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    span: Arc<Mutex<RecordSpan>>,
+    dir: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Opens the record in `dir` (which the caller made safe) and starts the writer.
+    pub fn start(dir: &Path, bound: u64) -> anyhow::Result<Recorder> {
+        let mut store = Store::open(dir, bound)?;
+        store.prune()?;
+        store.vacuum()?;
+        let span = Arc::new(Mutex::new(store.span()));
+        let (tx, rx) = sync_channel::<Rec>(4096);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (queued, dropped, span, stop) =
+                (queued.clone(), dropped.clone(), span.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("recorder".into())
+                .spawn(move || write_loop(store, rx, &queued, &dropped, &span, &stop))
+                .map_err(|e| anyhow::anyhow!("starting the recorder thread: {e}"))?
+        };
+        Ok(Recorder {
+            tx,
+            queued,
+            dropped,
+            span,
+            dir: dir.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `r` for the disk; when the writer is behind by more than the queue holds, the
+    /// record is dropped and counted.
+    pub fn send(&self, r: Rec) {
+        let (bytes, n) = (r.bytes(), r.count());
+        if self.queued.load(Ordering::Relaxed) + bytes > QUEUE_BYTES {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        match self.tx.try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A handle that waits until what was queued before it is on disk (for readers that
+    /// want the last second too).
+    pub fn syncer(&self) -> Syncer {
+        Syncer(self.tx.clone())
+    }
+
+    /// Where the record starts and what it dropped (updated after every commit).
+    pub fn span(&self) -> RecordSpan {
+        let mut s = *self.span.lock().unwrap_or_else(|p| p.into_inner());
+        s.dropped += self.dropped.load(Ordering::Relaxed);
+        s
+    }
+
+    pub fn shared_span(&self) -> Arc<Mutex<RecordSpan>> {
+        self.span.clone()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the writer stopped (a disk error it could not get past).
+    pub fn failed(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Recorder {
+    /// Writes what is queued, then stops the writer.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Syncer(SyncSender<Rec>);
+
+impl Syncer {
+    /// True once everything queued before the call is committed, false after `timeout`.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let (tx, rx) = sync_channel(1);
+        if self.0.try_send(Rec::Sync(tx)).is_err() {
+            return false;
+        }
+        rx.recv_timeout(timeout).is_ok()
+    }
+}
+
+/// A line on stderr that cannot panic.
+fn note(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn write_loop(
+    mut store: Store,
+    rx: Receiver<Rec>,
+    queued: &AtomicUsize,
+    dropped: &AtomicU64,
+    span: &Mutex<RecordSpan>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut pending: Vec<Rec> = Vec::new();
+    let mut waiting: Vec<SyncSender<()>> = Vec::new();
+    let mut last_commit = Instant::now();
+    let mut last_measure = Instant::now();
+    let mut counters_seen: HashMap<u32, String> = HashMap::new();
+    let mut closed = false;
+    let mut failures = 0u32;
+    while !closed {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Rec::Sync(tx)) => waiting.push(tx),
+            Ok(r) => pending.push(r),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => closed = true,
+        }
+        closed |= stop.load(Ordering::SeqCst);
+        let due = last_commit.elapsed() >= COMMIT_EVERY || !waiting.is_empty() || closed;
+        if !due {
+            continue;
+        }
+        // Whatever else arrived meanwhile goes into the same transaction.
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Rec::Sync(tx) => waiting.push(tx),
+                r => pending.push(r),
+            }
+        }
+        let bytes: usize = pending.iter().map(Rec::bytes).sum();
+        let count: u64 = pending.iter().map(Rec::count).sum();
+        store.dropped += dropped.swap(0, Ordering::Relaxed);
+        match commit(&mut store, &pending, &mut counters_seen) {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                store.dropped += count;
+                note(&format!("tcpwatch: recorder: {e}"));
+                if failures >= 10 {
+                    note("tcpwatch: recorder: ten writes in a row failed; the record stops");
+                    queued.fetch_sub(bytes, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        pending.clear();
+        last_commit = Instant::now();
+        if last_measure.elapsed() >= MEASURE_EVERY {
+            last_measure = Instant::now();
+            let _ = store.measure();
+        }
+        if store.disk_bytes() > store.bound()
+            && let Err(e) = store.vacuum()
+        {
+            note(&format!("tcpwatch: recorder: giving space back: {e}"));
+        }
+        *span.lock().unwrap_or_else(|p| p.into_inner()) = store.span();
+        for w in waiting.drain(..) {
+            let _ = w.try_send(());
+        }
+    }
+}
+
+fn commit(
+    store: &mut Store,
+    pending: &[Rec],
+    counters_seen: &mut HashMap<u32, String>,
+) -> rusqlite::Result<()> {
+    store.conn.execute_batch("BEGIN")?;
+    let res = insert(store, pending, counters_seen).and_then(|added| {
+        for (t, (rows, bytes)) in Table::ALL.into_iter().zip(added) {
+            store.added(t, rows, bytes + rows * store::ROW_BYTES);
+        }
+        store.correct()?;
+        store.prune()?;
+        store.save_meta()
+    });
+    match res {
+        Ok(()) => store.conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = store.conn.execute_batch("ROLLBACK");
+            counters_seen.clear();
+            // The estimates counted rows that were rolled back.
+            let _ = store.measure();
+            Err(e)
+        }
+    }
+}
+
+/// Inserts the records; returns rows and JSON bytes added per table.
+fn insert(
+    store: &Store,
+    pending: &[Rec],
+    counters_seen: &mut HashMap<u32, String>,
+) -> rusqlite::Result<[(u64, u64); 5]> {
+    let tx = &store.conn;
+    let mut added = [(0u64, 0u64); 5];
+    {
+        let mut ev = tx.prepare_cached(
+            "INSERT INTO events (wall_ns, type, cookie, netns, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut sig = tx.prepare_cached(
+            "INSERT INTO signals (wall_ns, type, cookie, netns, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut tl = tx.prepare_cached(
+            "INSERT INTO timelines (closed_wall_ns, cookie, netns, local, remote, pid, comm,
+               interest, clock_offset_ns, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut fr =
+            tx.prepare_cached("INSERT OR REPLACE INTO frames (wall_ns, json) VALUES (?1, ?2)")?;
+        let mut lf = tx.prepare_cached(
+            "INSERT INTO listener_frames (wall_ns, netns, addr, port, cookie, pid, comm,
+               accept_peak, accept_max, syn_peak, drops, overflow_accept, overflow_syn,
+               syncookies, final_ack_packets, synack_retransmits)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        let mut ct = tx.prepare_cached(
+            "INSERT OR REPLACE INTO counters (netns, wall_ns, json) VALUES (?1, ?2, ?3)",
+        )?;
+        for r in pending {
+            match r {
+                Rec::Events { rows, lines } => {
+                    for (m, line) in rows.iter().zip(lines.split(|b| *b == b'\n')) {
+                        let json = std::str::from_utf8(line).unwrap_or("{}");
+                        let p = params![m.wall_ns, m.kind, m.cookie as i64, m.netns, json];
+                        ev.execute(p)?;
+                        added[0].0 += 1;
+                        added[0].1 += json.len() as u64;
+                        if m.signal {
+                            sig.execute(p)?;
+                            added[1].0 += 1;
+                            added[1].1 += json.len() as u64;
+                        }
+                    }
+                }
+                Rec::Timelines(v) => {
+                    for t in v {
+                        tl.execute(params![
+                            t.closed_wall_ns,
+                            t.cookie as i64,
+                            t.netns,
+                            t.local,
+                            t.remote,
+                            t.pid,
+                            t.comm,
+                            t.interest,
+                            t.clock_offset_ns,
+                            t.json
+                        ])?;
+                        added[2].0 += 1;
+                        added[2].1 += t.json.len() as u64;
+                    }
+                }
+                Rec::Frame { frame, counters } => {
+                    let mut plain = (**frame).clone();
+                    let listeners = std::mem::take(&mut plain.listeners);
+                    let json = serde_json::to_string(&plain).unwrap_or_default();
+                    fr.execute(params![frame.wall_ns, json])?;
+                    added[3].0 += 1;
+                    added[3].1 +=
+                        json.len() as u64 + listeners.len() as u64 * store::LISTENER_ROW_BYTES;
+                    for l in &listeners {
+                        lf.execute(params![
+                            frame.wall_ns,
+                            l.netns,
+                            l.addr,
+                            l.port,
+                            l.cookie as i64,
+                            l.owner.as_ref().map(|o| o.pid),
+                            l.owner.as_ref().map(|o| o.comm.as_str()),
+                            l.accept_peak,
+                            l.accept_max,
+                            l.syn_peak,
+                            l.drops as i64,
+                            l.overflows.accept as i64,
+                            l.overflows.syn as i64,
+                            l.overflows.syncookies as i64,
+                            l.overflows.final_ack_packets as i64,
+                            l.synack_retransmits as i64
+                        ])?;
+                    }
+                    for (ns, json) in counters {
+                        if counters_seen.get(ns) == Some(json) {
+                            continue;
+                        }
+                        ct.execute(params![ns, frame.wall_ns, json])?;
+                        counters_seen.insert(*ns, json.clone());
+                        added[4].0 += 1;
+                        added[4].1 += json.len() as u64;
+                    }
+                }
+                Rec::Sync(_) => {}
+            }
+        }
+    }
+    Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::history::ListenerFrame;
+    use crate::model::snapshot::OwnerView;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("twrec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn line(i: u64, kind: &str) -> String {
+        format!(
+            "{{\"type\":\"{kind}\",\"ts_ns\":{i},\"cookie\":{i},\"pad\":\"{}\"}}\n",
+            "x".repeat(200)
+        )
+    }
+
+    fn events(from: u64, n: u64, every_signal: u64) -> Rec {
+        let mut rows = Vec::new();
+        let mut lines = Vec::new();
+        for i in from..from + n {
+            let signal = every_signal > 0 && i % every_signal == 0;
+            let kind = if signal { "retransmit" } else { "state" };
+            rows.push(EventMeta {
+                wall_ns: i as i64 * 1000,
+                kind,
+                cookie: i,
+                netns: 1,
+                signal,
+            });
+            lines.extend_from_slice(line(i, kind).as_bytes());
+        }
+        Rec::Events { rows, lines }
+    }
+
+    #[test]
+    fn what_is_written_reads_back_and_survives_a_restart() {
+        let d = scratch("roundtrip");
+        {
+            let r = Recorder::start(&d, 64 << 20).unwrap();
+            r.send(events(1, 100, 10));
+            let frame = Frame {
+                wall_ns: 50_000,
+                span_ns: 10,
+                listeners: vec![ListenerFrame {
+                    netns: 1,
+                    addr: "127.0.0.1".into(),
+                    port: 8080,
+                    cookie: 3,
+                    owner: Some(OwnerView {
+                        pid: 42,
+                        comm: "srv".into(),
+                    }),
+                    accept_peak: 5,
+                    accept_max: 4,
+                    overflows: crate::model::snapshot::OverflowsView {
+                        accept: 7,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            r.send(Rec::Frame {
+                frame: Box::new(frame.clone()),
+                counters: vec![(1, r#"{"TcpExt:ListenDrops":7}"#.into())],
+            });
+            r.send(Rec::Timelines(vec![TimelineRow {
+                closed_wall_ns: 60_000,
+                cookie: 77,
+                netns: 1,
+                local: "10.0.0.1:40000".into(),
+                remote: "10.0.0.2:80".into(),
+                pid: Some(42),
+                comm: Some("curl".into()),
+                interest: "retransmits".into(),
+                clock_offset_ns: 5,
+                json: serde_json::to_string(&crate::testkit::conn(
+                    77,
+                    "CLOSE",
+                    "10.0.0.1:40000",
+                    "curl",
+                    42,
+                ))
+                .unwrap(),
+            }]));
+            assert!(r.syncer().sync(Duration::from_secs(10)));
+            let span = r.span();
+            assert_eq!(span.events_from_wall_ns, Some(1000));
+            assert_eq!(span.signals_from_wall_ns, Some(10_000));
+            assert_eq!(span.frames_from_wall_ns, Some(50_000));
+        }
+        // Reopened: everything is still there.
+        let _r = Recorder::start(&d, 64 << 20).unwrap();
+        let c = store::open_reader(&d).unwrap();
+        let mut got = Vec::new();
+        query::events(&c, Table::Events, 5_000, Some(8_000), |w, j| {
+            got.push((w, j.len()));
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            [5000, 6000, 7000]
+        );
+        let mut sig = 0;
+        query::events(&c, Table::Signals, 0, None, |_, j| {
+            assert!(j.contains("retransmit"));
+            sig += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(sig, 10);
+        let frames = query::frames(&c, 0, None).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].listeners.len(), 1);
+        assert_eq!(frames[0].listeners[0].overflows.accept, 7);
+        assert_eq!(frames[0].listeners[0].owner.as_ref().unwrap().comm, "srv");
+        let (at, cs) = query::counters_at(&c, 1, 10).unwrap().unwrap();
+        assert_eq!((at, cs.get("TcpExt:ListenDrops")), (50_000, Some(&7)));
+        let t = query::timelines(&c, &query::Which::Cookie(77), 10).unwrap();
+        assert_eq!((t.len(), t[0].1), (1, 5));
+        let t = query::timelines(
+            &c,
+            &query::Which::Endpoints {
+                local: "10.0.0.2:80",
+                remote: "10.0.0.1:40000",
+                netns: None,
+            },
+            10,
+        )
+        .unwrap();
+        assert_eq!(t.len(), 1, "either side's view finds it");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_record_stays_inside_its_bound_and_says_what_it_cut() {
+        let d = scratch("bound");
+        let bound = 16u64 << 20;
+        let r = Recorder::start(&d, bound).unwrap();
+        // About 60 MB of events, one in twenty a signal.
+        for b in 0..60 {
+            r.send(events(b * 4000, 4000, 20));
+            if b % 10 == 9 {
+                assert!(r.syncer().sync(Duration::from_secs(30)));
+            }
+        }
+        assert!(r.syncer().sync(Duration::from_secs(30)));
+        let span = r.span();
+        let c = store::open_reader(&d).unwrap();
+        let disk = std::fs::metadata(d.join(DB_FILE)).unwrap().len();
+        assert!(disk <= bound, "the file is {disk} bytes, over {bound}");
+        assert!(span.bytes <= bound + (4 << 20), "{span:?}");
+        assert!(span.pruned.events > 100_000, "{span:?}");
+        assert_eq!(span.dropped, 0);
+        // The full stream was cut; signals reach further back.
+        let ev_from = span.events_from_wall_ns.unwrap();
+        let sig_from = span.signals_from_wall_ns.unwrap();
+        assert!(ev_from > 0 && sig_from < ev_from, "{span:?}");
+        // What is left is contiguous up to the last event.
+        let mut last = 0;
+        let n = query::events(&c, Table::Events, ev_from, None, |w, _| {
+            assert!(w > last);
+            last = w;
+            true
+        })
+        .unwrap();
+        assert_eq!(last, (60 * 4000 - 1) * 1000);
+        assert_eq!(n, (last - ev_from) as u64 / 1000 + 1);
+        drop(r);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
