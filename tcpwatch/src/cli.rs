@@ -34,11 +34,75 @@ pub enum Command {
     /// exit non-zero when an assertion fails.
     #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
-    /// Serve metrics in the Prometheus text format over HTTP (/metrics), for fleets.
+    /// The always-on daemon: one set of probes for the host, a flight recorder of what
+    /// happened, a local API that `top`, `snapshot`, `trace` and `check` use without
+    /// privileges, and Prometheus metrics.
+    #[command(after_help = DAEMON_EXAMPLES)]
+    Daemon(DaemonArgs),
+    /// Serve metrics in the Prometheus text format over HTTP (/metrics), for fleets: the
+    /// daemon without its API socket and record.
     #[command(after_help = SERVE_EXAMPLES)]
     Serve(ServeArgs),
     /// Check privileges and which hook serves each signal, then exit.
     Doctor(DoctorArgs),
+}
+
+const DAEMON_EXAMPLES: &str = "\
+EXAMPLES:
+    tcpwatch daemon                              API on /run/tcpwatch/tcpwatch.sock, record in
+                                                 /var/lib/tcpwatch, metrics on 127.0.0.1:9924
+    tcpwatch daemon --history-mib 1024           a longer memory
+    tcpwatch daemon --metrics off --socket /run/tcpwatch/alt.sock --state-dir /srv/tcpwatch
+
+CLIENTS:
+    tcpwatch top | snapshot | trace | check use a reachable daemon (--daemon PATH, then
+    $TCPWATCH_SOCKET, then /run/tcpwatch/tcpwatch.sock); --standalone loads their own probes.
+    Root and members of group tcpwatch may use it; no capability is needed.";
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// The API's unix socket, or `off`.
+    #[arg(
+        long,
+        value_name = "PATH|off",
+        default_value = "/run/tcpwatch/tcpwatch.sock"
+    )]
+    pub socket: String,
+    /// Address to serve /metrics and /healthz on, or `off`. Binding beyond loopback is your choice.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9924")]
+    pub metrics: String,
+    /// Where the flight recorder keeps its record (a SQLite database), or `off`.
+    #[arg(long, value_name = "DIR|off", default_value = "/var/lib/tcpwatch")]
+    pub state_dir: String,
+    /// The record's bound on disk, MiB: older events, then older timelines and frames, go to
+    /// stay inside it (what was pruned is counted).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=65536))]
+    pub history_mib: u64,
+    /// Listening addresses exposed one by one in the metrics (the most troubled first).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10000))]
+    pub max_listeners: u16,
+    /// A CLOSE_WAIT socket idle this long counts as a leak finding.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub close_wait_secs: u64,
+    /// How long closed sockets and listeners stay in the live model before they go to the
+    /// record.
+    #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub retention_secs: u64,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// Where a client's data comes from.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// The daemon's socket (default: $TCPWATCH_SOCKET, then /run/tcpwatch/tcpwatch.sock).
+    #[arg(long, value_name = "PATH", conflicts_with = "standalone")]
+    pub daemon: Option<std::path::PathBuf>,
+    /// Load this command's own probes even when a daemon is running (needs privileges).
+    #[arg(long)]
+    pub standalone: bool,
 }
 
 const SERVE_EXAMPLES: &str = "\
@@ -120,6 +184,8 @@ pub struct CheckArgs {
     pub filters: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -178,6 +244,8 @@ pub struct TopArgs {
     pub filters: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 const SNAPSHOT_EXAMPLES: &str = "\
@@ -192,8 +260,11 @@ pub struct SnapshotArgs {
     #[arg(long)]
     pub json: bool,
     /// Also watch events for this many seconds before reporting (Ctrl-C ends early).
-    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_secs, conflicts_with = "since")]
     pub duration: f64,
+    /// Report the past window up to now from the daemon's record (90s, 15m, 2h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_since, conflicts_with = "standalone")]
+    pub since: Option<u64>,
     /// A CLOSE_WAIT socket idle this long is reported as a leak.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub close_wait_secs: u64,
@@ -201,6 +272,31 @@ pub struct SnapshotArgs {
     pub filters: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// `90s`, `15m`, `2h`, `1d` (or plain seconds) as nanoseconds.
+pub fn parse_since(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (90s, 15m, 2h)"))?;
+    let mult = match unit {
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(format!("`{s}`: the unit is s, m, h or d (90s, 15m, 2h)")),
+    };
+    let secs = v * mult;
+    if !secs.is_finite() || secs <= 0.0 || secs > 366.0 * 86_400.0 {
+        return Err(format!("`{s}` is not a duration between 1s and a year"));
+    }
+    Ok((secs * 1e9) as u64)
 }
 
 fn parse_speed(s: &str) -> Result<f64, String> {
@@ -226,10 +322,16 @@ pub struct TraceArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Start with the daemon's recorded events from this long ago (90s, 15m, 2h), then
+    /// follow live.
+    #[arg(long, value_name = "DURATION", value_parser = parse_since, conflicts_with = "standalone")]
+    pub since: Option<u64>,
     #[command(flatten)]
     pub filters: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 #[derive(Args, Debug)]

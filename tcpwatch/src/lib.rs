@@ -4,6 +4,7 @@
 //! collector + analysis), `cmd` (one thin file per subcommand). See docs/architecture.md.
 pub mod cli;
 pub mod cmd;
+pub mod daemon;
 pub mod ebpf;
 pub mod model;
 pub mod output;

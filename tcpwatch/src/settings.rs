@@ -45,6 +45,40 @@ impl Filters {
         })
     }
 
+    /// The filters a daemon's client asked for (validated again: the client is another
+    /// process).
+    pub fn from_api(f: &crate::model::api::Filters) -> anyhow::Result<Filters> {
+        let comm = match &f.comm {
+            Some(c) if c.is_empty() || c.len() > 15 => {
+                anyhow::bail!("comm {c:?}: a command name has 1 to 15 bytes")
+            }
+            Some(c) => Some(Comm::new(c)),
+            None => None,
+        };
+        let family = match f.family.as_deref() {
+            None => 0,
+            Some("inet") => tcpwatch_common::AF_INET,
+            Some("inet6") => tcpwatch_common::AF_INET6,
+            Some(other) => anyhow::bail!("family {other:?}: expected inet or inet6"),
+        };
+        Ok(Filters {
+            kernel: KernelFilters {
+                port: f.port.unwrap_or(0),
+                lport: f.lport.unwrap_or(0),
+                rport: f.rport.unwrap_or(0),
+                pid: f.pid.unwrap_or(0),
+                family,
+                netns: f.netns.unwrap_or(0),
+            },
+            comm,
+        })
+    }
+
+    /// Whether an event passes every filter (kernel side and userspace side).
+    pub fn accepts_event(&self, ev: &Event) -> bool {
+        self.kernel_accepts(ev) && self.accepts(ev)
+    }
+
     /// The kernel's filters, for events made in userspace (counter-based overflows).
     pub fn kernel_accepts(&self, ev: &Event) -> bool {
         let k = &self.kernel;
@@ -96,6 +130,27 @@ impl Filters {
             None => true,
         }
     }
+}
+
+/// The command line's filters as a daemon's client sends them (the namespace resolved to
+/// its inode here, where the name means something).
+pub fn api_filters(a: &FilterArgs) -> anyhow::Result<crate::model::api::Filters> {
+    let f = Filters::from_args(a)?;
+    Ok(crate::model::api::Filters {
+        port: a.port,
+        lport: a.lport,
+        rport: a.rport,
+        pid: a.pid,
+        comm: a.comm.clone(),
+        netns: (f.kernel.netns != 0).then_some(f.kernel.netns),
+        family: if a.ipv4 {
+            Some("inet".into())
+        } else if a.ipv6 {
+            Some("inet6".into())
+        } else {
+            None
+        },
+    })
 }
 
 pub fn probe_config(p: &ProbeArgs, filters: &Filters) -> ProbeConfig {

@@ -17,9 +17,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("server", &["model", "output"]),
     ("recorder", &["model"]),
     (
+        "daemon",
+        &[
+            "model", "source", "ebpf", "settings", "session", "recorder", "server", "output",
+        ],
+    ),
+    (
         "cmd",
         &[
             "cli", "model", "source", "ebpf", "output", "settings", "session", "server",
+            "recorder", "daemon",
         ],
     ),
 ];

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::common::{POLL, note, thresholds, watch_options};
+use super::common::{POLL, daemon_client, daemon_line, note, thresholds, watch_options};
 use super::signals;
 use crate::cli::CheckArgs;
 use crate::model::check::{Checker, CommandExit, Limits, Report, Verdict};
@@ -71,15 +71,22 @@ impl Scope for CommandScope {
     }
 }
 
-pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
-    let limits = Limits {
+fn limits(a: &CheckArgs) -> Limits {
+    Limits {
         retransmits: a.max_retransmits.clone(),
         no_listen_overflow: a.no_listen_overflow,
         max_resets: a.max_resets,
         max_time_wait: a.max_time_wait,
         close_wait_leak_ns: a.close_wait_leak.map(|s| (s * 1e9) as u64),
         max_syn_sent_ns: a.max_syn_sent_ms.map(|ms| ms * 1_000_000),
-    };
+    }
+}
+
+pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
+    if let Some(c) = daemon_client(&a.source)? {
+        return through_daemon(&a, c);
+    }
+    let limits = limits(&a);
     let mut opts = watch_options(
         &a.filters,
         &a.probe,
@@ -88,8 +95,8 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
     )?;
     // The namespace's counters count more than the command's sockets.
     opts.sockets_filtered |= !a.any_process;
-    let mut json_out = report_file(&a.json)?;
-    let mut junit_out = report_file(&a.junit)?;
+    let json_out = report_file(&a.json)?;
+    let junit_out = report_file(&a.junit)?;
     let stop = signals::install();
     let mut session = Session::start(opts)?;
     let mut warnings: Vec<String> = session
@@ -184,11 +191,67 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
         (s.remaining(), s.describe())
     };
     let snap = session.snapshot_of_events();
-    let (observed, mut assertions) = checker.finish(&limits, now);
+    let loss = session.loss();
+    drop(session);
+    drop(scope);
+    report(
+        &a,
+        &limits,
+        Outcome {
+            checker,
+            snap,
+            loss,
+            now,
+            status,
+            started_unix_s,
+            duration_s: t_start.elapsed().as_secs_f64(),
+            scope_text,
+            left_running,
+            warnings,
+        },
+        json_out,
+        junit_out,
+    )
+}
+
+/// What a run observed, however it was observed.
+struct Outcome {
+    checker: Checker,
+    snap: crate::model::snapshot::Snapshot,
+    loss: crate::model::Loss,
+    now: u64,
+    status: std::process::ExitStatus,
+    started_unix_s: f64,
+    duration_s: f64,
+    scope_text: String,
+    left_running: Vec<u32>,
+    warnings: Vec<String>,
+}
+
+/// The verdict, the report files, the text on stderr; the exit code.
+fn report(
+    a: &CheckArgs,
+    limits: &Limits,
+    o: Outcome,
+    mut json_out: Option<Box<dyn io::Write>>,
+    mut junit_out: Option<Box<dyn io::Write>>,
+) -> anyhow::Result<i32> {
+    let Outcome {
+        checker,
+        snap,
+        loss,
+        now,
+        status,
+        started_unix_s,
+        duration_s,
+        scope_text,
+        left_running,
+        warnings,
+    } = o;
+    let (observed, mut assertions) = checker.finish(limits, now);
     for a in &mut assertions {
         a.governed_by = crate::model::findings::governors_of(&a.findings, &snap.sysctls);
     }
-    let loss = session.loss();
     let verdict = Verdict::decide(&assertions, &loss, a.allow_loss, status.success());
     let report = Report {
         version: 1,
@@ -201,7 +264,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
             success: status.success(),
         },
         started_unix_s,
-        duration_s: t_start.elapsed().as_secs_f64(),
+        duration_s,
         grace_s: a.grace,
         scope: scope_text,
         host: snap.host.clone(),
@@ -215,8 +278,6 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
         left_running,
         warnings,
     };
-    drop(session);
-    drop(scope);
     // The report files first: a closed stderr must not cost them.
     if let Some(w) = json_out.as_mut() {
         crate::output::check::write_json(&mut *w, &report)
@@ -230,4 +291,233 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
     }
     let _ = crate::output::check::write_text(io::stderr().lock(), &report);
     Ok(report.exit_code)
+}
+
+/// Lines of a subscription, read on a thread (a quiet daemon never holds the loop).
+fn subscription(
+    path: &std::path::Path,
+    filters: &crate::model::api::Filters,
+) -> anyhow::Result<std::sync::mpsc::Receiver<Vec<u8>>> {
+    use crate::model::api::{Body, Op};
+    let mut c = crate::source::daemon::Client::connect(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match c.request(
+        Op::Subscribe {
+            from_wall_ns: None,
+            filters: filters.clone(),
+        },
+        Duration::from_secs(30),
+    )? {
+        Body::Subscribed { .. } => {}
+        _ => anyhow::bail!("the daemon answered something else than a subscription"),
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1 << 16);
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        while let Ok(Some(())) = c.next_line(&mut buf, None) {
+            if tx.send(std::mem::take(&mut buf)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn readings(
+    c: &mut crate::source::daemon::Client,
+) -> anyhow::Result<(
+    Vec<crate::model::api::NsReading>,
+    Vec<crate::model::snapshot::HookView>,
+    crate::model::snapshot::LossView,
+)> {
+    match c.request(crate::model::api::Op::Readings, Duration::from_secs(30))? {
+        crate::model::api::Body::Readings {
+            namespaces,
+            hooks,
+            loss,
+            ..
+        } => Ok((namespaces, hooks, loss)),
+        _ => anyhow::bail!("the daemon answered something else than readings"),
+    }
+}
+
+/// The run observed through the daemon: its event stream, judged here for the command's
+/// scope; its readings before and after give the counters' deltas; its loss during the run
+/// and what this client skipped count as lost.
+fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow::Result<i32> {
+    use crate::model::Loss;
+    use crate::session::{Analysis, Context, Reading};
+    let limits = limits(a);
+    let filters = crate::settings::api_filters(&a.filters)?;
+    let json_out = report_file(&a.json)?;
+    let junit_out = report_file(&a.junit)?;
+    let stop = signals::install();
+    note!("tcpwatch: {}", daemon_line(&c));
+    let (ns_start, _, loss_start) = readings(&mut c)?;
+    let rx = subscription(&c.path, &filters)?;
+    let mut warnings: Vec<String> = Vec::new();
+    let mut scope = if a.any_process {
+        RunScope::any()
+    } else {
+        RunScope::for_command()
+    };
+    note!("tcpwatch: watching; running {}", a.cmd.join(" "));
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let t_start = Instant::now();
+    let start_mono = crate::source::host::monotonic_ns();
+    let mut child = scope
+        .spawn(&a.cmd)
+        .with_context(|| format!("cannot run `{}`", a.cmd[0]))?;
+    warnings.extend(
+        scope
+            .warning
+            .iter()
+            .map(|w| format!("{w}: judging by process tree instead")),
+    );
+    let scope = std::sync::Arc::new(std::sync::Mutex::new(scope));
+    let mut cs = CommandScope {
+        scope: scope.clone(),
+        listeners: HashSet::new(),
+    };
+    let thresholds = thresholds(a.close_wait_leak.map_or(10, |s| s.ceil() as u64));
+    let mut analysis = Analysis::new(
+        Context {
+            host: c.hello.host.clone(),
+            kernel: c.hello.kernel.clone(),
+            home_netns: crate::settings::own_netns(),
+            thresholds,
+            sockets_filtered: a.filters.narrows_sockets() || !a.any_process,
+            reasons: crate::model::event::RstReasons::new(c.hello.reasons.clone()),
+        },
+        Some(start_mono),
+    );
+    let mut checker = Checker::new();
+    let grace = Duration::from_secs_f64(a.grace);
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    let mut terminated: Option<Instant> = None;
+    let mut skipped = 0u64;
+    loop {
+        if exited.is_none()
+            && let Some(st) = child.try_wait().context("waiting for the command")?
+        {
+            exited = Some((st, Instant::now()));
+        }
+        let signalled = stop.load(Ordering::SeqCst);
+        if signalled && exited.is_none() {
+            let sig = match terminated {
+                None => {
+                    terminated = Some(Instant::now());
+                    Some(libc::SIGTERM)
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(10) => Some(libc::SIGKILL),
+                _ => None,
+            };
+            if let Some(sig) = sig {
+                // SAFETY: signalling our own child, which has not been reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+                scope
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .signal_all(sig);
+            }
+        }
+        let done = exited.is_some_and(|(_, t)| signalled || t.elapsed() >= grace);
+        let deadline = Instant::now() + POLL;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(_) => anyhow::bail!(
+                    "the daemon at {} went away during the run: the verdict would be a guess",
+                    c.path.display()
+                ),
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match v["type"].as_str() {
+                Some("skipped") => skipped += v["count"].as_u64().unwrap_or(0),
+                Some("live" | "loss") => {}
+                _ => {
+                    if let Some(e) = crate::source::replay::event_from_json(&v)
+                        && cs.event(&e)
+                    {
+                        checker.apply(&e);
+                        analysis.apply(std::slice::from_ref(&e));
+                    }
+                }
+            }
+        }
+        analysis.tick(crate::source::host::monotonic_ns());
+        if done {
+            break;
+        }
+    }
+    let now = crate::source::host::monotonic_ns();
+    let (status, _) = exited.expect("the loop ends after the command exits");
+    let (left_running, scope_text) = {
+        let s = scope.lock().unwrap_or_else(|p| p.into_inner());
+        (s.remaining(), s.describe())
+    };
+    let (ns_end, hooks, loss_end) = readings(&mut c)?;
+    let namespaces = ns_end
+        .iter()
+        .map(|n| match ns_start.iter().find(|s| s.inode == n.inode) {
+            Some(s) => n.input(s),
+            None => n.input(n),
+        })
+        .collect();
+    // Lost during the run: the daemon's, and what this client was not sent.
+    let loss = Loss {
+        kernel_dropped: loss_end
+            .kernel_dropped
+            .saturating_sub(loss_start.kernel_dropped),
+        kernel_skipped: loss_end
+            .kernel_skipped
+            .saturating_sub(loss_start.kernel_skipped),
+        channel_dropped: loss_end
+            .channel_dropped
+            .saturating_sub(loss_start.channel_dropped)
+            + skipped,
+        decode_errors: loss_end
+            .decode_errors
+            .saturating_sub(loss_start.decode_errors),
+        ..Loss::default()
+    };
+    if skipped > 0 {
+        warnings.push(format!(
+            "{skipped} events were skipped: this check did not keep up with the daemon"
+        ));
+    }
+    let snap = analysis.snapshot(
+        now,
+        Reading {
+            inventory: None,
+            namespaces,
+            loss,
+            hooks,
+        },
+    );
+    drop(scope);
+    report(
+        a,
+        &limits,
+        Outcome {
+            checker,
+            snap,
+            loss,
+            now,
+            status,
+            started_unix_s,
+            duration_s: t_start.elapsed().as_secs_f64(),
+            scope_text,
+            left_running,
+            warnings,
+        },
+        json_out,
+        junit_out,
+    )
 }

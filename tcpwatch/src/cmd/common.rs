@@ -2,7 +2,7 @@
 //! cannot panic, the privilege check, and how a session that watches events is started.
 use std::time::Duration;
 
-use crate::cli::{FilterArgs, ProbeArgs};
+use crate::cli::{FilterArgs, ProbeArgs, SourceArgs};
 use crate::model::snapshot::Thresholds;
 use crate::session::{Options, Session};
 use crate::settings::{self, Filters};
@@ -82,4 +82,30 @@ pub fn thresholds(close_wait_secs: u64) -> Thresholds {
         close_wait_secs,
         ..Thresholds::default()
     }
+}
+
+/// The daemon this command uses: `None` for `--standalone`, or when none runs where nobody
+/// named one (then the command loads its own probes, as before there were daemons).
+pub fn daemon_client(src: &SourceArgs) -> anyhow::Result<Option<crate::source::daemon::Client>> {
+    use crate::source::daemon::{self, Client, Unreachable};
+    if src.standalone {
+        return Ok(None);
+    }
+    let (path, named) = daemon::locate(src.daemon.as_deref());
+    match Client::connect(&path) {
+        Ok(c) => Ok(Some(c)),
+        Err(Unreachable::Absent(_)) if !named => Ok(None),
+        Err(e) => anyhow::bail!("{e}"),
+    }
+}
+
+/// What a client says about the daemon it uses.
+pub fn daemon_line(c: &crate::source::daemon::Client) -> String {
+    let clock = crate::source::host::wall_clock();
+    let since = clock.hms_of_wall(c.hello.started_wall_ns);
+    format!(
+        "using the daemon at {} (pid {}, running since {since})",
+        c.path.display(),
+        c.hello.pid
+    )
 }

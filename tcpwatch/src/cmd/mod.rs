@@ -3,6 +3,7 @@
 //! holds what several commands share.
 mod check;
 mod common;
+mod daemon;
 mod doctor;
 mod serve;
 mod signals;
@@ -32,6 +33,7 @@ pub fn main_entry() -> i32 {
         Command::Doctor(a) => doctor::run(a),
         Command::Check(a) => check::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Daemon(a) => daemon::run(a),
     };
     match res {
         Ok(code) => code,

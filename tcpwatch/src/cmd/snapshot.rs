@@ -4,7 +4,9 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::common::{EXIT_OK, POLL, note, probe_config, require_privileges, thresholds};
+use super::common::{
+    EXIT_OK, POLL, daemon_client, daemon_line, note, probe_config, require_privileges, thresholds,
+};
 use super::signals;
 use crate::cli::SnapshotArgs;
 use crate::session::{Options, Session};
@@ -12,6 +14,16 @@ use crate::settings::{self, Filters};
 use crate::source::caps;
 
 pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
+    if let Some(c) = daemon_client(&a.source)? {
+        return through_daemon(&a, c);
+    }
+    if a.since.is_some() {
+        let (path, _) = crate::source::daemon::locate(a.source.daemon.as_deref());
+        anyhow::bail!(
+            "--since reads a daemon's record, and no daemon runs at {} (start one: tcpwatch daemon)",
+            path.display()
+        );
+    }
     let filters = Filters::from_args(&a.filters)?;
     let watch = a.duration > 0.0;
     let cfg = probe_config(&a.probe, &filters, watch);
@@ -74,6 +86,77 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
         crate::output::snapshot::write_json(out, &snap)
     } else {
         crate::output::snapshot::write_text(out, &snap)
+    };
+    match res {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing output: {e}"))
+        }
+        _ => Ok(EXIT_OK),
+    }
+}
+
+/// The same report, made by the daemon: instant, over `--duration` from now, or over the
+/// past `--since` window from its record.
+fn through_daemon(a: &SnapshotArgs, mut c: crate::source::daemon::Client) -> anyhow::Result<i32> {
+    use crate::model::api::{Body, Op};
+    use crate::source::host::wall_ns;
+    note!("tcpwatch: {}", daemon_line(&c));
+    let filters = settings::api_filters(&a.filters)?;
+    let from = if let Some(d) = a.since {
+        Some(wall_ns() - d as i64)
+    } else if a.duration > 0.0 {
+        let stop = signals::install();
+        let start = wall_ns();
+        note!(
+            "tcpwatch: watching for {:.1} s; Ctrl-C to stop early",
+            a.duration
+        );
+        let end = Instant::now() + Duration::from_secs_f64(a.duration);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(start)
+    } else {
+        None
+    };
+    let body = c.request(
+        Op::Snapshot {
+            from_wall_ns: from,
+            to_wall_ns: None,
+            filters,
+            close_wait_secs: a.close_wait_secs,
+        },
+        Duration::from_secs(600),
+    )?;
+    let Body::Snapshot { snapshot, history } = body else {
+        anyhow::bail!("the daemon answered something else than a snapshot");
+    };
+    let clock = crate::source::host::wall_clock();
+    if let (Some(h), Some(asked)) = (&history, a.since.and(from)) {
+        match h.events_from_wall_ns {
+            Some(e) if e > asked && h.events_pruned == 0 => note!(
+                "tcpwatch: the record starts at {}: nothing was recorded before",
+                clock.hms_of_wall(e)
+            ),
+            Some(e) if e > asked => note!(
+                "tcpwatch: the record's full events start at {} (older ones were pruned to stay inside --history-mib); signals and frames reach further",
+                clock.hms_of_wall(e)
+            ),
+            None => note!("tcpwatch: the record holds no events yet"),
+            _ => {}
+        }
+    }
+    let out = io::stdout().lock();
+    let res = match (&history, a.json) {
+        (Some(h), true) => crate::output::snapshot::write_json_with_history(out, &snapshot, h),
+        (None, true) => crate::output::snapshot::write_json(out, &snapshot),
+        (h, false) => {
+            let mut out = out;
+            crate::output::snapshot::write_text(&mut out, &snapshot).and_then(|_| match h {
+                Some(h) => crate::output::history::write_text(&mut out, h, &clock),
+                None => Ok(()),
+            })
+        }
     };
     match res {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {

@@ -4,7 +4,7 @@ use std::io::{self, BufWriter, IsTerminal as _};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::common::{EXIT_OK, POLL, daemon_client, note, thresholds, watching};
 use super::signals;
 use crate::cli::{SnapshotArgs, TopArgs};
 use crate::model::Loss;
@@ -33,10 +33,15 @@ pub fn run(a: TopArgs) -> anyhow::Result<i32> {
         return super::snapshot::run(SnapshotArgs {
             json: false,
             duration: 0.0,
+            since: None,
             close_wait_secs: a.close_wait_secs,
             filters: a.filters,
             probe: a.probe,
+            source: a.source,
         });
+    }
+    if let Some(c) = daemon_client(&a.source)? {
+        return through_daemon(&a, c);
     }
     live(&a)
 }
@@ -80,6 +85,7 @@ fn live(a: &TopArgs) -> anyhow::Result<i32> {
         session.collector().rst_reasons(),
     );
     let mut app = App::new(format!("host {}", session.analysis().context().host));
+    app.clock = Some(session.clock());
     let mut screen = Screen::new()?;
     let refresh = Duration::from_millis(1000 / a.refresh as u64);
     let (mut rate_t, mut rate_n) = (Instant::now(), session.events_seen());
@@ -195,6 +201,219 @@ fn replay(
                 analysis.connections(last_ts),
                 n as f64 / refresh.as_secs_f64(),
             );
+        }
+        screen.draw(&app)?;
+        if !wait_keys(&mut app, Instant::now() + refresh)? {
+            return Ok(EXIT_OK);
+        }
+    }
+}
+
+/// The events of a subscription as display lines, read on a thread of their own.
+fn event_lines(
+    path: &std::path::Path,
+    from: i64,
+    filters: &crate::model::api::Filters,
+    log: LogLines,
+) -> Option<std::sync::mpsc::Receiver<String>> {
+    use crate::model::api::{Body, Op};
+    let mut c = crate::source::daemon::Client::connect(path).ok()?;
+    let ok = c.request(
+        Op::Subscribe {
+            from_wall_ns: Some(from),
+            filters: filters.clone(),
+        },
+        Duration::from_secs(30),
+    );
+    if !matches!(ok, Ok(Body::Subscribed { .. })) {
+        return None;
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(8192);
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        while let Ok(Some(())) = c.next_line(&mut buf, None) {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) else {
+                continue;
+            };
+            let line = match v["type"].as_str() {
+                Some("live") => continue,
+                Some("skipped") => format!(
+                    "-- {} events skipped: the view did not keep up",
+                    v["count"].as_u64().unwrap_or(0)
+                ),
+                Some("loss") => "-- the daemon lost events (see the header)".to_string(),
+                _ => match crate::source::replay::event_from_json(&v) {
+                    Some(e) => log.line(&e),
+                    None => continue,
+                },
+            };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    Some(rx)
+}
+
+/// The view of a daemon: its live model (the past since it started), the last hour of
+/// frames as the charts, the events of the last minutes pre-filled, and the record to step
+/// back through.
+fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::Result<i32> {
+    use crate::model::api::{Body, Op};
+    use crate::source::host::wall_ns;
+    let stop = signals::install();
+    let filters = crate::settings::api_filters(&a.filters)?;
+    let clock = crate::source::host::wall_clock();
+    let reasons = crate::model::event::RstReasons::new(c.hello.reasons.clone());
+    let path = c.path.clone();
+    let mut app = App::new(String::new());
+    app.clock = Some(clock);
+    app.can_travel = c.hello.record.is_some();
+    let source = |c: &crate::source::daemon::Client| {
+        format!(
+            "host {} via the daemon (pid {}, since {})",
+            c.hello.host,
+            c.hello.pid,
+            clock.hms_of_wall(c.hello.started_wall_ns)
+        )
+    };
+    app.source = source(&c);
+    let log = || LogLines::new(clock, crate::settings::own_netns(), reasons.clone());
+    let mut events = if app.can_travel {
+        event_lines(&path, wall_ns() - 300_000_000_000, &filters, log())
+    } else {
+        event_lines(&path, wall_ns(), &filters, log())
+    };
+    let mut screen = Screen::new()?;
+    let refresh = Duration::from_millis(1000 / a.refresh as u64);
+    let mut frames: Vec<std::collections::BTreeMap<crate::model::snapshot::Name, u64>> = Vec::new();
+    let mut frames_read: Option<Instant> = None;
+    let (mut rate_t, mut rate_n) = (Instant::now(), None::<u64>);
+    let mut connected = true;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(EXIT_OK);
+        }
+        if let Some(rx) = &events {
+            for _ in 0..20_000 {
+                match rx.try_recv() {
+                    Ok(l) => app.log(l),
+                    Err(_) => break,
+                }
+            }
+        }
+        if !connected {
+            match crate::source::daemon::Client::connect(&path) {
+                Ok(c2) => {
+                    c = c2;
+                    connected = true;
+                    app.source = source(&c);
+                    events = event_lines(&path, wall_ns(), &filters, log());
+                    frames_read = None;
+                }
+                Err(_) => {
+                    app.source = format!("the daemon at {} is gone: waiting for it", path.display())
+                }
+            }
+        }
+        let travel = app.travel.take();
+        if connected {
+            let res = match (travel, app.at) {
+                (Some(Some(at)), _) => {
+                    // A past window: the five minutes up to it, and the hour of frames before.
+                    let r = c.request(
+                        Op::Snapshot {
+                            from_wall_ns: Some(at - 300_000_000_000),
+                            to_wall_ns: Some(at),
+                            filters: filters.clone(),
+                            close_wait_secs: a.close_wait_secs,
+                        },
+                        Duration::from_secs(120),
+                    );
+                    r.and_then(|b| match b {
+                        Body::Snapshot { snapshot, .. } => {
+                            let socks = snapshot.sockets.clone();
+                            app.update(*snapshot, socks, 0.0);
+                            let r = c.request(
+                                Op::Frames {
+                                    from_wall_ns: at - 3_600_000_000_000,
+                                    to_wall_ns: Some(at),
+                                },
+                                Duration::from_secs(30),
+                            )?;
+                            if let Body::Frames { frames } = r {
+                                app.set_history(
+                                    frames
+                                        .into_iter()
+                                        .filter(|f| !f.states.is_empty())
+                                        .map(|f| f.states)
+                                        .collect(),
+                                );
+                            }
+                            Ok(())
+                        }
+                        _ => anyhow::bail!("an unexpected answer"),
+                    })
+                }
+                (_, Some(_)) => Ok(()),
+                (_, None) => (|| {
+                    if frames_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                        && app.can_travel
+                    {
+                        frames_read = Some(Instant::now());
+                        if let Body::Frames { frames: f } = c.request(
+                            Op::Frames {
+                                from_wall_ns: wall_ns() - 3_600_000_000_000,
+                                to_wall_ns: None,
+                            },
+                            Duration::from_secs(30),
+                        )? {
+                            frames = f
+                                .into_iter()
+                                .filter(|f| !f.states.is_empty())
+                                .map(|f| f.states)
+                                .collect();
+                        }
+                    }
+                    let b = c.request(
+                        Op::Live {
+                            filters: filters.clone(),
+                            close_wait_secs: a.close_wait_secs,
+                            connections: 5000,
+                        },
+                        Duration::from_secs(30),
+                    )?;
+                    if let Body::Live {
+                        snapshot,
+                        connections,
+                        events_seen,
+                    } = b
+                    {
+                        let el = rate_t.elapsed().as_secs_f64().max(1e-3);
+                        let rate =
+                            rate_n.map_or(0.0, |n| events_seen.saturating_sub(n) as f64 / el);
+                        (rate_t, rate_n) = (Instant::now(), Some(events_seen));
+                        let states = snapshot.states.clone();
+                        app.update(*snapshot, connections, rate);
+                        if app.can_travel {
+                            let mut h = frames.clone();
+                            h.push(states);
+                            app.set_history(h);
+                        }
+                    }
+                    Ok(())
+                })(),
+            };
+            if let Err(e) = res {
+                let gone = crate::source::daemon::Client::connect(&path).is_err();
+                if gone {
+                    connected = false;
+                    app.source =
+                        format!("the daemon at {} is gone: waiting for it", path.display());
+                } else {
+                    app.log(format!("-- {e:#}"));
+                }
+            }
         }
         screen.draw(&app)?;
         if !wait_keys(&mut app, Instant::now() + refresh)? {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use super::common::{EXIT_OK, POLL, note, thresholds, watching};
+use super::common::{EXIT_OK, POLL, daemon_client, daemon_line, note, thresholds, watching};
 use super::signals;
 use crate::cli::TraceArgs;
 use crate::model::Loss;
@@ -26,6 +26,16 @@ enum Msg {
 const QUEUE_BATCHES: usize = 8;
 
 pub fn run(a: TraceArgs) -> anyhow::Result<i32> {
+    if let Some(c) = daemon_client(&a.source)? {
+        return through_daemon(&a, c);
+    }
+    if a.since.is_some() {
+        let (path, _) = crate::source::daemon::locate(a.source.daemon.as_deref());
+        anyhow::bail!(
+            "--since reads a daemon's record, and no daemon runs at {} (start one: tcpwatch daemon)",
+            path.display()
+        );
+    }
     let stop = signals::install();
     let mut session = watching(&a.filters, &a.probe, thresholds(10), false)?;
     for s in session.collector().status() {
@@ -169,5 +179,209 @@ fn write(
             Ok(())
         }
         other => other,
+    }
+}
+
+/// How long a trace waits for a daemon that went away to come back.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Reads a subscription's lines on a thread of its own (so Ctrl-C is never stuck behind a
+/// quiet daemon); `None` marks the daemon hanging up.
+fn stream_lines(
+    mut c: crate::source::daemon::Client,
+) -> std::sync::mpsc::Receiver<Option<Vec<u8>>> {
+    let (tx, rx) = sync_channel(1024);
+    std::thread::spawn(move || {
+        loop {
+            let mut buf = Vec::new();
+            match c.next_line(&mut buf, None) {
+                Ok(Some(())) => {
+                    if tx.send(Some(buf)).is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    let _ = tx.send(None);
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Subscribes: the answer line, then the stream's lines on a thread.
+fn subscribe(
+    c: &mut crate::source::daemon::Client,
+    from: Option<i64>,
+    filters: &crate::model::api::Filters,
+) -> anyhow::Result<Option<i64>> {
+    use crate::model::api::{Body, Op};
+    match c.request(
+        Op::Subscribe {
+            from_wall_ns: from,
+            filters: filters.clone(),
+        },
+        Duration::from_secs(30),
+    )? {
+        Body::Subscribed { from_wall_ns } => Ok(from_wall_ns),
+        _ => anyhow::bail!("the daemon answered something else than a subscription"),
+    }
+}
+
+/// The events through the daemon: recorded ones from `--since`, then live, as JSON lines
+/// passed on or as text. If the daemon goes away, reconnects for a while and goes on from
+/// the last event it had.
+fn through_daemon(a: &TraceArgs, mut c: crate::source::daemon::Client) -> anyhow::Result<i32> {
+    use crate::source::daemon::Client;
+    use crate::source::host::wall_ns;
+    let stop = signals::install();
+    note!("tcpwatch: {}", daemon_line(&c));
+    let filters = crate::settings::api_filters(&a.filters)?;
+    let clock = crate::source::host::wall_clock();
+    let reasons = RstReasons::new(c.hello.reasons.clone());
+    let path = c.path.clone();
+    let out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let mut w =
+        TraceWriter::new(out, a.json, clock, crate::settings::own_netns()).with_reasons(reasons);
+    let asked = a.since.map(|d| wall_ns() - d as i64);
+    let starts = subscribe(&mut c, asked, &filters)?;
+    if let (Some(asked), Some(s)) = (asked, starts)
+        && s > asked + 1_000_000_000
+    {
+        let pruned = c.hello.record.is_some_and(|r| r.pruned.events > 0);
+        note!(
+            "tcpwatch: the record starts at {}{}",
+            clock.hms_of_wall(s),
+            if pruned {
+                " (older events were pruned to stay inside --history-mib)"
+            } else {
+                ": nothing was recorded before"
+            }
+        );
+    }
+    note!("tcpwatch: tracing; Ctrl-C to stop");
+    let mut rx = stream_lines(c);
+    let (mut events, mut skipped) = (0u64, 0u64);
+    let mut last_wall: Option<i64> = None;
+    let res: io::Result<()> = (|| {
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let line = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Some(l)) => l,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    w.flush()?;
+                    continue;
+                }
+                Ok(None) | Err(_) => {
+                    w.flush()?;
+                    note!(
+                        "tcpwatch: the daemon at {} went away; waiting for it to come back",
+                        path.display()
+                    );
+                    let give_up = Instant::now() + RECONNECT_FOR;
+                    let gap_from = last_wall;
+                    loop {
+                        if stop.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        if Instant::now() >= give_up {
+                            return Err(io::Error::other(format!(
+                                "the daemon at {} did not come back within {} s",
+                                path.display(),
+                                RECONNECT_FOR.as_secs()
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                        let Ok(mut c2) = Client::connect(&path) else {
+                            continue;
+                        };
+                        // From the last event seen: what the new daemon recorded since.
+                        let resume = gap_from.map_or_else(wall_ns, |w| w + 1);
+                        if subscribe(&mut c2, Some(resume), &filters).is_err() {
+                            continue;
+                        }
+                        note!(
+                            "tcpwatch: reconnected (daemon pid {}); events while no daemon ran were not observed",
+                            c2.hello.pid
+                        );
+                        rx = stream_lines(c2);
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let v: serde_json::Value = match serde_json::from_slice(&line) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            if v.get("ok") == Some(&serde_json::Value::Bool(false)) {
+                let why = v["error"].as_str().unwrap_or("?");
+                return Err(io::Error::other(format!(
+                    "the daemon says: {}",
+                    crate::source::daemon::printable(why)
+                )));
+            }
+            match v["type"].as_str() {
+                Some("live") => continue,
+                Some("skipped") => {
+                    let n = v["count"].as_u64().unwrap_or(0);
+                    skipped += n;
+                    note!(
+                        "tcpwatch: {n} events skipped: this trace did not keep up with the daemon"
+                    );
+                    if a.json {
+                        w.raw_line(&line)?;
+                    }
+                    continue;
+                }
+                Some("loss") => {
+                    if a.json {
+                        w.raw_line(&line)?;
+                    } else {
+                        note!(
+                            "tcpwatch: the daemon lost {} events ({} so far)",
+                            v["kernel_dropped"].as_u64().unwrap_or(0)
+                                + v["kernel_skipped"].as_u64().unwrap_or(0)
+                                + v["channel_dropped"].as_u64().unwrap_or(0)
+                                + v["decode_errors"].as_u64().unwrap_or(0),
+                            v["total"]["kernel_dropped"].as_u64().unwrap_or(0)
+                                + v["total"]["kernel_skipped"].as_u64().unwrap_or(0)
+                                + v["total"]["channel_dropped"].as_u64().unwrap_or(0)
+                                + v["total"]["decode_errors"].as_u64().unwrap_or(0)
+                        );
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(e) = crate::source::replay::event_from_json(&v) else {
+                continue;
+            };
+            events += 1;
+            last_wall = Some(clock.wall_ns(e.ts_ns) as i64);
+            if a.json {
+                w.raw_line(&line)?;
+            } else {
+                w.event(&e)?;
+            }
+        }
+    })();
+    let res = match res {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Other => {
+            let _ = w.flush();
+            return Err(anyhow::anyhow!("{e}"));
+        }
+        other => other.and_then(|_| w.flush()),
+    };
+    note!("tcpwatch: {events} events from the daemon, {skipped} skipped");
+    match res {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing output: {e}"))
+        }
+        _ => Ok(EXIT_OK),
     }
 }

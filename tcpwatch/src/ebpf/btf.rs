@@ -352,7 +352,8 @@ impl Facts {
 }
 
 /// Where resolved facts are kept between runs: tmpfs, so a reboot (a new kernel) clears it.
-pub const CACHE_DIR: &str = "/run/tcpwatch";
+/// Root-only, below the daemon's socket directory (which its group may enter).
+pub const CACHE_DIR: &str = "/run/tcpwatch/cache";
 
 /// What a cache entry must match: this build of tcpwatch (its field list) and this kernel.
 pub fn cache_key(btf_len: u64) -> String {

@@ -29,6 +29,9 @@ pub struct Hello {
     /// turning the events' monotonic times into wall-clock times.
     pub started_wall_ns: i64,
     pub clock_offset_ns: i64,
+    /// The kernel's reset reasons (code, name), for naming them in text.
+    #[serde(default)]
+    pub reasons: Vec<(u32, String)>,
     /// Where the flight recorder's history begins: frames, and full events (older events
     /// were pruned to stay within the bound; signals may reach further back).
     pub record: Option<RecordSpan>,
@@ -225,6 +228,10 @@ pub struct History {
     /// The counters the window's deltas start from were read at this time.
     pub counters_from_wall_ns: Option<i64>,
     pub events: u64,
+    /// Events the recorder has pruned so far (0: the record starts where the daemon first
+    /// ran with it, nothing was cut).
+    #[serde(default)]
+    pub events_pruned: u64,
     /// The window's 10-second frames (states over time, per-frame totals).
     pub frames: Vec<Frame>,
 }

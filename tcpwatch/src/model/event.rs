@@ -23,6 +23,11 @@ impl RstReasons {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Every (code, name), to send the table elsewhere.
+    pub fn entries(&self) -> Vec<(u32, String)> {
+        self.0.iter().map(|(v, n)| (*v, n.to_string())).collect()
+    }
 }
 
 /// An owner as outputs show it.

@@ -29,6 +29,13 @@ impl Clock {
             us
         )
     }
+
+    /// `HH:MM:SS` local time of a Unix time in ns.
+    pub fn hms_of_wall(&self, wall_ns: i64) -> String {
+        let mono = (wall_ns as i128 - self.offset_ns).max(0) as u64;
+        let s = self.hms(mono);
+        s.split('.').next().unwrap_or(&s).to_string()
+    }
 }
 
 #[cfg(test)]

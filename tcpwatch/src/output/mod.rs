@@ -1,6 +1,7 @@
 //! Writers that turn model events and snapshots into text, JSON and exit codes. Pure: they never
 //! touch aya, netlink or /proc.
 pub mod check;
+pub mod history;
 pub mod json;
 pub mod printable;
 pub mod prometheus;

@@ -107,6 +107,77 @@ fn listener_labels(l: &ListenerView) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The daemon's record and API, appended to the exposition.
+pub fn render_record(
+    r: &crate::model::api::RecordSpan,
+    subscribers: usize,
+    now_wall_ns: i64,
+) -> String {
+    let mut w = W {
+        out: String::with_capacity(2048),
+    };
+    w.head(
+        "tcpwatch_record_bytes",
+        "gauge",
+        "Bytes the flight recorder uses on disk.",
+    );
+    w.sample("tcpwatch_record_bytes", &[], r.bytes as f64);
+    w.head(
+        "tcpwatch_record_bound_bytes",
+        "gauge",
+        "The flight recorder's bound (--history-mib).",
+    );
+    w.sample("tcpwatch_record_bound_bytes", &[], r.bound_bytes as f64);
+    w.head(
+        "tcpwatch_record_pruned_total",
+        "counter",
+        "Rows the flight recorder deleted to stay inside its bound, by table.",
+    );
+    for (t, n) in [
+        ("events", r.pruned.events),
+        ("signals", r.pruned.signals),
+        ("timelines", r.pruned.timelines),
+        ("frames", r.pruned.frames),
+    ] {
+        w.sample(
+            "tcpwatch_record_pruned_total",
+            &[("table", t.to_string())],
+            n as f64,
+        );
+    }
+    w.head(
+        "tcpwatch_record_dropped_total",
+        "counter",
+        "Records that never reached the disk (the recorder could not keep up, or a write failed).",
+    );
+    w.sample("tcpwatch_record_dropped_total", &[], r.dropped as f64);
+    w.head(
+        "tcpwatch_record_span_seconds",
+        "gauge",
+        "How far back the record reaches, by kind.",
+    );
+    for (k, from) in [
+        ("events", r.events_from_wall_ns),
+        ("signals", r.signals_from_wall_ns),
+        ("timelines", r.timelines_from_wall_ns),
+        ("frames", r.frames_from_wall_ns),
+    ] {
+        let age = from.map_or(0.0, |f| (now_wall_ns.saturating_sub(f)).max(0) as f64 / 1e9);
+        w.sample(
+            "tcpwatch_record_span_seconds",
+            &[("kind", k.to_string())],
+            age,
+        );
+    }
+    w.head(
+        "tcpwatch_api_subscribers",
+        "gauge",
+        "Clients following the event stream.",
+    );
+    w.sample("tcpwatch_api_subscribers", &[], subscribers as f64);
+    w.out
+}
+
 pub fn render(s: &Snapshot, x: &Extras) -> String {
     let mut w = W {
         out: String::with_capacity(16 * 1024),
@@ -399,6 +470,7 @@ pub fn render(s: &Snapshot, x: &Extras) -> String {
         ("kernel_skipped", l.kernel_skipped),
         ("userspace", l.channel_dropped),
         ("undecodable", l.decode_errors),
+        ("recorder", l.recorder_dropped),
     ] {
         w.sample(
             "tcpwatch_events_lost_total",

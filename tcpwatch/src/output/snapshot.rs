@@ -24,6 +24,23 @@ pub fn write_json<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     writeln!(w)
 }
 
+/// The snapshot of a past window, with what it was made of (`history`).
+pub fn write_json_with_history<W: Write>(
+    mut w: W,
+    s: &Snapshot,
+    h: &crate::model::api::History,
+) -> io::Result<()> {
+    let mut v = serde_json::to_value(s).map_err(io::Error::other)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "history".into(),
+            serde_json::to_value(h).map_err(io::Error::other)?,
+        );
+    }
+    serde_json::to_writer_pretty(&mut w, &v).map_err(io::Error::other)?;
+    writeln!(w)
+}
+
 fn owner(o: &Option<crate::model::snapshot::OwnerView>) -> String {
     o.as_ref()
         .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm))
@@ -265,7 +282,13 @@ fn write_text_raw<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
     }
     writeln!(w)?;
     let l = &s.loss;
-    if l.kernel_dropped + l.kernel_skipped + l.channel_dropped + l.decode_errors == 0 {
+    if l.kernel_dropped
+        + l.kernel_skipped
+        + l.channel_dropped
+        + l.decode_errors
+        + l.recorder_dropped
+        == 0
+    {
         writeln!(w, "LOSS none")?;
     } else {
         let by: Vec<String> = l
@@ -281,6 +304,13 @@ fn write_text_raw<W: Write>(mut w: W, s: &Snapshot) -> io::Result<()> {
             l.kernel_skipped,
             l.decode_errors
         )?;
+        if l.recorder_dropped > 0 {
+            writeln!(
+                w,
+                "LOSS not kept by the daemon's recorder: {}",
+                l.recorder_dropped
+            )?;
+        }
     }
     Ok(())
 }

@@ -63,6 +63,15 @@ impl<W: Write> TraceWriter<W> {
         std::mem::take(&mut self.pending)
     }
 
+    /// A line written as it came (a daemon's JSON line, passed on); it must end in '\n'.
+    pub fn raw_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(line);
+        if self.pending.len() >= 1 << 16 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         if self.json {
             self.json_event(ev)

@@ -59,6 +59,11 @@ pub enum Rec {
         /// Each namespace's nonzero counters as JSON.
         counters: Vec<(u32, String)>,
     },
+    /// Counters read outside a frame (when the daemon started).
+    Counters {
+        wall_ns: i64,
+        counters: Vec<(u32, String)>,
+    },
     /// Write everything queued now and answer.
     Sync(SyncSender<()>),
 }
@@ -68,7 +73,9 @@ impl Rec {
         match self {
             Rec::Events { rows, lines } => lines.len() + rows.len() * 32,
             Rec::Timelines(v) => v.iter().map(|t| t.json.len() + 64).sum(),
-            Rec::Frame { counters, .. } => 4096 + counters.iter().map(|c| c.1.len()).sum::<usize>(),
+            Rec::Frame { counters, .. } | Rec::Counters { counters, .. } => {
+                4096 + counters.iter().map(|c| c.1.len()).sum::<usize>()
+            }
             Rec::Sync(_) => 0,
         }
     }
@@ -78,7 +85,7 @@ impl Rec {
             Rec::Events { rows, .. } => rows.len() as u64,
             Rec::Timelines(v) => v.len() as u64,
             Rec::Frame { .. } => 1,
-            Rec::Sync(_) => 0,
+            Rec::Counters { .. } | Rec::Sync(_) => 0,
         }
     }
 }
@@ -398,6 +405,14 @@ fn insert(
                             continue;
                         }
                         ct.execute(params![ns, frame.wall_ns, json])?;
+                        counters_seen.insert(*ns, json.clone());
+                        added[4].0 += 1;
+                        added[4].1 += json.len() as u64;
+                    }
+                }
+                Rec::Counters { wall_ns, counters } => {
+                    for (ns, json) in counters {
+                        ct.execute(params![ns, wall_ns, json])?;
                         counters_seen.insert(*ns, json.clone());
                         added[4].0 += 1;
                         added[4].1 += json.len() as u64;

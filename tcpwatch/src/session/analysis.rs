@@ -75,6 +75,26 @@ impl Analysis {
         self.agg.cfg.retention_ns = ns;
     }
 
+    /// Timelines leaving the model are kept for `take_retired` (the daemon records them).
+    pub fn keep_retired(&mut self) {
+        self.agg.cfg.keep_retired = true;
+    }
+
+    /// The closed timelines that left the model since the previous call, as views at `now_ns`,
+    /// each with when it ended (monotonic ns).
+    pub fn take_retired(&mut self, now_ns: u64) -> Vec<(SocketView, u64)> {
+        self.agg
+            .take_retired()
+            .iter()
+            .map(|t| {
+                (
+                    snapshot::socket_view(t, now_ns),
+                    t.ended_ns().unwrap_or(t.last_ns),
+                )
+            })
+            .collect()
+    }
+
     /// Reset-reason names learned later (a replay reads them as it goes).
     pub fn set_reasons(&mut self, reasons: RstReasons) {
         self.ctx.reasons = reasons;
@@ -114,6 +134,13 @@ impl Analysis {
     pub fn observe(&mut self, listeners: &[SockRec], now_ns: u64) {
         for l in listeners {
             self.agg.observe_listener(&listener_sample(l), now_ns);
+        }
+    }
+
+    /// Listener samples made elsewhere (the record's frames).
+    pub fn aggregator_observe(&mut self, samples: &[ListenerSample], now_ns: u64) {
+        for s in samples {
+            self.agg.observe_listener(s, now_ns);
         }
     }
 

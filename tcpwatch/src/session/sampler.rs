@@ -244,10 +244,31 @@ pub struct InventoryReader {
 
 impl InventoryReader {
     pub fn read(&self) -> (Vec<SockRec>, Vec<NsInput>) {
+        self.read_with(true)
+    }
+
+    /// Each namespace's counters when the session started.
+    pub fn start_counters(&self) -> impl Iterator<Item = (u32, &Counters)> {
+        self.namespaces.iter().map(|(n, c)| (n.inode, c))
+    }
+
+    /// The namespaces it reads.
+    pub fn namespaces(&self) -> Vec<u32> {
+        self.namespaces.iter().map(|(n, _)| n.inode).collect()
+    }
+
+    /// A read without the owner walk (the daemon's frames count states only).
+    pub fn read_with(&self, owners: bool) -> (Vec<SockRec>, Vec<NsInput>) {
         // The owner walk and the namespace reads are independent: on two threads the read
         // takes the longer of the two instead of their sum.
         let (owners, reads) = std::thread::scope(|sc| {
-            let owners = sc.spawn(|| owners_now(&self.probe));
+            let owners = sc.spawn(|| {
+                if owners {
+                    owners_now(&self.probe)
+                } else {
+                    HashMap::new()
+                }
+            });
             let reads: Vec<_> = self
                 .namespaces
                 .iter()

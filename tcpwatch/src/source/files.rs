@@ -57,6 +57,45 @@ pub fn create(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Makes `path` a directory only this user writes: created with `mode` if missing; an
+/// existing one must be a real directory (not a symlink) owned by this user, and is then
+/// given `mode` and, when asked, group `gid` (who may then enter or read it).
+pub fn private_dir(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)?;
+        }
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.file_type().is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not a directory (a symlink or a file): refusing to use it",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "owned by uid {}, not by this user: refusing to use it",
+                m.uid()
+            ),
+        ));
+    }
+    if let Some(g) = gid {
+        std::os::unix::fs::chown(path, None, Some(g))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// Whether `path`'s directory is writable by others with the sticky bit (`/tmp`): there a
 /// file of another user is theirs to keep.
 fn in_shared_dir(path: &Path) -> io::Result<bool> {
@@ -110,6 +149,21 @@ mod tests {
         w.write_all(b"new").unwrap();
         drop(w);
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "new");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_private_directory_is_made_or_refused() {
+        let d = scratch("private");
+        let made = d.join("state");
+        private_dir(&made, 0o750, None).unwrap();
+        let m = std::fs::symlink_metadata(&made).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o777, 0o750);
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&made, &link).unwrap();
+        let e = private_dir(&link, 0o700, None).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -1,6 +1,7 @@
 //! Everything read from the running system besides the eBPF events: network namespaces,
 //! /proc/net counters, sysctls, socket owners from /proc/*/fd, the iter/tcp and sock_diag inventories.
 pub mod caps;
+pub mod daemon;
 pub mod files;
 pub mod host;
 pub mod netns;

@@ -472,6 +472,7 @@ pub fn build(agg: &Aggregator, input: &Input<'_>) -> Snapshot {
                 .map(|n| n.decode_errors)
                 .sum::<u64>(),
         timelines_evicted: agg.totals.evicted,
+        recorder_dropped: 0,
     };
     s.findings = findings::find(&Facts {
         agg,

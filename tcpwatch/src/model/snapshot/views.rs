@@ -266,6 +266,19 @@ pub struct SocketView {
     pub time_wait: Option<TwView>,
 }
 
+impl SocketView {
+    /// Moves its times by `delta_ns` (a recorded timeline onto this boot's clock).
+    pub fn shift(&mut self, delta_ns: i64) {
+        let mv = |t: u64| (t as i64).saturating_add(delta_ns).max(0) as u64;
+        for t in &mut self.transitions {
+            t.ts_ns = mv(t.ts_ns);
+        }
+        if let Some(tw) = &mut self.time_wait {
+            tw.entered_ns = mv(tw.entered_ns);
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TwView {
     pub substate: Option<Name>,
@@ -281,6 +294,29 @@ pub struct LossView {
     pub channel_dropped: u64,
     pub decode_errors: u64,
     pub timelines_evicted: u64,
+    /// Events the daemon's recorder could not keep (its queue was full, or the disk
+    /// failed); 0 outside the daemon.
+    #[serde(default)]
+    pub recorder_dropped: u64,
+}
+
+impl LossView {
+    /// The pipeline's loss alone (no timeline evictions: those are the aggregator's).
+    pub fn of(l: &Loss) -> LossView {
+        LossView {
+            kernel_dropped: l.kernel_dropped,
+            kernel_dropped_by_type: l
+                .kernel_dropped_by_type
+                .nonzero()
+                .map(|(k, n)| (k.into(), n))
+                .collect(),
+            kernel_skipped: l.kernel_skipped,
+            channel_dropped: l.channel_dropped,
+            decode_errors: l.decode_errors,
+            timelines_evicted: 0,
+            recorder_dropped: 0,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -11,6 +11,8 @@ use crate::model::snapshot::{Snapshot, SocketView};
 
 /// How many state samples the sparklines keep (one per refresh).
 pub const HISTORY: usize = 120;
+/// Frames (10 s each) a daemon's history shows: the last hour.
+pub const HISTORY_FRAMES: usize = 360;
 /// Event log lines kept.
 pub const LOG_LINES: usize = 1000;
 
@@ -78,7 +80,20 @@ pub struct App {
     pub paused: bool,
     pub help: bool,
     pub quit: bool,
+    /// Turns monotonic event times into wall-clock times (none for a replay).
+    pub clock: Option<crate::model::time::Clock>,
+    /// A daemon's record behind the view: it can step back in time.
+    pub can_travel: bool,
+    /// The time the view shows (Unix ns), `None` for now; keys move it, the loop that feeds
+    /// the app follows.
+    pub at: Option<i64>,
+    /// What the loop should show now, when the keys changed it (taken by the loop).
+    pub travel: Option<Option<i64>>,
 }
+
+/// How far `[`/`]` and `{`/`}` step.
+pub const STEP_NS: i64 = 60_000_000_000;
+pub const BIG_STEP_NS: i64 = 600_000_000_000;
 
 impl App {
     pub fn new(source: impl Into<String>) -> App {
@@ -98,6 +113,31 @@ impl App {
             paused: false,
             help: false,
             quit: false,
+            clock: None,
+            can_travel: false,
+            at: None,
+            travel: None,
+        }
+    }
+
+    /// Moves the view by `delta_ns` from what it shows (now when live); reaching now again
+    /// goes back to live.
+    pub fn step(&mut self, delta_ns: i64, now_wall_ns: i64) {
+        if !self.can_travel {
+            return;
+        }
+        let from = self.at.unwrap_or(now_wall_ns);
+        let to = from.saturating_add(delta_ns);
+        self.at = (to < now_wall_ns - 1_000_000_000).then_some(to);
+        self.travel = Some(self.at);
+    }
+
+    /// State counts over time (a daemon's frames, oldest first) instead of the per-refresh
+    /// samples.
+    pub fn set_history(&mut self, h: Vec<BTreeMap<crate::model::snapshot::Name, u64>>) {
+        self.history = h.into();
+        while self.history.len() > HISTORY_FRAMES {
+            self.history.pop_front();
         }
     }
 
@@ -218,6 +258,14 @@ impl App {
             KeyCode::Home | KeyCode::Char('g') => self.selected = 0,
             KeyCode::End | KeyCode::Char('G') => self.selected = self.rows_len().saturating_sub(1),
             KeyCode::Enter => self.open(),
+            KeyCode::Char('[') => self.step(-STEP_NS, wall_now()),
+            KeyCode::Char(']') => self.step(STEP_NS, wall_now()),
+            KeyCode::Char('{') => self.step(-BIG_STEP_NS, wall_now()),
+            KeyCode::Char('}') => self.step(BIG_STEP_NS, wall_now()),
+            KeyCode::Char('l') if self.at.is_some() => {
+                self.at = None;
+                self.travel = Some(None);
+            }
             _ => {}
         }
     }
@@ -248,6 +296,13 @@ impl App {
             View::Events => None,
         };
     }
+}
+
+/// The wall clock, for the keys that step through time (the app is otherwise fed its time).
+fn wall_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Whether a connection matches the filter: space-separated terms, all of which must match;

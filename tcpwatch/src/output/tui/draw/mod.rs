@@ -93,6 +93,17 @@ fn header(f: &mut Frame, app: &App, area: Rect) {
     if app.paused {
         l1.push(Span::styled("  PAUSED", Style::new().fg(Color::Yellow)));
     }
+    if let (Some(at), Some(clock)) = (app.at, &app.clock) {
+        let mono = (at as i128 - clock.offset_ns).max(0) as u64;
+        let t = clock.hms(mono);
+        l1.push(Span::styled(
+            format!(
+                "  AT {} (the record; [ ] step, l live)",
+                t.split('.').next().unwrap_or(&t)
+            ),
+            Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+        ));
+    }
     let l2 = if missing.is_empty() {
         format!(" hooks: {active} signals active")
     } else {
@@ -476,7 +487,15 @@ fn detail(f: &mut Frame, app: &App, d: &Detail, area: Rect) {
                         let d = t.prev_state_ns.map_or(String::new(), |d| {
                             format!("  ({} in {})", human_ns(d), t.old)
                         });
-                        lines.push(Line::from(format!("  {:<11} -> {:<11}{d}", t.old, t.new)));
+                        // Wall-clock times where the app has a clock (not in a replay).
+                        let when = app.clock.as_ref().map_or(String::new(), |k| {
+                            let s = k.hms(t.ts_ns);
+                            format!("{} ", &s[..s.len().min(12)])
+                        });
+                        lines.push(Line::from(format!(
+                            "  {when}{:<11} -> {:<11}{d}",
+                            t.old, t.new
+                        )));
                     }
                     if let Some(tw) = &c.time_wait {
                         lines.push(Line::from(format!(
@@ -585,7 +604,7 @@ fn detail(f: &mut Frame, app: &App, d: &Detail, area: Rect) {
 
 fn help(f: &mut Frame, area: Rect) {
     let w = 60.min(area.width);
-    let h = 16.min(area.height);
+    let h = 18.min(area.height);
     let r = Rect {
         x: area.x + (area.width - w) / 2,
         y: area.y + (area.height - h) / 2,
@@ -601,6 +620,8 @@ fn help(f: &mut Frame, area: Rect) {
         Line::from("                  state:close_wait port:80 pid:1 comm:nginx"),
         Line::from("s                 sort connections"),
         Line::from("p                 pause (freeze the display)"),
+        Line::from("[ ]  { }          with a daemon: step back/forward 1 / 10 min"),
+        Line::from("l                 back to live"),
         Line::from("q, Ctrl-C         quit"),
         Line::from(""),
         Line::from("Counts are the kernel's: an accept queue holds max + 1."),
