@@ -81,6 +81,10 @@ pub struct DaemonArgs {
     /// Listening addresses exposed one by one in the metrics (the most troubled first).
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10000))]
     pub max_listeners: u16,
+    /// The group (a name, or a gid where names do not resolve: a container) whose members
+    /// may use the API; default `tcpwatch` when it exists, else root only.
+    #[arg(long, value_name = "NAME|GID")]
+    pub socket_group: Option<String>,
     /// A CLOSE_WAIT socket idle this long counts as a leak finding.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub close_wait_secs: u64,

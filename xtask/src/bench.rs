@@ -91,7 +91,7 @@ impl Drop for Netns {
 }
 
 /// Runs the churn for `secs`; returns completed connections.
-fn churn(ns: &Netns, secs: f64, clients: usize) -> anyhow::Result<u64> {
+pub(crate) fn churn(ns: &Netns, secs: f64, clients: usize) -> anyhow::Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let port = 7000u16;
@@ -179,7 +179,7 @@ fn churn(ns: &Netns, secs: f64, clients: usize) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = s.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -214,7 +214,11 @@ fn start_tracer(
         if err.read_line(&mut line)? == 0 {
             bail!("tracer exited before attaching");
         }
-        if line.contains("tracing;") || line.contains("watching") || line.contains("serving") {
+        if line.contains("tracing;")
+            || line.contains("watching")
+            || line.contains("serving")
+            || line.contains("Ctrl-C to stop")
+        {
             return Ok((child, err));
         }
     }
@@ -262,7 +266,7 @@ fn run_traced(bin: &str, o: &Opts, tag: &str) -> anyhow::Result<Traced> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -277,7 +281,7 @@ type Held = (Vec<(TcpStream, TcpStream)>, Vec<TcpListener>);
 
 /// Holds `n` established connections inside `ns` (the returned threads keep them open until
 /// `stop`), plus `tw` client-side TIME_WAIT sockets left behind by short connections.
-fn populate(
+pub(crate) fn populate(
     ns: &Netns,
     established: usize,
     tw: u64,
@@ -332,7 +336,7 @@ fn populate(
     Ok((stop, h))
 }
 
-fn time_once(cmd: &mut Command) -> anyhow::Result<f64> {
+pub(crate) fn time_once(cmd: &mut Command) -> anyhow::Result<f64> {
     let t = Instant::now();
     let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     if !st.success() {
@@ -362,7 +366,7 @@ fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
     let mut ss_cmd = Command::new("nsenter");
     ss_cmd.args([path.as_str(), "ss", "-tan"]);
     let mut tw_cmd = Command::new(bin);
-    tw_cmd.args(["snapshot", "--json", "--netns", &ns.0]);
+    tw_cmd.args(["snapshot", "--json", "--standalone", "--netns", &ns.0]);
     let (mut ss, mut tw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..15 {
         let a = time_once(&mut ss_cmd)?;
@@ -375,7 +379,10 @@ fn snapshot_bench(bin: &str) -> anyhow::Result<()> {
         Command::new("nsenter").args([path.as_str(), "ss", "-tanp"]),
         5,
     )?;
-    let twt = time_cmd(Command::new(bin).args(["snapshot", "--netns", &ns.0]), 5)?;
+    let twt = time_cmd(
+        Command::new(bin).args(["snapshot", "--standalone", "--netns", &ns.0]),
+        5,
+    )?;
     stop.store(true, Ordering::Relaxed);
     let _ = h.join();
     println!(
@@ -403,11 +410,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let which: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["churn", "aggregator", "snapshot", "tui", "serve"].contains(a))
+        .filter(|a| ["churn", "aggregator", "snapshot", "tui", "serve", "daemon"].contains(a))
         .collect();
     let rest: Vec<String> = args
         .iter()
-        .filter(|a| !["churn", "aggregator", "snapshot", "tui", "serve"].contains(&a.as_str()))
+        .filter(|a| {
+            !["churn", "aggregator", "snapshot", "tui", "serve", "daemon"].contains(&a.as_str())
+        })
         .cloned()
         .collect();
     let all = which.is_empty();
@@ -417,7 +426,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if all
         || which
             .iter()
-            .any(|w| ["snapshot", "churn", "tui", "serve"].contains(w))
+            .any(|w| ["snapshot", "churn", "tui", "serve", "daemon"].contains(w))
     {
         if !crate::is_root() {
             bail!(
@@ -436,6 +445,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if all || which.contains(&"tui") {
         tui_bench(&bin)?;
+    }
+    if all || which.contains(&"daemon") {
+        crate::bench_daemon::run(&bin)?;
     }
     if all || which.contains(&"churn") {
         churn_bench(&bin, &rest)?;

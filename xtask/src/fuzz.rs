@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 
 use crate::status;
 
-pub const TARGETS: &[&str] = &["decode", "replay", "http"];
+pub const TARGETS: &[&str] = &["decode", "replay", "http", "api"];
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut secs = 20u64;

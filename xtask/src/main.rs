@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | run | test | bench`. Setup is idempotent code, not a
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
+mod bench_daemon;
 mod fuzz;
 mod setup;
 mod soak;
@@ -17,10 +18,10 @@ commands:
     setup     install what building and testing need (idempotent)
     run       setup, build, and start tcpwatch on this host (as root)
     test      setup, then lint and every test: unit, CLI, privileged, kernel matrix (as root)
-    bench     [churn|aggregator|snapshot|tui] benchmarks (churn, snapshot, tui as root)
+    bench     [churn|aggregator|snapshot|tui|serve|daemon] benchmarks (all but aggregator as root)
     vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate
-    soak      [--minutes N] [--every SECS] the always-on mode under churn: flat RSS, no loss (as root)
+    soak      [--minutes N] [--every SECS] [--serve] the daemon (or serve) under churn: flat RSS, no loss (as root)
     fuzz      [--secs N] [decode|replay|http] the fuzz targets under libFuzzer (cargo-fuzz, nightly)";
 
 fn main() -> ExitCode {

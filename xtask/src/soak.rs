@@ -1,4 +1,5 @@
-//! `cargo xtask soak [--minutes N] [--every SECS] [--bin PATH]`: the always-on mode under the
+//! `cargo xtask soak [--minutes N] [--every SECS] [--bin PATH] [--serve]`: the always-on mode
+//! (`tcpwatch daemon` with its record; `serve` with `--serve`) under the
 //! load it must live with for days, shortened: connection churn, listeners opened and
 //! closed, network namespaces made and deleted, idle long-lived connections. Every `--every`
 //! seconds it samples tcpwatch's RSS and loss; it fails when an event is lost or RSS does not
@@ -18,6 +19,8 @@ struct Opts {
     minutes: f64,
     every: f64,
     bin: Option<String>,
+    serve: bool,
+    history_mib: u32,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -25,6 +28,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         minutes: 10.0,
         every: 10.0,
         bin: None,
+        serve: false,
+        history_mib: 64,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -33,7 +38,11 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--minutes" => o.minutes = val()?.parse()?,
             "--every" => o.every = val()?.parse()?,
             "--bin" => o.bin = Some(val()?.clone()),
-            other => bail!("unknown soak option {other} (--minutes N --every SECS --bin PATH)"),
+            "--serve" => o.serve = true,
+            "--history-mib" => o.history_mib = val()?.parse()?,
+            other => bail!(
+                "unknown soak option {other} (--minutes N --every SECS --bin PATH --serve --history-mib N)"
+            ),
         }
     }
     if !(o.minutes > 0.0 && o.every > 0.0) {
@@ -176,14 +185,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // A short run (CI's) cannot wait for the model's one-minute retention to fill and turn
     // over: it shortens it, so the plateau comes within the run.
     let retention = if o.minutes < 3.0 { "5" } else { "60" };
-    let mut serve = Command::new(&bin)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--retention-secs",
-            retention,
-        ])
+    let dir = std::env::temp_dir().join(format!("xtask-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mode = if o.serve { "serve" } else { "daemon" };
+    let mut cmd = Command::new(&bin);
+    if o.serve {
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    } else {
+        cmd.arg("daemon")
+            .args(["--metrics", &format!("127.0.0.1:{port}")])
+            .arg("--socket")
+            .arg(dir.join("tcpwatch.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--history-mib", &o.history_mib.to_string()]);
+    }
+    let mut serve = cmd
+        .args(["--retention-secs", retention])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -193,7 +212,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     while scrape(port).is_err() {
         if started.elapsed() > Duration::from_secs(30) {
             let _ = serve.kill();
-            bail!("serve did not answer within 30 s");
+            bail!("tcpwatch {mode} did not answer within 30 s");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -209,7 +228,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let conns = Arc::new(AtomicU64::new(0));
     let threads = load(&ns, &stop, &conns);
     println!(
-        "soak: tcpwatch serve (pid {pid}) for {:.1} min; churn ~1000 conn/s, a listener every 20 ms, a namespace every 2 s, 200 idle connections",
+        "soak: tcpwatch {mode} (pid {pid}) for {:.1} min; churn ~1000 conn/s, a listener every 20 ms, a namespace every 2 s, 200 idle connections",
         o.minutes
     );
     let total = Duration::from_secs_f64(o.minutes * 60.0);
@@ -221,15 +240,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 Duration::from_secs_f64(o.every).min(total.saturating_sub(t0.elapsed())),
             );
             if let Some(st) = serve.try_wait()? {
-                bail!("tcpwatch serve exited during the soak ({st})");
+                bail!("tcpwatch {mode} exited during the soak ({st})");
             }
             let rss = rss_kib(pid)?;
             let (ms, body) = scrape(port)?;
             let lost = metric(&body, "tcpwatch_events_lost_total");
             let listeners = metric(&body, "tcpwatch_listeners ");
             let at = t0.elapsed().as_secs_f64();
+            let record = if o.serve {
+                String::new()
+            } else {
+                format!(
+                    "  record {:.1} MiB (pruned {:.0})",
+                    metric(&body, "tcpwatch_record_bytes") / 1048576.0,
+                    metric(&body, "tcpwatch_record_pruned_total")
+                )
+            };
             println!(
-                "t={at:>6.0}s rss {:>7.1} MiB  lost {lost:.0}  listeners {listeners:.0}  connections {}  scrape {ms:.0} ms",
+                "t={at:>6.0}s rss {:>7.1} MiB  lost {lost:.0}  listeners {listeners:.0}  connections {}  scrape {ms:.0} ms{record}",
                 rss as f64 / 1024.0,
                 conns.load(Ordering::Relaxed)
             );
@@ -246,6 +274,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let _ = serve.kill();
     let _ = serve.wait();
+    let _ = std::fs::remove_dir_all(&dir);
     result?;
     // Level: the last third's RSS against the middle third's peak.
     let n = samples.len();

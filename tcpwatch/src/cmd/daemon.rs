@@ -32,6 +32,14 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
             "--socket off and --metrics off leave nobody to serve: use `tcpwatch trace` or keep one"
         );
     }
+    let group = match &a.socket_group {
+        None => access::group(),
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => crate::source::host::group_id(g)
+                .ok_or_else(|| anyhow::anyhow!("--socket-group {g}: no such group"))?,
+        }),
+    };
     let mut opts = watch_options(&a.filters, &a.probe, thresholds(a.close_wait_secs), true)?;
     opts.retention_ns = Some(a.retention_secs * 1_000_000_000);
     daemon::run(
@@ -42,7 +50,7 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
             metrics_addr,
             state_dir,
             max_listeners: a.max_listeners as usize,
-            group: access::group(),
+            group,
         },
         stop,
     )

@@ -288,6 +288,7 @@ fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::
     let refresh = Duration::from_millis(1000 / a.refresh as u64);
     let mut frames: Vec<std::collections::BTreeMap<crate::model::snapshot::Name, u64>> = Vec::new();
     let mut frames_read: Option<Instant> = None;
+    let mut live_read: Option<Instant> = None;
     let (mut rate_t, mut rate_n) = (Instant::now(), None::<u64>);
     let mut connected = true;
     loop {
@@ -356,7 +357,12 @@ fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::
                     })
                 }
                 (_, Some(_)) => Ok(()),
+                // The daemon's model is read once a second (the eye needs no more).
+                (_, None) if live_read.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) => {
+                    Ok(())
+                }
                 (_, None) => (|| {
+                    live_read = Some(Instant::now());
                     if frames_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                         && app.can_travel
                     {

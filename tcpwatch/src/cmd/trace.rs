@@ -313,6 +313,16 @@ fn through_daemon(a: &TraceArgs, mut c: crate::source::daemon::Client) -> anyhow
                     continue;
                 }
             };
+            // Event lines passed on as JSON are not parsed: 50 clients of a busy daemon
+            // would otherwise spend cores on it.
+            if a.json
+                && let Some(ts) = event_ts(&line)
+            {
+                events += 1;
+                last_wall = Some(clock.wall_ns(ts) as i64);
+                w.raw_line(&line)?;
+                continue;
+            }
             let v: serde_json::Value = match serde_json::from_slice(&line) {
                 Ok(v) => v,
                 Err(_) => continue,
@@ -383,5 +393,35 @@ fn through_daemon(a: &TraceArgs, mut c: crate::source::daemon::Client) -> anyhow
             Err(anyhow::anyhow!("writing output: {e}"))
         }
         _ => Ok(EXIT_OK),
+    }
+}
+
+/// The `ts_ns` of an event line (`{"type":"state","ts_ns":…`), without parsing the rest;
+/// `None` for anything else (notes, loss lines, failures).
+fn event_ts(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"type\":\"")?;
+    let end = rest.iter().position(|b| *b == b'"')?;
+    if !matches!(
+        &rest[..end],
+        b"state" | b"retransmit" | b"reset" | b"error" | b"timewait" | b"overflow"
+    ) {
+        return None;
+    }
+    let rest = rest[end..].strip_prefix(b"\",\"ts_ns\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_lines_are_told_without_parsing() {
+        assert_eq!(
+            super::event_ts(br#"{"type":"state","ts_ns":12345,"cookie":1}"#),
+            Some(12345)
+        );
+        assert_eq!(super::event_ts(br#"{"type":"loss","ts_ns":5}"#), None);
+        assert_eq!(super::event_ts(br#"{"type":"skipped","count":3}"#), None);
+        assert_eq!(super::event_ts(br#"{"ok":false,"error":"x"}"#), None);
     }
 }

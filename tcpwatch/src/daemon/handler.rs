@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{Chunk, SUB_QUEUE, Up};
+use super::messages::{Chunk, Queued, SUB_QUEUE, Up};
 use super::shared::Shared;
 use super::{access, window};
 use crate::model::api::{
@@ -261,14 +261,18 @@ async fn subscribe(
         return Answer::Line(failure("this daemon keeps no record (--state-dir off)"));
     }
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Chunk>(SUB_QUEUE);
+    let queued: Queued = Default::default();
     let (tx, rx) = oneshot::channel();
     let up = Up::Subscribe {
         filters: f.clone(),
         tx: chunk_tx,
+        queued: queued.clone(),
         reply: tx,
     };
-    if let Err(e) = ask_model(&shared, up, rx).await {
-        return Answer::Line(failure(format!("{e:#}")));
+    match ask_model(&shared, up, rx).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Answer::Line(failure(e)),
+        Err(e) => return Answer::Line(failure(format!("{e:#}"))),
     }
     let starts = match (from, &shared.recorder) {
         (Some(from), Some(r)) => Some(r.span().events_from_wall_ns.map_or(from, |e| e.max(from))),
@@ -277,7 +281,7 @@ async fn subscribe(
     let first = line(Body::Subscribed {
         from_wall_ns: starts,
     });
-    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(16);
     tokio::spawn(async move {
         let mut last_wall = i64::MIN;
         if let (Some(from), Some(rec)) = (from, shared.recorder.clone()) {
@@ -330,6 +334,7 @@ async fn subscribe(
             return;
         }
         while let Some(c) = chunk_rx.recv().await {
+            queued.fetch_sub(c.bytes(), std::sync::atomic::Ordering::Relaxed);
             let mut out = c.notes;
             if c.walls.first().is_some_and(|w| *w <= last_wall) {
                 // The seam: lines the record already gave are skipped.

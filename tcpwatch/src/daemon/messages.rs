@@ -40,7 +40,9 @@ pub enum Up {
     Subscribe {
         filters: Filters,
         tx: mpsc::Sender<Chunk>,
-        reply: oneshot::Sender<()>,
+        queued: Queued,
+        /// `Err` when there are `MAX_SUBSCRIBERS` already.
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -53,5 +55,21 @@ pub struct Chunk {
     pub lines: Vec<u8>,
 }
 
+impl Chunk {
+    pub fn bytes(&self) -> usize {
+        self.notes.len() + self.lines.len() + self.walls.len() * 8
+    }
+}
+
 /// Chunks (one per batch, 50 a second at most) a subscriber's queue holds.
 pub const SUB_QUEUE: usize = 512;
+
+/// Bytes queued for one subscriber at most (its chunks not yet taken by its connection):
+/// beyond it, it skips. With the connection's own buffers a stalled subscriber holds about
+/// 3 MiB of the daemon's memory, and there are `MAX_SUBSCRIBERS` at most.
+pub const SUB_BYTES: usize = 2 << 20;
+pub const MAX_SUBSCRIBERS: usize = 64;
+
+/// What one subscriber has queued, shared by the model thread (adds) and its connection
+/// (takes).
+pub type Queued = std::sync::Arc<std::sync::atomic::AtomicUsize>;

@@ -27,6 +27,7 @@ use crate::source::host::{monotonic_ns, wall_ns};
 struct Sub {
     filters: Filters,
     tx: mpsc::Sender<Chunk>,
+    queued: super::messages::Queued,
     skipped: u64,
     skipped_total: u64,
 }
@@ -39,6 +40,8 @@ struct View {
     asked: Instant,
 }
 
+/// A filtered view starts with this much of the record.
+const VIEW_PAST_NS: u64 = 15 * 60 * 1_000_000_000;
 /// A view not asked for this long goes.
 const VIEW_IDLE: Duration = Duration::from_secs(60);
 
@@ -358,6 +361,13 @@ impl Model {
             .map(|(_, s, n)| (s.clone(), n.clone()))
     }
 
+    fn listing_has(&mut self, netns: u32) -> bool {
+        self.listing();
+        self.listing
+            .as_ref()
+            .is_some_and(|(_, _, n)| n.iter().any(|n| n.inode == netns))
+    }
+
     fn answer(&mut self, up: Up) {
         match up {
             Up::Live {
@@ -400,14 +410,28 @@ impl Model {
                 };
                 let _ = reply.send(found);
             }
-            Up::Subscribe { filters, tx, reply } => {
+            Up::Subscribe {
+                filters,
+                tx,
+                queued,
+                reply,
+            } => {
+                self.subs.retain(|s| !s.tx.is_closed());
+                if self.subs.len() >= super::messages::MAX_SUBSCRIBERS {
+                    let _ = reply.send(Err(format!(
+                        "{} clients follow the events already; try again later",
+                        self.subs.len()
+                    )));
+                    return;
+                }
                 self.subs.push(Sub {
                     filters,
                     tx,
+                    queued,
                     skipped: 0,
                     skipped_total: 0,
                 });
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             Up::Batch(..) | Up::State { .. } | Up::Want(_) => {}
         }
@@ -420,9 +444,17 @@ impl Model {
         connections: usize,
     ) -> anyhow::Result<(Snapshot, Vec<SocketView>, u64)> {
         let f = Filters::from_api(&filters)?;
-        let (socks, nss) = self
-            .listing()
-            .ok_or_else(|| anyhow::anyhow!("no socket listing yet"))?;
+        let (socks, nss) = match f.kernel.netns {
+            // A namespace the session has not found yet is read on its own.
+            k if k != 0 && !self.listing_has(k) => self
+                .shared
+                .status(|s| s.inventory.clone())
+                .map(|i| i.including(k).read())
+                .ok_or_else(|| anyhow::anyhow!("no socket listing yet"))?,
+            _ => self
+                .listing()
+                .ok_or_else(|| anyhow::anyhow!("no socket listing yet"))?,
+        };
         let (loss, hooks, events) = self
             .shared
             .status(|s| (s.loss, s.hooks.clone(), s.events_seen));
@@ -442,10 +474,25 @@ impl Model {
                         sockets_filtered: filters.narrows_sockets(),
                         ..self.shared.ctx.clone()
                     };
+                    // It starts with the record's last minutes, as the unfiltered view
+                    // holds the time since the daemon started.
+                    let mut analysis = Analysis::new(ctx, Some(now.saturating_sub(VIEW_PAST_NS)));
+                    if let Err(e) = super::window::seed_view(
+                        &self.shared,
+                        &f,
+                        &mut analysis,
+                        VIEW_PAST_NS as i64,
+                    ) {
+                        use std::io::Write as _;
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "tcpwatch: a filtered view starts empty: {e:#}"
+                        );
+                    }
                     self.views.push(View {
                         key: filters.clone(),
                         filters: f.clone(),
-                        analysis: Analysis::new(ctx, Some(now)),
+                        analysis,
                         asked: Instant::now(),
                     });
                     self.views.len() - 1
@@ -518,8 +565,19 @@ fn deliver(s: &mut Sub, mut c: Chunk) -> bool {
         line.extend_from_slice(&c.notes);
         c.notes = line;
     }
+    let bytes = c.bytes();
+    if s.queued.load(std::sync::atomic::Ordering::Relaxed) + bytes > super::messages::SUB_BYTES {
+        if s.tx.is_closed() {
+            return false;
+        }
+        s.skipped += n;
+        s.skipped_total += n;
+        return true;
+    }
     match s.tx.try_send(c) {
         Ok(()) => {
+            s.queued
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             s.skipped = 0;
             true
         }

@@ -49,7 +49,9 @@ pub fn snapshot(shared: &Shared, ask: &Ask) -> anyhow::Result<(Snapshot, Option<
     // Everything in the window stays in it (a snapshot of the past is not a live view).
     an.set_retention((to - from).max(0) as u64 + 60_000_000_000);
     let (loss, hooks) = shared.status(|s| (s.loss, s.hooks.clone()));
-    let inv = shared.status(|s| s.inventory.clone());
+    let inv = shared
+        .status(|s| s.inventory.clone())
+        .map(|i| i.including(f.kernel.netns));
     let mut history = None;
     let mut counters_from: BTreeMap<u32, (i64, Counters)> = BTreeMap::new();
     if window {
@@ -70,65 +72,7 @@ pub fn snapshot(shared: &Shared, ask: &Ask) -> anyhow::Result<(Snapshot, Option<
             ..History::default()
         };
         let frames = query::frames(&conn, from, Some(to))?;
-        let ev_from = span.events_from_wall_ns.unwrap_or(i64::MAX).max(from);
-        let mut events = 0u64;
-        let mut replay = |wall: i64, json: &str, an: &mut Analysis| {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-                return;
-            };
-            let Some(mut e) = event_from_json(&v) else {
-                return;
-            };
-            e.ts_ns = shared.mono(wall);
-            if f.accepts_event(&e) {
-                an.apply(std::slice::from_ref(&e));
-                events += 1;
-                if events.is_multiple_of(4096) {
-                    an.tick(e.ts_ns);
-                }
-            }
-        };
-        // Signals where the full stream was already pruned, then the full stream.
-        if ev_from > from {
-            query::events(
-                &conn,
-                Table::Signals,
-                from,
-                Some(ev_from.min(to)),
-                |w, j| {
-                    replay(w, j, &mut an);
-                    true
-                },
-            )?;
-        }
-        if ev_from < to {
-            query::events(&conn, Table::Events, ev_from, Some(to + 1), |w, j| {
-                replay(w, j, &mut an);
-                true
-            })?;
-        }
-        // The queues' peaks from the frames' samples.
-        for fr in &frames {
-            let samples: Vec<ListenerSample> = fr
-                .listeners
-                .iter()
-                .filter(|l| f.kernel.netns == 0 || f.kernel.netns == l.netns)
-                .filter_map(|l| {
-                    let ip: std::net::IpAddr = l.addr.parse().ok()?;
-                    Some(ListenerSample {
-                        netns: l.netns,
-                        local: std::net::SocketAddr::new(ip, l.port),
-                        cookie: l.cookie,
-                        owner: None,
-                        accept_now: l.accept_peak,
-                        accept_max: l.accept_max,
-                        syn_now: l.syn_peak,
-                        drops: l.drops,
-                    })
-                })
-                .collect();
-            an.aggregator_observe(&samples, shared.mono(fr.wall_ns));
-        }
+        let events = replay(shared, &conn, &span, &f, &mut an, from, to, &frames)?;
         an.tick(shared.mono(to));
         // Each namespace's counters where the window starts.
         let namespaces: Vec<u32> = match &inv {
@@ -136,8 +80,21 @@ pub fn snapshot(shared: &Shared, ask: &Ask) -> anyhow::Result<(Snapshot, Option<
             None => Vec::new(),
         };
         for ns in namespaces {
-            if let Some((w, c)) = query::counters_at(&conn, ns, from)? {
-                counters_from.insert(ns, (w, Counters(c)));
+            match query::counters_at(&conn, ns, from, false)? {
+                Some((w, c)) => {
+                    counters_from.insert(ns, (w, Counters(c)));
+                }
+                // Nothing recorded before the window: if the daemon found the namespace
+                // when it started (in the window), from what it read then; if it found it
+                // later, the namespace was born since and counted from zero.
+                None => match query::counters_at(&conn, ns, shared.started_wall_ns, false)? {
+                    Some((w, c)) if w >= from => {
+                        counters_from.insert(ns, (w, Counters(c)));
+                    }
+                    _ => {
+                        counters_from.insert(ns, (from, Counters::default()));
+                    }
+                },
             }
         }
         h.counters_from_wall_ns = counters_from.values().map(|(w, _)| *w).min();
@@ -207,4 +164,95 @@ pub fn frames(shared: &Shared, from: i64, to: Option<i64>) -> anyhow::Result<Vec
     rec.syncer().sync(std::time::Duration::from_secs(5));
     let conn = store::open_reader(rec.dir())?;
     Ok(query::frames(&conn, from, to)?)
+}
+
+/// Replays the record's [from, to] into `an` (the full stream where the record still has it,
+/// signals before that, queue peaks from the frames); returns the events applied.
+#[allow(clippy::too_many_arguments)]
+pub fn replay(
+    shared: &Shared,
+    conn: &rusqlite::Connection,
+    span: &api::RecordSpan,
+    f: &Filters,
+    an: &mut Analysis,
+    from: i64,
+    to: i64,
+    frames: &[Frame],
+) -> anyhow::Result<u64> {
+    let ev_from = span.events_from_wall_ns.unwrap_or(i64::MAX).max(from);
+    let mut events = 0u64;
+    let mut apply = |wall: i64, json: &str, an: &mut Analysis| {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+            return;
+        };
+        let Some(mut e) = event_from_json(&v) else {
+            return;
+        };
+        e.ts_ns = shared.mono(wall);
+        if f.accepts_event(&e) {
+            an.apply(std::slice::from_ref(&e));
+            events += 1;
+            if events.is_multiple_of(4096) {
+                an.tick(e.ts_ns);
+            }
+        }
+    };
+    // Signals where the full stream was already pruned, then the full stream.
+    if ev_from > from {
+        query::events(conn, Table::Signals, from, Some(ev_from.min(to)), |w, j| {
+            apply(w, j, an);
+            true
+        })?;
+    }
+    if ev_from < to {
+        query::events(conn, Table::Events, ev_from, Some(to + 1), |w, j| {
+            apply(w, j, an);
+            true
+        })?;
+    }
+    // The queues' peaks from the frames' samples.
+    for fr in frames {
+        let samples: Vec<ListenerSample> = fr
+            .listeners
+            .iter()
+            .filter(|l| f.kernel.netns == 0 || f.kernel.netns == l.netns)
+            .filter_map(|l| {
+                let ip: std::net::IpAddr = l.addr.parse().ok()?;
+                Some(ListenerSample {
+                    netns: l.netns,
+                    local: std::net::SocketAddr::new(ip, l.port),
+                    cookie: l.cookie,
+                    owner: None,
+                    accept_now: l.accept_peak,
+                    accept_max: l.accept_max,
+                    syn_now: l.syn_peak,
+                    drops: l.drops,
+                })
+            })
+            .collect();
+        an.aggregator_observe(&samples, shared.mono(fr.wall_ns));
+    }
+    Ok(events)
+}
+
+/// A filtered view's start: the last `span_ns` of the record replayed (the model thread
+/// applies what follows). Everything sent to the recorder is on disk first.
+pub fn seed_view(
+    shared: &Shared,
+    f: &Filters,
+    an: &mut Analysis,
+    span_ns: i64,
+) -> anyhow::Result<()> {
+    let Some(rec) = &shared.recorder else {
+        return Ok(());
+    };
+    rec.syncer().sync(std::time::Duration::from_secs(5));
+    let span = rec.span();
+    let conn = store::open_reader(rec.dir())?;
+    let now = wall_ns();
+    let from = now - span_ns;
+    let frames = query::frames(&conn, from, Some(now))?;
+    replay(shared, &conn, &span, f, an, from, now, &frames)?;
+    an.tick(shared.mono(now));
+    Ok(())
 }

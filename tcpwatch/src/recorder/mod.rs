@@ -94,6 +94,8 @@ impl Rec {
 const QUEUE_BYTES: usize = 64 << 20;
 /// The writer commits at least this often.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Or sooner, once this much is waiting.
+const COMMIT_BYTES: usize = 1 << 20;
 /// And measures the tables again this often (the estimate drifts a little).
 const MEASURE_EVERY: Duration = Duration::from_secs(600);
 
@@ -236,15 +238,22 @@ fn write_loop(
             Err(RecvTimeoutError::Disconnected) => closed = true,
         }
         closed |= stop.load(Ordering::SeqCst);
-        let due = last_commit.elapsed() >= COMMIT_EVERY || !waiting.is_empty() || closed;
+        // Small transactions: the write-ahead log and the room made before each stay small
+        // against the bound even under full churn.
+        let pending_bytes: usize = pending.iter().map(Rec::bytes).sum();
+        let due = last_commit.elapsed() >= COMMIT_EVERY
+            || pending_bytes >= COMMIT_BYTES
+            || !waiting.is_empty()
+            || closed;
         if !due {
             continue;
         }
-        // Whatever else arrived meanwhile goes into the same transaction.
-        while let Ok(r) = rx.try_recv() {
-            match r {
-                Rec::Sync(tx) => waiting.push(tx),
-                r => pending.push(r),
+        // Whatever else arrived meanwhile goes into the same transaction, up to its size.
+        while pending.iter().map(Rec::bytes).sum::<usize>() < COMMIT_BYTES {
+            match rx.try_recv() {
+                Ok(Rec::Sync(tx)) => waiting.push(tx),
+                Ok(r) => pending.push(r),
+                Err(_) => break,
             }
         }
         let bytes: usize = pending.iter().map(Rec::bytes).sum();
@@ -288,14 +297,19 @@ fn commit(
     counters_seen: &mut HashMap<u32, String>,
 ) -> rusqlite::Result<()> {
     store.conn.execute_batch("BEGIN")?;
-    let res = insert(store, pending, counters_seen).and_then(|added| {
-        for (t, (rows, bytes)) in Table::ALL.into_iter().zip(added) {
-            store.added(t, rows, bytes + rows * store::ROW_BYTES);
-        }
-        store.correct()?;
-        store.prune()?;
-        store.save_meta()
-    });
+    // Room first, for what comes in: the file never holds more than the bound.
+    let incoming: u64 = pending.iter().map(|r| r.bytes() as u64).sum();
+    let res = store
+        .make_room(incoming)
+        .and_then(|_| insert(store, pending, counters_seen))
+        .and_then(|added| {
+            for (t, (rows, bytes)) in Table::ALL.into_iter().zip(added) {
+                store.added(t, rows, bytes + rows * store::ROW_BYTES);
+            }
+            store.correct()?;
+            store.prune()?;
+            store.save_meta()
+        });
     match res {
         Ok(()) => store.conn.execute_batch("COMMIT"),
         Err(e) => {
@@ -546,7 +560,8 @@ mod tests {
         assert_eq!(frames[0].listeners.len(), 1);
         assert_eq!(frames[0].listeners[0].overflows.accept, 7);
         assert_eq!(frames[0].listeners[0].owner.as_ref().unwrap().comm, "srv");
-        let (at, cs) = query::counters_at(&c, 1, 10).unwrap().unwrap();
+        assert!(query::counters_at(&c, 1, 10, false).unwrap().is_none());
+        let (at, cs) = query::counters_at(&c, 1, 10, true).unwrap().unwrap();
         assert_eq!((at, cs.get("TcpExt:ListenDrops")), (50_000, Some(&7)));
         let t = query::timelines(&c, &query::Which::Cookie(77), 10).unwrap();
         assert_eq!((t.len(), t[0].1), (1, 5));

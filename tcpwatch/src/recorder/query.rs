@@ -106,12 +106,13 @@ pub fn frames(
     Ok(out)
 }
 
-/// A namespace's counters as recorded at or before `wall_ns` (else the first after it), and
-/// when they were read.
+/// A namespace's counters as recorded at or before `wall_ns` (else, with `or_after`, the
+/// first after it), and when they were read.
 pub fn counters_at(
     conn: &Connection,
     netns: u32,
     wall_ns: i64,
+    or_after: bool,
 ) -> rusqlite::Result<Option<(i64, BTreeMap<String, u64>)>> {
     let row = |sql: &str| -> rusqlite::Result<Option<(i64, String)>> {
         let mut st = conn.prepare(sql)?;
@@ -126,6 +127,7 @@ pub fn counters_at(
          ORDER BY wall_ns DESC LIMIT 1",
     )? {
         Some(r) => Some(r),
+        None if !or_after => None,
         None => row(
             "SELECT wall_ns, json FROM counters WHERE netns = ?1 AND wall_ns > ?2
              ORDER BY wall_ns LIMIT 1",

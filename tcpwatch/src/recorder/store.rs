@@ -110,7 +110,7 @@ pub const ROW_BYTES: u64 = 64;
 pub const LISTENER_ROW_BYTES: u64 = 160;
 
 /// Room kept for the write-ahead log, which is truncated to this after each checkpoint.
-const WAL_BYTES: u64 = 4 << 20;
+const WAL_BYTES: u64 = 6 << 20;
 
 pub struct Store {
     pub conn: Connection,
@@ -152,6 +152,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "journal_size_limit", WAL_BYTES as i64)?;
+        // Checkpoint after each half megabyte of log: with 1 MiB transactions the log stays
+        // inside its room.
+        conn.pragma_update(None, "wal_autocheckpoint", 128i64)?;
         conn.pragma_update(None, "cache_size", -4096i64)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn
@@ -286,6 +289,17 @@ impl Store {
             .map(|o| self.bytes[idx(*o)].min(share(*o)))
             .sum();
         (data as u64).saturating_sub(others).max(share(t))
+    }
+
+    /// Prunes as if `incoming` more bytes of events were already there.
+    pub fn make_room(&mut self, incoming: u64) -> rusqlite::Result<()> {
+        let i = idx(Table::Events);
+        self.bytes[i] += incoming;
+        self.rows[i] += 1;
+        let res = self.prune();
+        self.bytes[i] = self.bytes[i].saturating_sub(incoming);
+        self.rows[i] = self.rows[i].saturating_sub(1);
+        res.map(|_| ())
     }
 
     /// Deletes the oldest rows of every table over its share (plain timelines before

@@ -172,7 +172,7 @@ impl Collector {
             .collect();
         let mut none = Batch::default();
         for ns in list.clone() {
-            if let Some(m) = full_read(&self.probe, ns, &owners) {
+            if let Some(m) = full_read(&self.probe, ns, &owners, false) {
                 self.apply_sampled(m, &mut none);
             }
         }
@@ -273,6 +273,7 @@ impl Collector {
                 bad,
                 counters,
                 sockstat,
+                late,
                 ..
             } => {
                 self.loss.decode_errors += bad as u64;
@@ -285,9 +286,13 @@ impl Collector {
                                     .seed_listener(r.netns, r.local.port(), r.cookie, o);
                                 self.probe().seed_listener(r.netns, r.local.port(), &o);
                             }
-                            // Its drop counter starts here: overflows before are in it.
-                            self.final_acks.claim(r.skaddr, read_at);
-                            listeners.insert(r.skaddr, *r);
+                            // Its drop counter starts here: overflows before are in it
+                            // (in a namespace born since start, every one is news: the
+                            // next sample reports them, as drops of a new listener).
+                            if !late {
+                                self.final_acks.claim(r.skaddr, read_at);
+                                listeners.insert(r.skaddr, *r);
+                            }
                         }
                         TcpState::TimeWait => self.timewait.seed(
                             r.skaddr,
@@ -310,9 +315,16 @@ impl Collector {
                 }
                 // The timewait machine and the owner book above see everything (events are
                 // filtered on output); what seeds the model is filtered like the events are.
-                let filters = &self.filters;
-                self.inventory
-                    .extend(socks.into_iter().filter(|r| filters.accepts_sock(r)));
+                // Only the start's inventory seeds the model (taken once); later ones would
+                // pile up here in a long run.
+                if !late {
+                    let filters = &self.filters;
+                    self.inventory
+                        .extend(socks.into_iter().filter(|r| filters.accepts_sock(r)));
+                }
+                // A namespace born since start counted everything while watched: its
+                // counters start from zero.
+                let counters = if late { Counters::default() } else { counters };
                 self.namespaces.insert(
                     ns.inode,
                     NsState {

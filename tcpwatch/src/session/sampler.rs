@@ -42,6 +42,9 @@ pub enum Sampled {
         counters: Counters,
         sockstat: Sockstat,
         sysctls: BTreeMap<String, String>,
+        /// Found after the session started: the namespace is younger than the session, so
+        /// everything its counters and listeners counted happened while it watched.
+        late: bool,
     },
     /// A periodic sample: listeners and counters.
     Listeners {
@@ -122,6 +125,7 @@ pub fn full_read(
     probe: &SharedProbe,
     ns: NetnsRef,
     owners: &HashMap<u64, Owner>,
+    late: bool,
 ) -> Option<Sampled> {
     let r = read_namespace(probe, &ns, true).ok()?;
     let mut socks = r.socks.unwrap_or_default();
@@ -136,6 +140,7 @@ pub fn full_read(
         counters: r.counters.unwrap_or_default(),
         sockstat: r.sockstat.unwrap_or_default(),
         sysctls: r.sysctls,
+        late,
     })
 }
 
@@ -178,7 +183,7 @@ pub fn run(
                 let owners = owners_now(&probe);
                 for ns in fresh {
                     known.push(ns.clone());
-                    if let Some(m) = full_read(&probe, ns, &owners)
+                    if let Some(m) = full_read(&probe, ns, &owners, true)
                         && tx.send(m).is_err()
                     {
                         return;
@@ -250,6 +255,23 @@ impl InventoryReader {
     /// Each namespace's counters when the session started.
     pub fn start_counters(&self) -> impl Iterator<Item = (u32, &Counters)> {
         self.namespaces.iter().map(|(n, c)| (n.inode, c))
+    }
+
+    /// The same reader, also reading namespace `inode` when the session has not found it
+    /// yet (it looks every 2 s; a client may name one made a moment ago).
+    pub fn including(&self, inode: u32) -> InventoryReader {
+        let mut r = InventoryReader {
+            probe: self.probe.clone(),
+            namespaces: self.namespaces.clone(),
+            filters: self.filters.clone(),
+        };
+        if inode != 0
+            && !r.namespaces.iter().any(|(n, _)| n.inode == inode)
+            && let Some(ns) = netns::list().into_iter().find(|n| n.inode == inode)
+        {
+            r.namespaces.push((ns, Counters::default()));
+        }
+        r
     }
 
     /// The namespaces it reads.

@@ -4,6 +4,7 @@
 //! A custom harness runs tests one at a time (they attach system-wide hooks) and lets the same
 //! binary act as the scripted TCP peer (`privileged peer NAME`).
 mod check;
+mod daemon;
 mod findings;
 mod harness;
 mod modes;
@@ -33,6 +34,7 @@ fn all() -> Vec<Test> {
     v.extend_from_slice(tui::TESTS);
     v.extend_from_slice(check::TESTS);
     v.extend_from_slice(serve::TESTS);
+    v.extend_from_slice(daemon::TESTS);
     v
 }
 
