@@ -22,6 +22,9 @@ struct Opts {
     /// Another tcpwatch binary run as a second tracer in every round (a build of an earlier
     /// commit, say): both ratios come from the same rounds.
     baseline: Option<String>,
+    /// Other arguments for this build, run as one more tracer in every round (`daemon …`
+    /// beside `serve`, say).
+    vs: Option<Vec<String>>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -31,6 +34,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         clients: 2,
         tracer: vec!["trace".into(), "--json".into()],
         baseline: None,
+        vs: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,8 +45,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--clients" => o.clients = val()?.parse()?,
             "--tracer" => o.tracer = val()?.split_whitespace().map(String::from).collect(),
             "--baseline" => o.baseline = Some(val()?.clone()),
+            "--vs" => o.vs = Some(val()?.split_whitespace().map(String::from).collect()),
             other => bail!(
-                "unknown bench option {other} (--pairs N --secs S --clients N --tracer 'ARGS' --baseline BIN)"
+                "unknown bench option {other} (--pairs N --secs S --clients N --tracer 'ARGS' --baseline BIN --vs 'ARGS')"
             ),
         }
     }
@@ -224,9 +229,9 @@ fn start_tracer(
     }
 }
 
-fn run_traced(bin: &str, o: &Opts, tag: &str) -> anyhow::Result<Traced> {
+fn run_traced(bin: &str, tracer: &[String], o: &Opts, tag: &str) -> anyhow::Result<Traced> {
     let ns = Netns::new(tag)?;
-    let (mut child, mut err) = start_tracer(bin, &o.tracer, &ns)?;
+    let (mut child, mut err) = start_tracer(bin, tracer, &ns)?;
     let t0 = cpu_ticks(child.id());
     let start = Instant::now();
     let conns = churn(&ns, o.secs, o.clients)?;
@@ -651,8 +656,17 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
     if let Some(b) = &o.baseline {
         println!("baseline tracer: {b} {}", o.tracer.join(" "));
     }
-    // Per tracer (this build, then the baseline): ratios, CPU, loss.
-    let tracers: Vec<&str> = std::iter::once(bin).chain(o.baseline.as_deref()).collect();
+    if let Some(v) = &o.vs {
+        println!("and: tcpwatch {}", v.join(" "));
+    }
+    // Per tracer (this build, the --vs arguments, the baseline): ratios, CPU, loss.
+    let mut tracers: Vec<(&str, &[String], &str)> = vec![(bin, &o.tracer, "")];
+    if let Some(v) = &o.vs {
+        tracers.push((bin, v, " (vs)"));
+    }
+    if let Some(b) = &o.baseline {
+        tracers.push((b, &o.tracer, " (baseline)"));
+    }
     let mut ratios = vec![Vec::new(); tracers.len()];
     let mut cpu = vec![Vec::new(); tracers.len()];
     let mut lost_total = vec![0u64; tracers.len()];
@@ -668,7 +682,8 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
                 let ns = Netns::new(&format!("u{i}"))?;
                 base = churn(&ns, o.secs, o.clients)? as f64 / o.secs;
             } else {
-                runs[slot] = Some(run_traced(tracers[slot], &o, &format!("t{i}{slot}"))?);
+                let (b, args, _) = tracers[slot];
+                runs[slot] = Some(run_traced(b, args, &o, &format!("t{i}{slot}"))?);
             }
         }
         for (k, t) in runs.into_iter().enumerate() {
@@ -678,7 +693,7 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
             ratios[k].push(ratio);
             lost_total[k] += t.lost;
             cpu[k].push(t.cpu_pct);
-            let who = if k == 0 { "" } else { " (baseline)" };
+            let who = tracers[k].2;
             println!(
                 "pair {i}{who}: untraced {base:>8.0} conn/s  traced {traced:>8.0} conn/s  ratio {ratio:.3}  tracer CPU {:>5.1}%  events {} lost {}",
                 t.cpu_pct, t.events, t.lost
@@ -686,7 +701,7 @@ fn churn_bench(bin: &str, args: &[String]) -> anyhow::Result<()> {
         }
     }
     for (k, r) in ratios.into_iter().enumerate() {
-        let who = if k == 0 { "" } else { " (baseline)" };
+        let who = tracers[k].2;
         println!(
             "median ratio traced/untraced{who}: {:.3}; median tracer CPU {:.1}%; events lost in all runs: {}",
             median(r),

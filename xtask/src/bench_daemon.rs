@@ -136,6 +136,8 @@ pub fn run(bin: &str) -> anyhow::Result<()> {
         256.0 * 1048576.0 / (per_hour / 60.0)
     );
 
+    drop(ns);
+    let ns = Netns::new("dfull")?;
     let (b0, dr0) = record(&d.sock)?;
     let (t0, w0) = (cpu_ticks(pid), Instant::now());
     let conns = churn(&ns, 20.0, 4)?;

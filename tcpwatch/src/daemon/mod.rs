@@ -51,8 +51,9 @@ pub struct Config {
     pub group: Option<u32>,
 }
 
-/// How often the rings are polled.
+/// How often the rings are polled, and when nothing happened for a second.
 const POLL: Duration = Duration::from_millis(20);
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// Events queued between the reader and the model thread at most (about 130 MB).
 const QUEUE_EVENTS: usize = 1 << 20;
@@ -81,6 +82,8 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    let mut session = session;
+    session.probe.relaxed_sampling = true;
     let retention_ns = session.retention_ns;
     let close_wait_secs = session.thresholds.close_wait_secs;
     let session = Session::start(session)?;
@@ -195,7 +198,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
             None => None,
         };
         let (mut http, mut api) = (http, api);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         let why = 'watch: loop {
             tick.tick().await;
             if stop.load(Ordering::SeqCst) {
@@ -252,9 +255,20 @@ fn read(
     let mut batch = Batch::default();
     let mut last_status = Instant::now();
     let mut reported_loss = 0;
+    let mut quiet_since = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         batch.clear();
-        src.poll(POLL, false, &mut batch);
+        // After a quiet second the rings are looked at every 100 ms: the ring holds what
+        // comes meanwhile, and a client's request wakes the reader at once.
+        let wait = if quiet_since.elapsed() >= Duration::from_secs(1) {
+            IDLE_POLL
+        } else {
+            POLL
+        };
+        src.poll(wait, false, &mut batch);
+        if !batch.events.is_empty() {
+            quiet_since = Instant::now();
+        }
         if !batch.is_empty() {
             let evs = std::mem::take(&mut batch.events);
             let samples = std::mem::take(&mut batch.listeners);

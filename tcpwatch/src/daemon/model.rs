@@ -102,7 +102,7 @@ impl Model {
         let mut wants: Vec<oneshot::Sender<String>> = Vec::new();
         let mut last_second = Instant::now();
         while !stop.load(Ordering::SeqCst) {
-            match up_rx.recv_timeout(Duration::from_millis(50)) {
+            match up_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Up::Batch(evs, samples)) => self.apply(evs, samples, queued),
                 Ok(Up::Want(reply)) => wants.push(reply),
                 Ok(Up::State { .. }) => {}

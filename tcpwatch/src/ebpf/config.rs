@@ -36,6 +36,9 @@ pub struct ProbeConfig {
     pub log_ebpf: bool,
     /// Maps resized from the object's defaults (tests reach their limits with these).
     pub map_entries: Vec<(String, u32)>,
+    /// A quiet namespace's listeners are sampled once a second instead of four times (the
+    /// always-on daemon's idle cost); a drop or a queue that fills brings it back.
+    pub relaxed_sampling: bool,
 }
 
 impl Default for ProbeConfig {
@@ -43,6 +46,7 @@ impl Default for ProbeConfig {
         ProbeConfig {
             filters: KernelFilters::default(),
             ring_bytes: 16 << 20,
+            relaxed_sampling: false,
             disabled: Vec::new(),
             trace: true,
             sock_diag: Ok(()),

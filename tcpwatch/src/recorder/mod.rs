@@ -231,7 +231,7 @@ fn write_loop(
     let mut closed = false;
     let mut failures = 0u32;
     while !closed {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.recv_timeout(Duration::from_millis(250)) {
             Ok(Rec::Sync(tx)) => waiting.push(tx),
             Ok(r) => pending.push(r),
             Err(RecvTimeoutError::Timeout) => {}

@@ -82,6 +82,8 @@ pub struct Collector {
     sampled_tx: Option<Sender<Sampled>>,
     stop: Arc<AtomicBool>,
     sampler: Option<std::thread::JoinHandle<()>>,
+    /// See `ProbeConfig::relaxed_sampling`.
+    relaxed_sampling: bool,
 }
 
 impl Collector {
@@ -108,6 +110,7 @@ impl Collector {
             sampled_tx: Some(tx),
             stop: Arc::new(AtomicBool::new(false)),
             sampler: None,
+            relaxed_sampling: cfg.relaxed_sampling,
         })
     }
 
@@ -179,10 +182,11 @@ impl Collector {
         let (probe, stop) = (self.probe.clone(), self.stop.clone());
         let tx = self.sampled_tx.take().expect("inventory taken once");
         let filter = self.filters.kernel.netns;
+        let relaxed = self.relaxed_sampling;
         self.sampler = Some(
             std::thread::Builder::new()
                 .name("sampler".into())
-                .spawn(move || sampler::run(probe, list, filter, stop, tx))
+                .spawn(move || sampler::run(probe, list, filter, stop, tx, relaxed))
                 .expect("spawning the sampler thread"),
         );
     }

@@ -19,6 +19,8 @@ use crate::source::{procfd, procnet, sockdiag, sysctl};
 
 /// Listener queues are sampled this often (DESIGN: fast enough to attribute a burst).
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Relaxed sampling reads a quiet namespace every this many rounds (once a second).
+const SLOW_ROUNDS: u64 = 4;
 /// New namespaces are looked for this often.
 const NETNS_EVERY: Duration = Duration::from_secs(2);
 
@@ -166,11 +168,24 @@ pub fn run(
     netns_filter: u32,
     stop: Arc<AtomicBool>,
     tx: Sender<Sampled>,
+    relaxed: bool,
 ) {
     let mut last_scan = Instant::now();
+    // Relaxed: per namespace, what its drop counters said last time and whether it was
+    // quiet (nothing dropped, no listener queue holding anything).
+    let mut quiet: HashMap<u32, (u64, bool)> = HashMap::new();
+    let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
-        if last_scan.elapsed() >= NETNS_EVERY {
+        round += 1;
+        // Relaxed, new namespaces are looked for less often (a walk of every process); one
+        // found late counts from zero, so nothing it did is missed.
+        let scan_every = if relaxed {
+            NETNS_EVERY * 2
+        } else {
+            NETNS_EVERY
+        };
+        if last_scan.elapsed() >= scan_every {
             last_scan = Instant::now();
             let fresh: Vec<NetnsRef> = netns::list()
                 .into_iter()
@@ -206,6 +221,14 @@ pub fn run(
             by_ns.entry(r.netns).or_default().push(r);
         }
         for ns in &known {
+            // A quiet namespace is read once a second; the second its counters move or a
+            // queue fills, four times again.
+            if relaxed
+                && !round.is_multiple_of(SLOW_ROUNDS)
+                && quiet.get(&ns.inode).is_some_and(|q| q.1)
+            {
+                continue;
+            }
             let read = if have_all {
                 let socks = Some(by_ns.remove(&ns.inode).unwrap_or_default());
                 // The undecodable records are reported once, with the first namespace read.
@@ -215,6 +238,24 @@ pub fn run(
             } else {
                 read_namespace(&probe, ns, false)
             };
+            if relaxed && let Ok(r) = &read {
+                let drops = r.counters.as_ref().map_or(0, |c| {
+                    [
+                        "TcpExt:ListenDrops",
+                        "TcpExt:TCPReqQFullDrop",
+                        "TcpExt:TCPReqQFullDoCookies",
+                    ]
+                    .iter()
+                    .map(|k| c.get(k))
+                    .sum::<u64>()
+                });
+                let busy = r
+                    .socks
+                    .as_ref()
+                    .is_some_and(|v| v.iter().any(|l| l.accept_queue > 0 || l.syn_queue > 0));
+                let was = quiet.get(&ns.inode).map(|q| q.0);
+                quiet.insert(ns.inode, (drops, was == Some(drops) && !busy));
+            }
             let m = match read {
                 Ok(r) => Sampled::Listeners {
                     inode: ns.inode,
@@ -234,6 +275,7 @@ pub fn run(
             }
         }
         known.retain(|k| !gone.contains(&k.inode));
+        quiet.retain(|k, _| !gone.contains(k));
         if let Some(left) = SAMPLE_EVERY.checked_sub(t.elapsed()) {
             std::thread::sleep(left);
         }
