@@ -14,10 +14,10 @@ use crate::model::api::{
     API_VERSION, Body, Hello, NsReading, Op, Reply, Request, Response, StreamNote,
 };
 use crate::model::snapshot::{LossView, SocketView};
+use crate::output::trace::TraceWriter;
 use crate::recorder::{Table, query, store};
 use crate::server::api::{Answer, Handler, Peer, Pending, failure};
 use crate::settings::Filters;
-use crate::source::replay::event_from_json;
 
 pub struct Api {
     shared: Arc<Shared>,
@@ -286,31 +286,29 @@ async fn subscribe(
         let mut last_wall = i64::MIN;
         if let (Some(from), Some(rec)) = (from, shared.recorder.clone()) {
             let out = out_tx.clone();
-            let filtered = filters != crate::model::api::Filters::default();
+            let sh = shared.clone();
             let r = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
                 rec.syncer().sync(Duration::from_secs(5));
                 let c = store::open_reader(rec.dir())?;
                 let mut last = i64::MIN;
-                let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+                // The recorded events written as the live ones are: `trace --json` lines.
+                let mut w =
+                    TraceWriter::new(Vec::new(), true, sh.clock, crate::settings::own_netns())
+                        .with_reasons(sh.ctx.reasons.clone());
                 let mut gone = false;
-                query::events(&c, Table::Events, from, None, |wall, json| {
-                    if filtered {
-                        let keep = serde_json::from_str::<serde_json::Value>(json)
-                            .ok()
-                            .and_then(|v| event_from_json(&v))
-                            .is_some_and(|e| f.accepts_event(&e));
-                        if !keep {
-                            return true;
-                        }
+                query::events(&c, Table::Events, from, None, |wall, mut e| {
+                    if !f.accepts_event(&e) {
+                        return true;
                     }
-                    buf.extend_from_slice(json.as_bytes());
-                    buf.push(b'\n');
+                    e.ts_ns = sh.mono(wall);
+                    let _ = w.event(&e);
                     last = last.max(wall);
-                    if buf.len() >= 60 << 10 {
-                        gone = out.blocking_send(std::mem::take(&mut buf)).is_err();
+                    if w.pending_len() >= 60 << 10 {
+                        gone = out.blocking_send(w.take_lines()).is_err();
                     }
                     !gone
                 })?;
+                let buf = w.take_lines();
                 if !buf.is_empty() && !gone {
                     let _ = out.blocking_send(buf);
                 }

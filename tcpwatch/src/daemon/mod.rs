@@ -111,6 +111,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
         up: up_tx.clone(),
         waker: src.waker(),
         heavy: tokio::sync::Semaphore::new(2),
+        listing: Mutex::new(None),
         group,
     });
     let queued = Arc::new(AtomicUsize::new(0));

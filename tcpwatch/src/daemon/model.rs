@@ -14,11 +14,11 @@ use super::shared::Shared;
 use crate::model::Loss;
 use crate::model::api::{self, StreamNote};
 use crate::model::event::Event;
-use crate::model::history::{FRAME_NS, FrameBuilder, interest, is_signal};
+use crate::model::history::{FRAME_NS, FrameBuilder, interest};
 use crate::model::snapshot::{NsInput, Snapshot, SocketView};
 use crate::model::system::SockRec;
 use crate::output::trace::TraceWriter;
-use crate::recorder::{EventMeta, Rec, TimelineRow};
+use crate::recorder::{Rec, TimelineRow};
 use crate::session::analysis::listener_sample;
 use crate::session::{Analysis, Context, Reading};
 use crate::settings::Filters;
@@ -238,16 +238,16 @@ impl Model {
                 .collect();
             r.send(Rec::Timelines(rows));
         }
-        if evs.is_empty() || (self.shared.recorder.is_none() && self.subs.is_empty()) {
+        if evs.is_empty() {
             return;
         }
-        // Each event is written as a JSON line once, for the record and every subscriber.
-        for e in &evs {
-            let _ = self.writer.event(e);
-        }
-        let lines = self.writer.take_lines();
         let walls: Vec<i64> = evs.iter().map(|e| self.shared.wall(e.ts_ns)).collect();
         if !self.subs.is_empty() {
+            // Each event is written as a JSON line once, for every subscriber.
+            for e in &evs {
+                let _ = self.writer.event(e);
+            }
+            let lines = self.writer.take_lines();
             let spans: Vec<(usize, usize)> = line_spans(&lines);
             self.subs.retain_mut(|s| {
                 let mut c = Chunk::default();
@@ -262,18 +262,7 @@ impl Model {
             });
         }
         if let Some(r) = &self.shared.recorder {
-            let rows = evs
-                .iter()
-                .zip(&walls)
-                .map(|(e, w)| EventMeta {
-                    wall_ns: *w,
-                    kind: e.kind.type_name(),
-                    cookie: e.cookie,
-                    netns: e.netns,
-                    signal: is_signal(e),
-                })
-                .collect();
-            r.send(Rec::Events { rows, lines });
+            r.send(Rec::Events(walls.into_iter().zip(evs).collect()));
         }
     }
 

@@ -15,7 +15,6 @@ use crate::recorder::{Table, query, store};
 use crate::session::{Analysis, Context, Reading};
 use crate::settings::Filters;
 use crate::source::host::wall_ns;
-use crate::source::replay::event_from_json;
 
 use super::shared::Shared;
 
@@ -104,9 +103,16 @@ pub fn snapshot(shared: &Shared, ask: &Ask) -> anyhow::Result<(Snapshot, Option<
     }
     let to_mono = shared.mono(to);
     let mut snap = if live_end {
-        let (socks, nss): (Vec<SockRec>, Vec<NsInput>) = match &inv {
-            Some(i) => i.read(),
-            None => (Vec::new(), Vec::new()),
+        // An instant snapshot may share a listing of the last second; a window's end is
+        // read now.
+        let (socks, nss): (Vec<SockRec>, Vec<NsInput>) = if window {
+            match &inv {
+                Some(i) => i.read(),
+                None => (Vec::new(), Vec::new()),
+            }
+        } else {
+            let l = shared.listing(f.kernel.netns);
+            (l.0.clone(), l.1.clone())
         };
         if window {
             an.seed(&socks);
@@ -181,13 +187,7 @@ pub fn replay(
 ) -> anyhow::Result<u64> {
     let ev_from = span.events_from_wall_ns.unwrap_or(i64::MAX).max(from);
     let mut events = 0u64;
-    let mut apply = |wall: i64, json: &str, an: &mut Analysis| {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-            return;
-        };
-        let Some(mut e) = event_from_json(&v) else {
-            return;
-        };
+    let mut apply = |wall: i64, mut e: crate::model::event::Event, an: &mut Analysis| {
         e.ts_ns = shared.mono(wall);
         if f.accepts_event(&e) {
             an.apply(std::slice::from_ref(&e));

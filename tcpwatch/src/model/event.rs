@@ -47,7 +47,9 @@ impl From<&Owner> for OwnerView {
 }
 
 /// Kernel TCP states, with the kernel's names (without `TCP_`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum TcpState {
     Established,
     SynSent,
@@ -115,7 +117,7 @@ impl TcpState {
 }
 
 /// Address family of a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
     Inet,
     Inet6,
@@ -132,7 +134,7 @@ impl Family {
 
 /// Where the owner of an event came from. The task running when a softirq event fires is never
 /// used: only a task-context sighting, a listener's owner, or the inventory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OwnerSource {
     /// Seen acting on the socket in task context (connect, listen, close, …).
     Task,
@@ -153,7 +155,7 @@ impl OwnerSource {
 }
 
 /// The process a socket belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
     /// tgid (process id).
     pub pid: u32,
@@ -164,7 +166,7 @@ pub struct Owner {
 }
 
 /// A task's comm: up to 16 bytes, not necessarily UTF-8, kept inline so decoding never allocates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm(pub [u8; 16]);
 
 impl Comm {
@@ -192,7 +194,7 @@ impl std::fmt::Debug for Comm {
 }
 
 /// Kind of a retransmitted segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RetransmitKind {
     Syn,
     SynAck,
@@ -212,7 +214,7 @@ impl RetransmitKind {
 }
 
 /// Why a timewait socket ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TwExitReason {
     Expired,
     Reused,
@@ -231,7 +233,7 @@ impl TwExitReason {
 
 /// A raw timewait-timer observation, before [`crate::model::timewait::TwMachine`] turns it
 /// into enter / re-arm / exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TwOp {
     Start,
     Cancel,
@@ -243,7 +245,7 @@ pub enum TwOp {
 }
 
 /// How an overflow was observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OverflowSource {
     /// `kfree_skb` with `TCP_LISTEN_OVERFLOW`: one final ACK dropped, as it happened.
     Packet,
@@ -262,7 +264,7 @@ impl OverflowSource {
 }
 
 /// What the kernel did with the packets that did not fit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OverflowAction {
     Dropped,
     /// SYN queue full with `tcp_syncookies`: answered with cookies instead of dropped.
@@ -279,7 +281,7 @@ impl OverflowAction {
 }
 
 /// Which listener queue overflowed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Queue {
     Accept,
     Syn,
@@ -295,7 +297,7 @@ impl Queue {
 }
 
 /// What happened.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq)]
 pub enum EventKind {
     State {
         old: TcpState,
@@ -375,7 +377,7 @@ impl EventKind {
 }
 
 /// One observed TCP event, with the socket it belongs to and that socket's owner.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct Event {
     /// CLOCK_MONOTONIC.
     pub ts_ns: u64,

@@ -63,6 +63,11 @@ impl<W: Write> TraceWriter<W> {
         std::mem::take(&mut self.pending)
     }
 
+    /// Bytes formatted and not yet written or taken.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// A line written as it came (a daemon's JSON line, passed on); it must end in '\n'.
     pub fn raw_line(&mut self, line: &[u8]) -> io::Result<()> {
         self.pending.extend_from_slice(line);

@@ -15,18 +15,19 @@ use std::time::{Duration, Instant};
 use rusqlite::params;
 
 use crate::model::api::RecordSpan;
-use crate::model::history::Frame;
+use crate::model::event::Event;
+use crate::model::history::{Frame, is_signal};
 pub use store::{DB_FILE, Store, Table};
 
-/// One event's columns; its JSON line is in the batch's `lines`.
-#[derive(Clone, Copy, Debug)]
-pub struct EventMeta {
-    pub wall_ns: i64,
-    pub kind: &'static str,
-    pub cookie: u64,
-    pub netns: u32,
-    /// Also kept with the signals.
-    pub signal: bool,
+/// An event as the record keeps it: its columns for queries, and the whole event in
+/// tcpwatch's own compact encoding (serde through postcard: about a third of its JSON line).
+/// The encoding follows `model::event` and only grows at the end (variants, fields).
+pub fn encode(e: &Event) -> Vec<u8> {
+    postcard::to_allocvec(e).unwrap_or_default()
+}
+
+pub fn decode(b: &[u8]) -> Option<Event> {
+    postcard::from_bytes(b).ok()
 }
 
 /// A closed connection's timeline, ready to store.
@@ -48,11 +49,8 @@ pub struct TimelineRow {
 }
 
 pub enum Rec {
-    /// Events with their JSON lines, one per event, in order, each ending in '\n'.
-    Events {
-        rows: Vec<EventMeta>,
-        lines: Vec<u8>,
-    },
+    /// Events with their Unix times, in order.
+    Events(Vec<(i64, Event)>),
     Timelines(Vec<TimelineRow>),
     Frame {
         frame: Box<Frame>,
@@ -71,7 +69,7 @@ pub enum Rec {
 impl Rec {
     fn bytes(&self) -> usize {
         match self {
-            Rec::Events { rows, lines } => lines.len() + rows.len() * 32,
+            Rec::Events(v) => v.len() * std::mem::size_of::<(i64, Event)>(),
             Rec::Timelines(v) => v.iter().map(|t| t.json.len() + 64).sum(),
             Rec::Frame { counters, .. } | Rec::Counters { counters, .. } => {
                 4096 + counters.iter().map(|c| c.1.len()).sum::<usize>()
@@ -82,7 +80,7 @@ impl Rec {
 
     fn count(&self) -> u64 {
         match self {
-            Rec::Events { rows, .. } => rows.len() as u64,
+            Rec::Events(v) => v.len() as u64,
             Rec::Timelines(v) => v.len() as u64,
             Rec::Frame { .. } => 1,
             Rec::Counters { .. } | Rec::Sync(_) => 0,
@@ -331,12 +329,10 @@ fn insert(
     let tx = &store.conn;
     let mut added = [(0u64, 0u64); 5];
     {
-        let mut ev = tx.prepare_cached(
-            "INSERT INTO events (wall_ns, type, cookie, netns, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut sig = tx.prepare_cached(
-            "INSERT INTO signals (wall_ns, type, cookie, netns, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
+        let cols = "(wall_ns, type, cookie, netns, saddr, sport, daddr, dport, pid, comm, ev)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+        let mut ev = tx.prepare_cached(&format!("INSERT INTO events {cols}"))?;
+        let mut sig = tx.prepare_cached(&format!("INSERT INTO signals {cols}"))?;
         let mut tl = tx.prepare_cached(
             "INSERT INTO timelines (closed_wall_ns, cookie, netns, local, remote, pid, comm,
                interest, clock_offset_ns, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -354,17 +350,36 @@ fn insert(
         )?;
         for r in pending {
             match r {
-                Rec::Events { rows, lines } => {
-                    for (m, line) in rows.iter().zip(lines.split(|b| *b == b'\n')) {
-                        let json = std::str::from_utf8(line).unwrap_or("{}");
-                        let p = params![m.wall_ns, m.kind, m.cookie as i64, m.netns, json];
+                Rec::Events(v) => {
+                    for (wall, e) in v {
+                        let blob = encode(e);
+                        let (saddr, daddr) = (e.local.ip().to_string(), e.remote.ip().to_string());
+                        let comm = e.owner.as_ref().map(|o| o.comm.to_string_lossy());
+                        let bytes = (blob.len()
+                            + saddr.len()
+                            + daddr.len()
+                            + comm.as_ref().map_or(0, String::len))
+                            as u64;
+                        let p = params![
+                            wall,
+                            e.kind.type_name(),
+                            e.cookie as i64,
+                            e.netns,
+                            saddr,
+                            e.local.port(),
+                            daddr,
+                            e.remote.port(),
+                            e.owner.as_ref().map(|o| o.pid),
+                            comm,
+                            blob
+                        ];
                         ev.execute(p)?;
                         added[0].0 += 1;
-                        added[0].1 += json.len() as u64;
-                        if m.signal {
+                        added[0].1 += bytes;
+                        if is_signal(e) {
                             sig.execute(p)?;
                             added[1].0 += 1;
-                            added[1].1 += json.len() as u64;
+                            added[1].1 += bytes;
                         }
                     }
                 }
@@ -452,29 +467,33 @@ mod tests {
         d
     }
 
-    fn line(i: u64, kind: &str) -> String {
-        format!(
-            "{{\"type\":\"{kind}\",\"ts_ns\":{i},\"cookie\":{i},\"pad\":\"{}\"}}\n",
-            "x".repeat(200)
-        )
-    }
-
     fn events(from: u64, n: u64, every_signal: u64) -> Rec {
-        let mut rows = Vec::new();
-        let mut lines = Vec::new();
-        for i in from..from + n {
-            let signal = every_signal > 0 && i % every_signal == 0;
-            let kind = if signal { "retransmit" } else { "state" };
-            rows.push(EventMeta {
-                wall_ns: i as i64 * 1000,
-                kind,
-                cookie: i,
-                netns: 1,
-                signal,
-            });
-            lines.extend_from_slice(line(i, kind).as_bytes());
-        }
-        Rec::Events { rows, lines }
+        use crate::model::event::{EventKind, RetransmitKind, TcpState};
+        Rec::Events(
+            (from..from + n)
+                .map(|i| {
+                    let kind = if every_signal > 0 && i % every_signal == 0 {
+                        EventKind::Retransmit {
+                            kind: RetransmitKind::Data,
+                            state: Some(TcpState::Established),
+                            nth: 1,
+                            interval_ns: Some(200_000_000),
+                            err: 0,
+                            segs: 1,
+                            accept_queue: None,
+                            syn_queue: None,
+                        }
+                    } else {
+                        EventKind::State {
+                            old: TcpState::SynSent,
+                            new: TcpState::Established,
+                            prev_state_ns: Some(i),
+                        }
+                    };
+                    (i as i64 * 1000, crate::testkit::test_event(i, i, kind))
+                })
+                .collect(),
+        )
     }
 
     #[test]
@@ -538,8 +557,8 @@ mod tests {
         let _r = Recorder::start(&d, 64 << 20).unwrap();
         let c = store::open_reader(&d).unwrap();
         let mut got = Vec::new();
-        query::events(&c, Table::Events, 5_000, Some(8_000), |w, j| {
-            got.push((w, j.len()));
+        query::events(&c, Table::Events, 5_000, Some(8_000), |w, e| {
+            got.push((w, e));
             true
         })
         .unwrap();
@@ -547,14 +566,31 @@ mod tests {
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
             [5000, 6000, 7000]
         );
+        // The whole event comes back.
+        let Rec::Events(want) = events(6, 1, 10) else {
+            unreachable!()
+        };
+        assert_eq!(got[1].1, want[0].1);
         let mut sig = 0;
-        query::events(&c, Table::Signals, 0, None, |_, j| {
-            assert!(j.contains("retransmit"));
+        query::events(&c, Table::Signals, 0, None, |_, e| {
+            assert_eq!(e.kind.type_name(), "retransmit");
             sig += 1;
             true
         })
         .unwrap();
         assert_eq!(sig, 10);
+        // The columns are there for people's queries.
+        let (ty, saddr, dport): (String, String, u16) = c
+            .query_row(
+                "SELECT type, saddr, dport FROM events WHERE cookie = 6",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (ty.as_str(), saddr.as_str(), dport),
+            ("state", "10.0.0.1", 80)
+        );
         let frames = query::frames(&c, 0, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].listeners.len(), 1);
@@ -584,8 +620,8 @@ mod tests {
         let d = scratch("bound");
         let bound = 16u64 << 20;
         let r = Recorder::start(&d, bound).unwrap();
-        // About 60 MB of events, one in twenty a signal.
-        for b in 0..60 {
+        // About 60 MB of events (encoded), one in twenty a signal.
+        for b in 0..200 {
             r.send(events(b * 4000, 4000, 20));
             if b % 10 == 9 {
                 assert!(r.syncer().sync(Duration::from_secs(30)));
@@ -611,7 +647,7 @@ mod tests {
             true
         })
         .unwrap();
-        assert_eq!(last, (60 * 4000 - 1) * 1000);
+        assert_eq!(last, (200 * 4000 - 1) * 1000);
         assert_eq!(n, (last - ev_from) as u64 / 1000 + 1);
         drop(r);
         let _ = std::fs::remove_dir_all(&d);

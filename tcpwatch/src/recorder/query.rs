@@ -6,17 +6,19 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, params};
 
 use super::Table;
+use crate::model::event::Event;
 use crate::model::history::{Frame, ListenerFrame};
 use crate::model::snapshot::{OverflowsView, OwnerView, SocketView};
 
-/// Calls `each(wall_ns, json)` for the recorded events (or signals) of [from, to) in the
-/// order they were recorded, until it returns false. Returns how many it was given.
+/// Calls `each(wall_ns, event)` for the recorded events (or signals) of [from, to) in the
+/// order they were recorded, until it returns false. Returns how many it was given (a row
+/// that does not decode is skipped: the file is another process's to damage).
 pub fn events(
     conn: &Connection,
     table: Table,
     from_wall_ns: i64,
     to_wall_ns: Option<i64>,
-    mut each: impl FnMut(i64, &str) -> bool,
+    mut each: impl FnMut(i64, Event) -> bool,
 ) -> rusqlite::Result<u64> {
     let name = match table {
         Table::Signals => "signals",
@@ -31,7 +33,7 @@ pub fn events(
     )?;
     let Some(first) = first else { return Ok(0) };
     let mut st = conn.prepare(&format!(
-        "SELECT wall_ns, json FROM {name} WHERE id >= ?1 AND wall_ns < ?2 ORDER BY id"
+        "SELECT wall_ns, ev FROM {name} WHERE id >= ?1 AND wall_ns < ?2 ORDER BY id"
     ))?;
     let mut rows = st.query(params![first, to_wall_ns.unwrap_or(i64::MAX)])?;
     let mut n = 0;
@@ -40,9 +42,11 @@ pub fn events(
         if wall < from_wall_ns {
             continue;
         }
-        let json = r.get_ref(1)?.as_str().unwrap_or("");
+        let Some(e) = r.get_ref(1)?.as_blob().ok().and_then(super::decode) else {
+            continue;
+        };
         n += 1;
-        if !each(wall, json) {
+        if !each(wall, e) {
             break;
         }
     }

@@ -8,22 +8,28 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::model::api::{Pruned, RecordSpan};
 
 /// The schema this build writes; an older file is migrated, a newer one refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The database's name inside the state directory.
 pub const DB_FILE: &str = "record.sqlite";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- Every event, as `tcpwatch trace --json` writes it (json_extract() reads the fields).
+-- Every event: the columns people query (type as `trace --json` names it: state,
+-- retransmit, reset, error, timewait, overflow), and the whole event in tcpwatch's own
+-- encoding (`tcpwatch trace --since` prints it as JSON).
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, wall_ns INTEGER NOT NULL, type TEXT NOT NULL,
-    cookie INTEGER NOT NULL, netns INTEGER NOT NULL, json TEXT NOT NULL);
+    cookie INTEGER NOT NULL, netns INTEGER NOT NULL, saddr TEXT NOT NULL,
+    sport INTEGER NOT NULL, daddr TEXT NOT NULL, dport INTEGER NOT NULL, pid INTEGER,
+    comm TEXT, ev BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS events_wall ON events (wall_ns);
 -- Retransmits, resets, errors and overflows again: kept longer than the full stream.
 CREATE TABLE IF NOT EXISTS signals (
     id INTEGER PRIMARY KEY, wall_ns INTEGER NOT NULL, type TEXT NOT NULL,
-    cookie INTEGER NOT NULL, netns INTEGER NOT NULL, json TEXT NOT NULL);
+    cookie INTEGER NOT NULL, netns INTEGER NOT NULL, saddr TEXT NOT NULL,
+    sport INTEGER NOT NULL, daddr TEXT NOT NULL, dport INTEGER NOT NULL, pid INTEGER,
+    comm TEXT, ev BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS signals_wall ON signals (wall_ns);
 -- Closed connections' timelines (the snapshot's `sockets` entries); `interest` says why one
 -- is kept (retransmits, reset, ...), empty for a plain one, which goes first.
@@ -91,6 +97,16 @@ impl Table {
             Table::Timelines => 20,
             Table::Frames => 10,
             Table::Counters => 10,
+        }
+    }
+
+    /// What a row weighs besides its fixed part.
+    fn payload(self) -> &'static str {
+        match self {
+            Table::Events | Table::Signals => {
+                "length(ev) + length(saddr) + length(daddr) + coalesce(length(comm), 0)"
+            }
+            _ => "length(json)",
         }
     }
 
@@ -166,6 +182,10 @@ impl Store {
                 path.display()
             );
         }
+        if version == 1 {
+            // Version 1 kept events as JSON text; they are not carried over.
+            conn.execute_batch("DROP TABLE IF EXISTS events; DROP TABLE IF EXISTS signals;")?;
+        }
         conn.execute_batch(SCHEMA)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -220,7 +240,8 @@ impl Store {
         for t in Table::ALL {
             let (rows, json): (i64, i64) = self.conn.query_row(
                 &format!(
-                    "SELECT count(*), coalesce(sum(length(json)), 0) FROM {}",
+                    "SELECT count(*), coalesce(sum({}), 0) FROM {}",
+                    t.payload(),
                     t.name()
                 ),
                 [],
@@ -332,10 +353,11 @@ impl Store {
 
     /// Deletes the `n` oldest rows of `t` the rows `select` picks (a query of their rowids),
     /// returning how many went and their estimated bytes.
-    fn delete_rows(&self, table: &str, select: &str, n: i64) -> rusqlite::Result<(u64, u64)> {
+    fn delete_rows(&self, t: Table, select: &str, n: i64) -> rusqlite::Result<(u64, u64)> {
+        let (table, payload) = (t.name(), t.payload());
         let (rows, json): (i64, i64) = self.conn.query_row(
             &format!(
-                "SELECT count(*), coalesce(sum(length(json)), 0) FROM {table}
+                "SELECT count(*), coalesce(sum({payload}), 0) FROM {table}
                  WHERE rowid IN ({select})"
             ),
             [n],
@@ -354,7 +376,7 @@ impl Store {
             Table::Timelines => {
                 // Plain ones first; interesting ones only once no plain one is left.
                 let (a, ab) = self.delete_rows(
-                    "timelines",
+                    Table::Timelines,
                     "SELECT id FROM timelines WHERE interest = '' ORDER BY id LIMIT ?1",
                     n,
                 )?;
@@ -363,7 +385,7 @@ impl Store {
                     return Ok((a, ab));
                 }
                 let (b, bb) = self.delete_rows(
-                    "timelines",
+                    Table::Timelines,
                     "SELECT id FROM timelines ORDER BY id LIMIT ?1",
                     rest,
                 )?;
@@ -384,23 +406,27 @@ impl Store {
                     .execute("DELETE FROM listener_frames WHERE wall_ns <= ?1", [cut])?
                     as u64;
                 let (f, fb) = self.delete_rows(
-                    "frames",
+                    Table::Frames,
                     "SELECT rowid FROM frames WHERE wall_ns <= ?1",
                     cut,
                 )?;
                 Ok((f, fb + lf * LISTENER_ROW_BYTES))
             }
             Table::Counters => self.delete_rows(
-                "counters",
+                Table::Counters,
                 "SELECT rowid FROM counters ORDER BY wall_ns LIMIT ?1",
                 n,
             ),
-            Table::Events => {
-                self.delete_rows("events", "SELECT id FROM events ORDER BY id LIMIT ?1", n)
-            }
-            Table::Signals => {
-                self.delete_rows("signals", "SELECT id FROM signals ORDER BY id LIMIT ?1", n)
-            }
+            Table::Events => self.delete_rows(
+                Table::Events,
+                "SELECT id FROM events ORDER BY id LIMIT ?1",
+                n,
+            ),
+            Table::Signals => self.delete_rows(
+                Table::Signals,
+                "SELECT id FROM signals ORDER BY id LIMIT ?1",
+                n,
+            ),
         }
     }
 
