@@ -96,6 +96,53 @@ const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const COMMIT_BYTES: usize = 1 << 20;
 /// And measures the tables again this often (the estimate drifts a little).
 const MEASURE_EVERY: Duration = Duration::from_secs(600);
+/// Plain events (not signals) written a second at most. Writing every event of a full
+/// churn (250 k a second) costs a core and holds seconds of it in the bound; past this
+/// rate the record keeps every event of a sample of the connections instead (their
+/// timelines too), and counts what it left out as dropped. Signals are never shed.
+const PLAIN_EVENTS_PER_SEC: u64 = 20_000;
+
+/// Chooses, second by second, which connections' plain events and timelines are written:
+/// those whose cookie falls in a share sized by the last second's offer, so a sampled
+/// connection is whole.
+struct Shedder {
+    second: i64,
+    offered: u64,
+    /// Of 1024: the share of cookies kept this second.
+    keep: u64,
+}
+
+impl Default for Shedder {
+    fn default() -> Shedder {
+        Shedder {
+            second: i64::MIN,
+            offered: 0,
+            keep: 1024,
+        }
+    }
+}
+
+impl Shedder {
+    fn keeps(&mut self, wall_ns: i64, cookie: u64) -> bool {
+        let s = wall_ns.div_euclid(1_000_000_000);
+        if s != self.second {
+            // The share for this second from what the last one offered (none: keep all).
+            self.keep = if s == self.second + 1 && self.offered > PLAIN_EVENTS_PER_SEC {
+                (PLAIN_EVENTS_PER_SEC * 1024 / self.offered).max(1)
+            } else {
+                1024
+            };
+            self.second = s;
+            self.offered = 0;
+        }
+        self.offered += 1;
+        if self.keep >= 1024 {
+            // Still, never far past the rate within the second itself.
+            return self.offered <= PLAIN_EVENTS_PER_SEC * 2;
+        }
+        (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) < self.keep
+    }
+}
 
 /// The daemon's handle on the writer thread.
 pub struct Recorder {
@@ -226,38 +273,44 @@ fn write_loop(
     let mut last_commit = Instant::now();
     let mut last_measure = Instant::now();
     let mut counters_seen: HashMap<u32, String> = HashMap::new();
+    let mut shed = Shedder::default();
     let mut closed = false;
     let mut failures = 0u32;
+    let mut bytes = 0usize;
     while !closed {
         match rx.recv_timeout(Duration::from_millis(250)) {
             Ok(Rec::Sync(tx)) => waiting.push(tx),
-            Ok(r) => pending.push(r),
+            Ok(r) => {
+                bytes += r.bytes();
+                pending.push(r);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => closed = true,
         }
         closed |= stop.load(Ordering::SeqCst);
         // Small transactions: the write-ahead log and the room made before each stay small
         // against the bound even under full churn.
-        let pending_bytes: usize = pending.iter().map(Rec::bytes).sum();
         let due = last_commit.elapsed() >= COMMIT_EVERY
-            || pending_bytes >= COMMIT_BYTES
+            || bytes >= COMMIT_BYTES
             || !waiting.is_empty()
             || closed;
         if !due {
             continue;
         }
         // Whatever else arrived meanwhile goes into the same transaction, up to its size.
-        while pending.iter().map(Rec::bytes).sum::<usize>() < COMMIT_BYTES {
+        while bytes < COMMIT_BYTES {
             match rx.try_recv() {
                 Ok(Rec::Sync(tx)) => waiting.push(tx),
-                Ok(r) => pending.push(r),
+                Ok(r) => {
+                    bytes += r.bytes();
+                    pending.push(r);
+                }
                 Err(_) => break,
             }
         }
-        let bytes: usize = pending.iter().map(Rec::bytes).sum();
         let count: u64 = pending.iter().map(Rec::count).sum();
         store.dropped += dropped.swap(0, Ordering::Relaxed);
-        match commit(&mut store, &pending, &mut counters_seen) {
+        match commit(&mut store, &pending, &mut counters_seen, &mut shed) {
             Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
@@ -272,6 +325,7 @@ fn write_loop(
         }
         queued.fetch_sub(bytes, Ordering::Relaxed);
         pending.clear();
+        bytes = 0;
         last_commit = Instant::now();
         if last_measure.elapsed() >= MEASURE_EVERY {
             last_measure = Instant::now();
@@ -293,14 +347,16 @@ fn commit(
     store: &mut Store,
     pending: &[Rec],
     counters_seen: &mut HashMap<u32, String>,
+    shed: &mut Shedder,
 ) -> rusqlite::Result<()> {
     store.conn.execute_batch("BEGIN")?;
     // Room first, for what comes in: the file never holds more than the bound.
     let incoming: u64 = pending.iter().map(|r| r.bytes() as u64).sum();
     let res = store
         .make_room(incoming)
-        .and_then(|_| insert(store, pending, counters_seen))
-        .and_then(|added| {
+        .and_then(|_| insert(store, pending, counters_seen, shed))
+        .and_then(|(added, left_out)| {
+            store.dropped += left_out;
             for (t, (rows, bytes)) in Table::ALL.into_iter().zip(added) {
                 store.added(t, rows, bytes + rows * store::ROW_BYTES);
             }
@@ -320,14 +376,17 @@ fn commit(
     }
 }
 
-/// Inserts the records; returns rows and JSON bytes added per table.
+/// Inserts the records; returns rows and bytes added per table, and how many plain
+/// events and timelines the rate budget left out.
 fn insert(
     store: &Store,
     pending: &[Rec],
     counters_seen: &mut HashMap<u32, String>,
-) -> rusqlite::Result<[(u64, u64); 5]> {
+    shed: &mut Shedder,
+) -> rusqlite::Result<([(u64, u64); 5], u64)> {
     let tx = &store.conn;
     let mut added = [(0u64, 0u64); 5];
+    let mut left_out = 0u64;
     {
         let cols = "(wall_ns, type, cookie, netns, saddr, sport, daddr, dport, pid, comm, ev)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
@@ -352,6 +411,11 @@ fn insert(
             match r {
                 Rec::Events(v) => {
                     for (wall, e) in v {
+                        let signal = is_signal(e);
+                        if !signal && !shed.keeps(*wall, e.cookie) {
+                            left_out += 1;
+                            continue;
+                        }
                         let blob = encode(e);
                         let (saddr, daddr) = (e.local.ip().to_string(), e.remote.ip().to_string());
                         let comm = e.owner.as_ref().map(|o| o.comm.to_string_lossy());
@@ -376,7 +440,7 @@ fn insert(
                         ev.execute(p)?;
                         added[0].0 += 1;
                         added[0].1 += bytes;
-                        if is_signal(e) {
+                        if signal {
                             sig.execute(p)?;
                             added[1].0 += 1;
                             added[1].1 += bytes;
@@ -385,6 +449,10 @@ fn insert(
                 }
                 Rec::Timelines(v) => {
                     for t in v {
+                        if t.interest.is_empty() && !shed.keeps(t.closed_wall_ns, t.cookie) {
+                            left_out += 1;
+                            continue;
+                        }
                         tl.execute(params![
                             t.closed_wall_ns,
                             t.cookie as i64,
@@ -451,7 +519,7 @@ fn insert(
             }
         }
     }
-    Ok(added)
+    Ok((added, left_out))
 }
 
 #[cfg(test)]
@@ -490,10 +558,34 @@ mod tests {
                             prev_state_ns: Some(i),
                         }
                     };
-                    (i as i64 * 1000, crate::testkit::test_event(i, i, kind))
+                    (i as i64 * STEP, crate::testkit::test_event(i, i, kind))
                 })
                 .collect(),
         )
+    }
+
+    /// Events 100 µs apart: 10 000 a second, inside the rate budget.
+    const STEP: i64 = 100_000;
+
+    #[test]
+    fn past_the_rate_budget_whole_connections_are_sampled() {
+        let mut s = Shedder::default();
+        // Under the budget: everything.
+        assert!((0..PLAIN_EVENTS_PER_SEC).all(|i| s.keeps(1_000_000_000, i)));
+        // A second offered ten times the budget (eleven events per connection)...
+        let mut t = 2_000_000_000;
+        for i in 0..PLAIN_EVENTS_PER_SEC * 10 {
+            s.keeps(t, i / 11);
+        }
+        // ...the next keeps about a tenth of the connections, each with all its events.
+        t += 1_000_000_000;
+        let mut kept = 0;
+        for c in 0..10_000u64 {
+            let k: Vec<bool> = (0..11).map(|_| s.keeps(t, 1_000_000 + c)).collect();
+            assert!(k.iter().all(|&x| x == k[0]), "connection {c} split");
+            kept += k[0] as u64;
+        }
+        assert!((700..1300).contains(&kept), "kept {kept} of 10000");
     }
 
     #[test]
@@ -549,22 +641,22 @@ mod tests {
             }]));
             assert!(r.syncer().sync(Duration::from_secs(10)));
             let span = r.span();
-            assert_eq!(span.events_from_wall_ns, Some(1000));
-            assert_eq!(span.signals_from_wall_ns, Some(10_000));
+            assert_eq!(span.events_from_wall_ns, Some(STEP));
+            assert_eq!(span.signals_from_wall_ns, Some(10 * STEP));
             assert_eq!(span.frames_from_wall_ns, Some(50_000));
         }
         // Reopened: everything is still there.
         let _r = Recorder::start(&d, 64 << 20).unwrap();
         let c = store::open_reader(&d).unwrap();
         let mut got = Vec::new();
-        query::events(&c, Table::Events, 5_000, Some(8_000), |w, e| {
+        query::events(&c, Table::Events, 5 * STEP, Some(8 * STEP), |w, e| {
             got.push((w, e));
             true
         })
         .unwrap();
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            [5000, 6000, 7000]
+            [5 * STEP, 6 * STEP, 7 * STEP]
         );
         // The whole event comes back.
         let Rec::Events(want) = events(6, 1, 10) else {
@@ -647,8 +739,8 @@ mod tests {
             true
         })
         .unwrap();
-        assert_eq!(last, (200 * 4000 - 1) * 1000);
-        assert_eq!(n, (last - ev_from) as u64 / 1000 + 1);
+        assert_eq!(last, (200 * 4000 - 1) * STEP);
+        assert_eq!(n, (last - ev_from) as u64 / STEP as u64 + 1);
         drop(r);
         let _ = std::fs::remove_dir_all(&d);
     }

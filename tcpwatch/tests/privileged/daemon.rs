@@ -719,7 +719,9 @@ fn bounded() {
     };
     let rec = &hello["record"];
     assert!(rec["pruned"]["events"].as_u64().unwrap() > 0, "{rec:#}");
-    assert_eq!(rec["dropped"], 0, "{rec:#}");
+    // The bursts offer far more than the plain-event rate the record writes (20 000 a
+    // second): a sample of the connections was kept, the rest counted, not silent.
+    assert!(rec["dropped"].as_u64().unwrap() > 0, "{rec:#}");
     // A client asking for more than is left is told where the record starts.
     let since = t0.elapsed().unwrap().as_secs() + 30;
     let (code, out, err) = client(
