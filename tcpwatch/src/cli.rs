@@ -362,8 +362,12 @@ pub struct FilterArgs {
     #[arg(long)]
     pub comm: Option<String>,
     /// Only this network namespace: a name from `ip netns`, a path such as /proc/PID/ns/net, or an inode number.
+    /// Started in a namespace other than the host's (`ip netns exec`, a container), the default is that namespace.
     #[arg(long)]
     pub netns: Option<String>,
+    /// Every network namespace, also when started in one that is not the host's.
+    #[arg(long, conflicts_with = "netns")]
+    pub all_netns: bool,
     /// Only IPv4 sockets.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,

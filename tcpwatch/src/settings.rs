@@ -17,7 +17,8 @@ impl Filters {
     pub fn from_args(a: &FilterArgs) -> anyhow::Result<Filters> {
         let netns = match &a.netns {
             Some(s) => resolve_netns(s)?,
-            None => 0,
+            None if a.all_netns => 0,
+            None => default_netns().unwrap_or(0),
         };
         let comm = match &a.comm {
             Some(c) if c.is_empty() || c.len() > 15 => {
@@ -189,6 +190,50 @@ pub fn resolve_netns(s: &str) -> anyhow::Result<u32> {
         ),
         Err(e) => anyhow::bail!("--netns {s}: {e}"),
     }
+}
+
+/// The init network namespace's inode, where the kernel fixes it (`PROC_NET_INIT_INO`,
+/// recent kernels); older ones number it like any other.
+const INIT_NET_INO: u32 = 0xEFFF_FFF9;
+/// The init pid namespace's inode (`PROC_PID_INIT_INO`, fixed since 3.8).
+const INIT_PID_INO: u64 = 0xEFFF_FFFC;
+
+/// The namespace tcpwatch watches when none is named: its own when that is not the host's
+/// (under `ip netns exec`, in a container without host networking), as `ss` and `nstat`
+/// do; `None` (every namespace) in the host's.
+pub fn default_netns() -> Option<u32> {
+    let own = own_netns();
+    if own == 0 || own == INIT_NET_INO {
+        return None;
+    }
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+    if ino("/proc/self/ns/pid") == Some(INIT_PID_INO) {
+        // The host's pids are visible: kthreadd (pid 2) lives in the host's namespace.
+        // Unreadable (no privilege): keep the host-wide default.
+        let kthreadd =
+            std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+        return match (kthreadd, ino("/proc/2/ns/net")) {
+            (true, Some(host)) if host as u32 != own => Some(own),
+            _ => None,
+        };
+    }
+    // In a container's pid namespace on a kernel without the fixed inode: the host's
+    // namespace cannot be told from here, so the container's own is the scope (`--all-netns`
+    // widens it).
+    Some(own)
+}
+
+/// A line saying the default scope is this process's namespace (`None` when host-wide or
+/// named on the command line).
+pub fn scope_note(a: &FilterArgs) -> Option<String> {
+    if a.netns.is_some() || a.all_netns {
+        return None;
+    }
+    default_netns().map(|n| {
+        format!(
+            "watching network namespace {n}, the one tcpwatch runs in (--all-netns for every namespace)"
+        )
+    })
 }
 
 /// Inode of the network namespace tcpwatch itself runs in.

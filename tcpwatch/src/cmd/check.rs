@@ -83,6 +83,9 @@ fn limits(a: &CheckArgs) -> Limits {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
+    if let Some(n) = crate::settings::scope_note(&a.filters) {
+        note!("tcpwatch: {n}");
+    }
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }

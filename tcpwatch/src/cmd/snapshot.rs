@@ -14,6 +14,9 @@ use crate::settings::{self, Filters};
 use crate::source::caps;
 
 pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
+    if let Some(n) = crate::settings::scope_note(&a.filters) {
+        note!("tcpwatch: {n}");
+    }
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }
@@ -80,7 +83,8 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
             note!("tcpwatch: lost: {}", loss.breakdown());
         }
     }
-    let snap = session.snapshot(Duration::ZERO);
+    let mut snap = session.snapshot(Duration::ZERO);
+    snap.stamp_wall(&session.clock());
     let out = io::stdout().lock();
     let res = if a.json {
         crate::output::snapshot::write_json(out, &snap)
@@ -132,6 +136,8 @@ fn through_daemon(a: &SnapshotArgs, mut c: crate::source::daemon::Client) -> any
         anyhow::bail!("the daemon answered something else than a snapshot");
     };
     let clock = crate::source::host::wall_clock();
+    let mut snapshot = snapshot;
+    snapshot.stamp_wall(&clock);
     if let (Some(h), Some(asked)) = (&history, a.since.and(from)) {
         match h.events_from_wall_ns {
             Some(e) if e > asked && h.events_pruned == 0 => note!(

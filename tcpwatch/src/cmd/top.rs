@@ -84,7 +84,11 @@ fn live(a: &TopArgs) -> anyhow::Result<i32> {
         crate::settings::own_netns(),
         session.collector().rst_reasons(),
     );
-    let mut app = App::new(format!("host {}", session.analysis().context().host));
+    let mut app = App::new(format!(
+        "host {}{}",
+        session.analysis().context().host,
+        scope_suffix(&a.filters)
+    ));
     app.clock = Some(session.clock());
     let mut screen = Screen::new()?;
     let refresh = Duration::from_millis(1000 / a.refresh as u64);
@@ -271,8 +275,9 @@ fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::
     app.can_travel = c.hello.record.is_some();
     let source = |c: &crate::source::daemon::Client| {
         format!(
-            "host {} via the daemon (pid {}, since {})",
+            "host {}{} via the daemon (pid {}, since {})",
             c.hello.host,
+            scope_suffix(&a.filters),
             c.hello.pid,
             clock.hms_of_wall(c.hello.started_wall_ns)
         )
@@ -425,5 +430,16 @@ fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::
         if !wait_keys(&mut app, Instant::now() + refresh)? {
             return Ok(EXIT_OK);
         }
+    }
+}
+
+/// The header's word on a default scope narrowed to tcpwatch's own namespace.
+fn scope_suffix(f: &crate::cli::FilterArgs) -> String {
+    match crate::settings::scope_note(f) {
+        Some(_) => format!(
+            ", netns {} only (--all-netns: all)",
+            crate::settings::own_netns()
+        ),
+        None => String::new(),
     }
 }

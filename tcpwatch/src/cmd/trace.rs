@@ -26,6 +26,9 @@ enum Msg {
 const QUEUE_BATCHES: usize = 8;
 
 pub fn run(a: TraceArgs) -> anyhow::Result<i32> {
+    if let Some(n) = crate::settings::scope_note(&a.filters) {
+        note!("tcpwatch: {n}");
+    }
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }

@@ -434,6 +434,7 @@ mod tests {
             .iter()
             .map(|(o, n, p)| TransitionView {
                 ts_ns: 0,
+                wall_ns: None,
                 old: (*o).into(),
                 new: (*n).into(),
                 prev_state_ns: *p,

@@ -2,6 +2,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod check;
+pub mod endpoints;
 pub mod event;
 pub mod findings;
 pub mod history;

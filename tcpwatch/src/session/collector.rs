@@ -65,6 +65,7 @@ pub struct Collector {
     reader: RingReader,
     reorder: Reorder,
     owners: OwnerBook,
+    endpoints: crate::model::endpoints::EndpointBook,
     timewait: TwMachine,
     filters: Filters,
     loss: Loss,
@@ -97,6 +98,7 @@ impl Collector {
             reader,
             reorder,
             owners: OwnerBook::new(),
+            endpoints: Default::default(),
             timewait: TwMachine::new(),
             filters,
             loss: Loss::default(),
@@ -512,10 +514,12 @@ impl Collector {
         let cut = monotonic_ns().saturating_sub(crate::model::reorder::HOLD_NS);
         // In time order: a listener is learned before its children, a closing socket's owner
         // before its timewait socket, a cancel before its follow-up.
-        let (owners, timewait) = (&mut self.owners, &mut self.timewait);
+        let (owners, endpoints, timewait) =
+            (&mut self.owners, &mut self.endpoints, &mut self.timewait);
         self.reorder
             .release_with(if flush { u64::MAX } else { cut }, |mut ev| {
                 owners.resolve(&mut ev);
+                endpoints.apply(&mut ev);
                 timewait.apply(ev, &mut out.events);
             });
         if flush {

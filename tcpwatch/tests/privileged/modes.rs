@@ -17,6 +17,10 @@ pub const TESTS: &[crate::Test] = &[
     ("closed_stdout_and_sigterm_exit_zero", exits),
     ("runs_under_ip_netns_exec", under_ip_netns_exec),
     (
+        "netns_exec_scope_and_all_netns_widens_it",
+        netns_exec_scope_and_all_netns,
+    ),
+    (
         "kernel_side_diagnostics_reach_stderr",
         kernel_side_diagnostics,
     ),
@@ -184,24 +188,86 @@ fn exits() {
 }
 
 /// `ip netns exec` remounts /sys without tracefs: tcpwatch mounts it and still sees events.
+/// Without `--netns` it watches the namespace it was started in (as `ss` does), not the
+/// host: a connection in another namespace at the same time is not in its output.
 fn under_ip_netns_exec() {
     let ns = Netns::new();
-    let args = [
-        "netns", "exec", &ns.name, TCPWATCH, "trace", "--json", "--netns", &ns.name,
-    ];
+    let other = Netns::new();
+    let args = ["netns", "exec", &ns.name, TCPWATCH, "trace", "--json"];
     let tracer = Tracer::start_cmd("ip", &args);
+    let mut elsewhere = other.peer("tw-elsewhere");
     let mut client = ns.peer("tw-client");
+    assert_eq!(elsewhere.cmd("connect 127.0.0.1:9"), "err ECONNREFUSED");
     assert_eq!(client.cmd("connect 127.0.0.1:9"), "err ECONNREFUSED");
     tracer.wait_for("SYN_SENT -> CLOSE", W, |evs| {
         evs.iter().any(|e| is(e, "SYN_SENT", "CLOSE"))
     });
-    let evs = tracer.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    let (evs, stderr) = tracer.finish();
+    assert!(
+        stderr.contains(&format!("watching network namespace {}", ns.inode())),
+        "{stderr}"
+    );
+    assert!(
+        evs.iter().all(|e| e["netns"] == ns.inode()),
+        "events from outside the namespace: {}",
+        census(&evs)
+    );
     let tl = timeline(&evs, |e| is(e, "CLOSE", "SYN_SENT"));
     assert_eq!(
         transitions(&tl),
         seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")])
     );
     assert_owner(&tl, &client);
+}
+
+/// The same scope for a snapshot, and `--all-netns` widens it to every namespace; from the
+/// host's namespace the default stays host-wide.
+fn netns_exec_scope_and_all_netns() {
+    let ns = Netns::new();
+    let other = Netns::new();
+    let mut inside = ns.peer("tw-inside");
+    inside.ok("listen 127.0.0.1:8152 8");
+    let mut outside = other.peer("tw-outside");
+    outside.ok("listen 127.0.0.1:8153 8");
+    let run = |cmd: &mut Command| -> (Vec<u64>, String) {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ports: Vec<u64> = v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["port"].as_u64())
+            .filter(|p| *p == 8152 || *p == 8153)
+            .collect();
+        ports.sort();
+        (ports, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let inside_ns = |extra: &[&str]| {
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns.name, TCPWATCH])
+            .args(["snapshot", "--json", "--standalone"])
+            .args(extra))
+    };
+    let (ports, err) = inside_ns(&[]);
+    assert_eq!(ports, [8152], "{err}");
+    assert!(err.contains("--all-netns"), "{err}");
+    let (ports, err) = inside_ns(&["--all-netns"]);
+    assert_eq!(ports, [8152, 8153], "{err}");
+    assert!(!err.contains("watching network namespace"), "{err}");
+    let (ports, err) = run(Command::new(TCPWATCH).args(["snapshot", "--json", "--standalone"]));
+    assert_eq!(ports, [8152, 8153], "from the host: {err}");
+    // --netns and --all-netns contradict each other.
+    let out = Command::new(TCPWATCH)
+        .args(["snapshot", "--netns", &ns.name, "--all-netns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 /// The programs' diagnostics (aya-log) reach stderr: with the listener-owner map shrunk to

@@ -272,6 +272,26 @@ pub fn main(name: &str) -> ! {
                 }
                 _ => Err("nosock".into()),
             },
+            // connect(AF_UNSPEC): the kernel's tcp_disconnect (a RST to an established peer).
+            ["disconnect", _] => match socks.get(&id(1)) {
+                Some(Sock::S(s)) => {
+                    // SAFETY: a zeroed sockaddr is valid; AF_UNSPEC needs nothing else.
+                    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+                    sa.sa_family = libc::AF_UNSPEC as u16;
+                    // SAFETY: valid fd, and a sockaddr of the length given.
+                    let rc = unsafe {
+                        libc::connect(
+                            s.as_raw_fd(),
+                            &sa,
+                            std::mem::size_of::<libc::sockaddr>() as u32,
+                        )
+                    };
+                    check(rc)
+                        .map(|_| "done".to_string())
+                        .map_err(|e| errname(&e))
+                }
+                _ => Err("nosock".into()),
+            },
             ["linger0", _] => match socks.get(&id(1)) {
                 Some(Sock::S(s)) => {
                     let l = libc::linger {

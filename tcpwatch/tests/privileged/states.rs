@@ -13,6 +13,10 @@ pub const TESTS: &[crate::Test] = &[
     ("s2_server_closes_first", s2_server_closes_first),
     ("s9_half_close_vs_orphaned_fin_wait2", s9_half_close),
     ("s10_connection_refused", s10_refused),
+    (
+        "s10_error_after_a_disconnect_names_the_peer_it_had",
+        s10_disconnect,
+    ),
     ("s14_owners_across_processes", s14_owners),
     (
         "s14_reuseport_children_owned_by_their_member",
@@ -347,6 +351,38 @@ fn s10_refused() {
         seq(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")])
     );
     assert_owner(&ctl, &client);
+}
+
+/// `connect(AF_UNSPEC)` on an established socket: the kernel moves it to CLOSE, sends a
+/// RST, clears the remote port and reports ECONNRESET. The report names the peer the socket
+/// had, not `127.0.0.1:0`.
+fn s10_disconnect() {
+    let ns = Netns::new();
+    let tracer = Tracer::start(&ns, &[]);
+    let mut server = ns.peer("tw-server");
+    let mut client = ns.peer("tw-client");
+    let l = server.ok("listen 127.0.0.1:8141 8");
+    let c = client.ok("connect 127.0.0.1:8141");
+    let c = c.split_whitespace().next().unwrap().to_string();
+    server.ok(&format!("accept {l}"));
+    client.ok(&format!("disconnect {c}"));
+    let mine = |e: &&Value| e["comm"] == "tw-client";
+    tracer.wait_for("the client's error report", W, |evs| {
+        of_type(evs, "error").iter().any(mine)
+    });
+    let evs = tracer.stop();
+    // (The server's side gets the RST: its own ECONNRESET, its endpoints intact.)
+    let errs: Vec<&Value> = of_type(&evs, "error").into_iter().filter(mine).collect();
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = errs[0];
+    assert_eq!(e["error"], "ECONNRESET", "{e:#}");
+    assert_eq!(
+        (&e["daddr"], &e["dport"]),
+        (&Value::from("127.0.0.1"), &Value::from(8141)),
+        "{e:#}"
+    );
+    assert_eq!(e["saddr"], "127.0.0.1", "{e:#}");
+    assert_owner(&errs, &client);
 }
 
 /// S14: three client processes and one server: every event names the socket's owner, whatever

@@ -125,6 +125,7 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
             .iter()
             .map(|x| TransitionView {
                 ts_ns: x.ts_ns,
+                wall_ns: None,
                 old: x.old.name().into(),
                 new: x.new.name().into(),
                 prev_state_ns: x.prev_state_ns,
@@ -147,6 +148,7 @@ pub fn socket_view(t: &Timeline, now: u64) -> SocketView {
         time_wait: t.timewait.map(|p| TwView {
             substate: p.substate.map(|s| s.name().into()),
             entered_ns: p.enter_ns,
+            entered_wall_ns: None,
             exit: p.exit.map(|(_, r)| r.name().into()),
         }),
     }

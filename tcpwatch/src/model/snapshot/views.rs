@@ -241,6 +241,9 @@ pub struct Histograms {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TransitionView {
     pub ts_ns: u64,
+    /// The same moment as Unix time (ns), where the output knows the clock (not in a replay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_ns: Option<i64>,
     pub old: Name,
     pub new: Name,
     pub prev_state_ns: Option<u64>,
@@ -267,6 +270,17 @@ pub struct SocketView {
 }
 
 impl SocketView {
+    /// Gives every timeline entry its wall-clock time as well.
+    pub fn stamp_wall(&mut self, clock: &crate::model::time::Clock) {
+        let wall = |t: u64| clock.wall_ns(t) as i64;
+        for t in &mut self.transitions {
+            t.wall_ns = Some(wall(t.ts_ns));
+        }
+        if let Some(tw) = &mut self.time_wait {
+            tw.entered_wall_ns = Some(wall(tw.entered_ns));
+        }
+    }
+
     /// Moves its times by `delta_ns` (a recorded timeline onto this boot's clock).
     pub fn shift(&mut self, delta_ns: i64) {
         let mv = |t: u64| (t as i64).saturating_add(delta_ns).max(0) as u64;
@@ -283,6 +297,8 @@ impl SocketView {
 pub struct TwView {
     pub substate: Option<Name>,
     pub entered_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_wall_ns: Option<i64>,
     pub exit: Option<Name>,
 }
 
@@ -363,4 +379,14 @@ pub struct Snapshot {
     pub sockets: Vec<SocketView>,
     pub findings: Vec<Finding>,
     pub loss: LossView,
+}
+
+impl Snapshot {
+    /// Gives the socket timelines' entries their wall-clock times (the output's clock: the
+    /// model keeps monotonic time only).
+    pub fn stamp_wall(&mut self, clock: &crate::model::time::Clock) {
+        for v in &mut self.sockets {
+            v.stamp_wall(clock);
+        }
+    }
 }

@@ -136,15 +136,47 @@ fn footer(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
+/// The overview's panels, each as tall as what it has to show: listeners and findings share
+/// what the fixed panels leave (findings up to half when both want more); what is still left
+/// shows the latest events (or goes to the findings when too little for that), so no blank
+/// rows sit between or below the panels.
+fn overview_heights(height: u16, listeners: usize, findings: usize) -> [u16; 5] {
+    const STATES: u16 = 4;
+    const TIME_WAIT: u16 = 4;
+    let flex = height.saturating_sub(STATES + TIME_WAIT);
+    // Title and header, one row each (an empty table still shows its header).
+    let l_need = 2 + listeners.max(1).min(u16::MAX as usize / 2) as u16;
+    // Title, and two lines a finding ("none" takes one).
+    let f_need = 1 + (2 * findings).max(1).min(u16::MAX as usize / 2) as u16;
+    let lh = l_need
+        .min(flex.saturating_sub(f_need.min(flex / 2)))
+        .max(3.min(flex));
+    let fh = flex - lh;
+    let spare = fh.saturating_sub(f_need);
+    if spare >= 3 {
+        [STATES, lh, TIME_WAIT, f_need, spare]
+    } else {
+        [STATES, lh, TIME_WAIT, fh, 0]
+    }
+}
+
 fn overview(f: &mut Frame, app: &App, area: Rect) {
-    let findings_h = if area.height >= 18 { 6 } else { 3 };
-    let [states, listeners, tw, finds] = Layout::vertical([
-        Constraint::Length(4),
-        Constraint::Min(4),
-        Constraint::Length(4),
-        Constraint::Length(findings_h),
+    let [sh, lh, th, fh, eh] = overview_heights(
+        area.height,
+        app.snap.listeners.len(),
+        app.snap.findings.len(),
+    );
+    let [states, listeners, tw, finds, evs] = Layout::vertical([
+        Constraint::Length(sh),
+        Constraint::Length(lh),
+        Constraint::Length(th),
+        Constraint::Length(fh),
+        Constraint::Length(eh),
     ])
     .areas(area);
+    if eh > 0 {
+        latest_events(f, app, evs);
+    }
     state_panel(f, app, states);
     listener_table(f, app, listeners);
     timewait_panel(f, app, tw);
@@ -209,6 +241,28 @@ fn listener_table(f: &mut Frame, app: &App, area: Rect) {
         "SYNACK",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
+    let owner = |l: &crate::model::snapshot::ListenerView| {
+        l.owner
+            .as_ref()
+            .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm))
+    };
+    // Columns as wide as their longest entry, not wider.
+    let addr_w = app
+        .snap
+        .listeners
+        .iter()
+        .map(|l| endpoint(&l.addr, l.port).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("LISTENER".len()) as u16;
+    let owner_w = app
+        .snap
+        .listeners
+        .iter()
+        .map(|l| owner(l).chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp("OWNER".len(), 22) as u16;
     let rows = app.snap.listeners.iter().map(|l| {
         let addr = endpoint(&l.addr, l.port);
         let ovfl = l.overflows.accept + l.overflows.syn + l.overflows.syncookies;
@@ -219,11 +273,7 @@ fn listener_table(f: &mut Frame, app: &App, area: Rect) {
         };
         Row::new(vec![
             Cell::from(addr),
-            Cell::from(
-                l.owner
-                    .as_ref()
-                    .map_or("?".into(), |o| format!("{}/{}", o.pid, o.comm)),
-            ),
+            Cell::from(owner(l)),
             Cell::from(format!(
                 "{} {}/{} {}",
                 bar_n(&l.accept_queue, 6),
@@ -242,8 +292,8 @@ fn listener_table(f: &mut Frame, app: &App, area: Rect) {
         .style(style)
     });
     let widths = [
-        Constraint::Min(16),
-        Constraint::Length(12),
+        Constraint::Length(addr_w),
+        Constraint::Length(owner_w),
         Constraint::Length(18),
         Constraint::Length(7),
         Constraint::Length(6),
@@ -425,6 +475,24 @@ fn connections(f: &mut Frame, app: &App, area: Rect) {
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut st = TableState::default().with_selected((!rows_v.is_empty()).then_some(app.selected));
     f.render_stateful_widget(t, area, &mut st);
+}
+
+/// The newest event lines, in the overview's spare rows.
+fn latest_events(f: &mut Frame, app: &App, area: Rect) {
+    let block = Block::new()
+        .borders(Borders::TOP)
+        .title(" latest events (3: all) ");
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let n = app.events.len();
+    let start = n.saturating_sub(inner.height as usize);
+    let lines: Vec<Line> = app
+        .events
+        .iter()
+        .skip(start)
+        .map(|l| Line::from(l.as_str()))
+        .collect();
+    f.render_widget(Paragraph::new(lines), inner);
 }
 
 fn events(f: &mut Frame, app: &App, area: Rect) {

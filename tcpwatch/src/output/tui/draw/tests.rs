@@ -82,18 +82,21 @@ fn conns() -> Vec<SocketView> {
     a.transitions = vec![
         TransitionView {
             ts_ns: 1,
+            wall_ns: None,
             old: "LISTEN".into(),
             new: "SYN_RECV".into(),
             prev_state_ns: None,
         },
         TransitionView {
             ts_ns: 2,
+            wall_ns: None,
             old: "SYN_RECV".into(),
             new: "ESTABLISHED".into(),
             prev_state_ns: Some(5_000),
         },
         TransitionView {
             ts_ns: 3,
+            wall_ns: None,
             old: "ESTABLISHED".into(),
             new: "CLOSE_WAIT".into(),
             prev_state_ns: Some(2_000_000_000),
@@ -138,7 +141,51 @@ fn overview_80x24() {
 
 #[test]
 fn overview_wide() {
-    insta::assert_snapshot!("overview_120x40", render(&app(), 120, 40));
+    insta::assert_snapshot!("overview_160x45", render(&app(), 160, 45));
+}
+
+/// A busy host: more listeners and findings than fit, at both sizes.
+fn busy() -> App {
+    let mut s = snap();
+    let l = s.listeners[0].clone();
+    for i in 0..30u16 {
+        let mut x = l.clone();
+        x.port = 9000 + i;
+        x.addr = format!("10.1.2.{i}");
+        s.listeners.push(x);
+    }
+    let f = s.findings[0].clone();
+    for _ in 0..6 {
+        s.findings.push(f.clone());
+    }
+    let mut a = App::new("host vm");
+    a.update(s, conns(), 1234.0);
+    a
+}
+
+#[test]
+fn overview_busy() {
+    insta::assert_snapshot!("overview_busy_80x24", render(&busy(), 80, 24));
+    insta::assert_snapshot!("overview_busy_160x45", render(&busy(), 160, 45));
+}
+
+#[test]
+fn overview_panels_share_the_height_without_gaps() {
+    // Everything fits: each panel its need, the latest events the rest.
+    assert_eq!(overview_heights(21, 2, 1), [4, 4, 4, 3, 6]);
+    // Too little left for events: the findings take it.
+    assert_eq!(overview_heights(21, 2, 4), [4, 4, 4, 9, 0]);
+    // Too many listeners: findings keep what they need (up to half).
+    assert_eq!(overview_heights(21, 40, 1), [4, 10, 4, 3, 0]);
+    assert_eq!(overview_heights(21, 40, 20), [4, 7, 4, 6, 0]);
+    // Tiny screens do not underflow; otherwise the panels fill the height exactly.
+    assert_eq!(overview_heights(5, 3, 3), [4, 0, 4, 0, 0]);
+    for h in 8..60 {
+        for (l, n) in [(0, 0), (5, 5), (50, 0), (0, 50)] {
+            let v = overview_heights(h, l, n);
+            assert_eq!(v.iter().sum::<u16>(), h, "{h} {l} {n}: {v:?}");
+        }
+    }
 }
 
 #[test]
