@@ -12,6 +12,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ebpf", &["model"]),
     ("output", &["model"]),
     ("cli", &["model"]),
+    // Build-time helpers (the packages' completions and man pages): the command line only.
+    ("bin", &["cli"]),
     ("settings", &["cli", "model", "ebpf", "source"]),
     ("session", &["model", "source", "ebpf", "settings"]),
     ("server", &["model", "output"]),

@@ -2,6 +2,7 @@
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
 mod bench_daemon;
+mod dist;
 mod fuzz;
 mod setup;
 mod soak;
@@ -22,7 +23,8 @@ commands:
     vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate
     soak      [--minutes N] [--every SECS] [--serve] the daemon (or serve) under churn: flat RSS, no loss (as root)
-    fuzz      [--secs N] [decode|replay|http] the fuzz targets under libFuzzer (cargo-fuzz, nightly)";
+    fuzz      [--secs N] [decode|replay|http] the fuzz targets under libFuzzer (cargo-fuzz, nightly)
+    dist      [--check] the .deb and the tarball (static binary, unit, completions, man pages) in target/dist";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         Some("lint") => lint(),
         Some("soak") => soak::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("vm-test") => vm::run(&args[1..]),
         // Run inside the VMs by vm-test (and on the host in a namespace); not for people.
         Some("vm-guest") => vmguest::run(&args[1..]),
@@ -122,6 +125,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ]);
     cmd.args(extra);
     status(&mut cmd)?;
+    // The packages build, pass lintian, and what the .deb installs runs.
+    if extra.is_empty() {
+        dist::run(&["--check".into()])?;
+    }
     // Every fuzz target for a CI-sized while: no input panics.
     if extra.is_empty() {
         fuzz::run(&["--secs".into(), "15".into()])?;
@@ -158,7 +165,7 @@ fn lint() -> anyhow::Result<()> {
             ])
             .args([
                 "--features",
-                "tcpwatch/privileged-tests",
+                "tcpwatch/privileged-tests,tcpwatch/assets",
                 "--",
                 "-D",
                 "warnings",

@@ -14,6 +14,8 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "build-essential",
+    // The static (musl) build of the packages: musl-gcc compiles the bundled SQLite.
+    "musl-tools",
 ];
 /// Tools the privileged tests and the benchmark drive.
 const TEST_PACKAGES: &[&str] = &[
@@ -24,6 +26,8 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     "tmux",
     "curl",
+    // `cargo xtask dist` checks the .deb it makes.
+    "lintian",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The fuzz targets run with cargo-fuzz (libFuzzer) on the installed nightly.
@@ -36,6 +40,7 @@ pub fn run() -> anyhow::Result<()> {
         .copied()
         .collect())?;
     nightly_rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     cargo_fuzz()?;
     prometheus()?;
@@ -93,6 +98,24 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     }
     eprintln!("xtask: adding rust-src to nightly");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The static build of the packages (`cargo xtask dist`): one binary for every glibc.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn musl_target() -> anyhow::Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL_TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {MUSL_TARGET} target");
+    status(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
 }
 
 /// Where the unpacked Prometheus server and promtool live (the serve test starts its own).
