@@ -75,6 +75,9 @@ pub static LISTEN_SK: SkStorage<u32> = SkStorage::new();
 /// Marks `sk` (a full `struct sock *`) as a listener for the queue sampler.
 #[inline(always)]
 pub fn mark_listener(sk: *const c_void) {
+    if NO_SK_STORAGE.load() != 0 {
+        return;
+    }
     if storage(core::ptr::addr_of!(LISTEN_SK) as *mut c_void, sk, true).is_null() {
         bump(counter::SOCK_MAP_FULL);
         warn!(
@@ -109,6 +112,18 @@ pub static LISTENERS: HashMap<ListenKey, Owner> = HashMap::with_max_entries(16_3
 /// Current softirq vector + 1 on this CPU, 0 in task context.
 #[map]
 static SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by userspace when this kernel does not let tracing programs use socket local storage
+/// (before 5.11): per-socket values then live in SOCKS, keyed by the socket's address and
+/// removed at CLOSE, and listeners are not marked for the queue sampler's map iterator
+/// (userspace does not load it then). A frozen global: the verifier never walks, so never
+/// checks, the branch this kernel cannot run.
+#[unsafe(no_mangle)]
+pub static NO_SK_STORAGE: Global<u32> = Global::new(0);
+/// Set when tracing programs may not call `bpf_get_socket_cookie` (before 5.12): events then
+/// carry no cookie, as with the classic tracepoint, and are told apart by address and tuple.
+#[unsafe(no_mangle)]
+pub static NO_SOCK_COOKIE: Global<u32> = Global::new(0);
 
 // Kernel struct offsets resolved from BTF by userspace (0 with HAVE_BTF_OFFSETS = 0).
 #[unsafe(no_mangle)]
@@ -170,6 +185,9 @@ pub fn rd<T: Copy + Default>(base: u64, off: u32) -> T {
 /// The socket cookie of a BTF-typed socket pointer.
 #[inline(always)]
 pub fn cookie_of(sk: *const c_void) -> u64 {
+    if NO_SOCK_COOKIE.load() != 0 {
+        return 0;
+    }
     // SAFETY: the helper reads the cookie of the socket the verifier typed `sk` as (it
     // assigns one on first use); it has no other effect.
     unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk as *mut c_void) }
@@ -178,6 +196,9 @@ pub fn cookie_of(sk: *const c_void) -> u64 {
 /// The socket's `SockInfo` in socket local storage, created zeroed on first use.
 #[inline(always)]
 pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
+    if NO_SK_STORAGE.load() != 0 {
+        return addr_info(sk as u64);
+    }
     let p = storage(core::ptr::addr_of!(SK_INFO) as *mut c_void, sk, true) as *mut SockInfo;
     if p.is_null() {
         bump(counter::SOCK_MAP_FULL);
@@ -194,6 +215,9 @@ pub fn sk_info(sk: *const c_void) -> Option<*mut SockInfo> {
 /// The socket's `SockInfo` if it has one (no creation: for events that only read the owner).
 #[inline(always)]
 pub fn sk_info_get(sk: *const c_void) -> *const SockInfo {
+    if NO_SK_STORAGE.load() != 0 {
+        return SOCKS.get_ptr(sk as u64).unwrap_or(core::ptr::null());
+    }
     storage(core::ptr::addr_of!(SK_INFO) as *mut c_void, sk, false) as *const SockInfo
 }
 
@@ -217,9 +241,11 @@ pub fn addr_info(skaddr: u64) -> Option<*mut SockInfo> {
     };
     if SOCKS.insert(skaddr, fresh, 0).is_err() {
         bump(counter::SOCK_MAP_FULL);
+        // (No address in the message: on the tp_btf path it is a BTF pointer, which the
+        // logger's byte splitting would shift, and 5.10's verifier refuses that.)
         warn!(
             &(),
-            "socket {:x}: the socket map refused it: its owner is not kept", skaddr
+            "a socket was refused by the socket map: its owner is not kept"
         );
     }
     SOCKS.get_ptr_mut(skaddr)
@@ -676,4 +702,22 @@ pub fn softirq_exit(_ctx: TracePointContext) -> u32 {
 fn try_softirq_exit(_ctx: &TracePointContext) -> Result<u32, i64> {
     set_softirq(0);
     Ok(0)
+}
+
+/// Never attached: userspace loads it to learn whether this kernel lets tracing programs use
+/// socket local storage (5.11+), before it sets `NO_SK_STORAGE`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn probe_sk_storage(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    storage(core::ptr::addr_of!(LISTEN_SK) as *mut c_void, sk, false);
+    0
+}
+
+/// Never attached: whether tracing programs may take socket cookies (5.12+).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn probe_sock_cookie(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    // SAFETY: as in `cookie_of`.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk as *mut c_void) };
+    0
 }

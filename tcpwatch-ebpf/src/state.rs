@@ -12,10 +12,10 @@ use aya_log_ebpf::debug;
 use tcpwatch_common::{SockInfo, counter, flags, kind, tcp_state};
 
 use crate::common::{
-    AddrSrc, IPPROTO_TCP, Meta, OFF_SK_PROTOCOL, OFF_TP_TOTAL_RETRANS, SOCKS, Side, addr_info,
-    bump, cookie_of, copy16, current, emit, forget_listener, in_softirq, ld, listener_owner,
-    mark_listener, netns_of, now_ns, rd, set_listener_owner, sk_info, sock_meta_btf,
-    take_current_owner,
+    AddrSrc, IPPROTO_TCP, Meta, NO_SK_STORAGE, OFF_SK_PROTOCOL, OFF_TP_TOTAL_RETRANS, SOCKS, Side,
+    addr_info, bump, cookie_of, copy16, current, emit, forget_listener, in_softirq, ld,
+    listener_owner, mark_listener, netns_of, now_ns, rd, set_listener_owner, sk_info,
+    sock_meta_btf, take_current_owner,
 };
 
 // Record layout of the classic tracepoint, read from its tracefs `format` by userspace.
@@ -144,7 +144,13 @@ fn state_btf(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
-    transition(&mut m, &AddrSrc::sock(skaddr), info, false);
+    // Without socket storage the value is the address-keyed one: it goes at CLOSE.
+    transition(
+        &mut m,
+        &AddrSrc::sock(skaddr),
+        info,
+        NO_SK_STORAGE.load() != 0,
+    );
     0
 }
 

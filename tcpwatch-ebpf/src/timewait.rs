@@ -15,8 +15,8 @@ use aya_ebpf::{
 use tcpwatch_common::{Payload, TimerArgs, flags, kind};
 
 use crate::common::{
-    AddrSrc, Meta, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, TIMER_SOFTIRQ,
-    current, emit, in_softirq, ld, now_ns, rd, softirq_vector,
+    AddrSrc, Meta, NO_SOCK_COOKIE, OFF_NET_NS_INUM, OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET,
+    TIMER_SOFTIRQ, current, emit, in_softirq, ld, now_ns, rd, softirq_vector,
 };
 use crate::signals::OFF_SKC_NUM;
 
@@ -54,7 +54,12 @@ fn tw_event(k: u8, tw: u64) {
     m.skaddr = tw;
     // The timewait socket carries the full socket's cookie when that one had been given one
     // (tcpwatch's state hook does), which links it to the closing socket's timeline.
-    m.cookie = rd(tw, OFF_SKC_COOKIE.load());
+    // (None without the cookie helper: the full socket's events carry none either.)
+    m.cookie = if NO_SOCK_COOKIE.load() != 0 {
+        0
+    } else {
+        rd(tw, OFF_SKC_COOKIE.load())
+    };
     if m.cookie != 0 {
         m.flags |= flags::HAS_COOKIE;
     }

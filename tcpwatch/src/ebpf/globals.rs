@@ -27,6 +27,10 @@ pub(super) struct KernelFacts {
     pub tw_handler: u64,
     /// The classic state tracepoint's format was readable.
     pub tps_ok: bool,
+    /// Tracing programs may use socket local storage (5.11+) and take socket cookies
+    /// (5.12+): probed by loading, never assumed from the version.
+    pub sk_storage: bool,
+    pub sock_cookie: bool,
     tps_globals: Vec<(&'static str, u32)>,
 }
 
@@ -119,6 +123,8 @@ impl KernelFacts {
             tw_handler,
             tps_ok: tps.is_some(),
             tps_globals,
+            sk_storage: true,
+            sock_cookie: true,
         }
     }
 
@@ -150,6 +156,8 @@ impl Globals {
         let mut u32s = vec![
             ("NRINGS", nrings),
             ("HAVE_BTF_OFFSETS", u32::from(k.core_ok)),
+            ("NO_SK_STORAGE", u32::from(!k.sk_storage)),
+            ("NO_SOCK_COOKIE", u32::from(!k.sock_cookie)),
         ];
         u32s.extend(k.offsets.iter().chain(&k.tps_globals).chain(&k.reasons));
         u32s.extend([

@@ -87,7 +87,29 @@ impl Probe {
                 note: Some(limits.clone()),
             });
         }
-        let k = KernelFacts::read(cfg, tracefs.as_deref().ok(), &mut status, &mut lap);
+        let mut k = KernelFacts::read(cfg, tracefs.as_deref().ok(), &mut status, &mut lap);
+        {
+            (k.sk_storage, k.sock_cookie) = helper_support_cached(&k);
+            lap("probe helpers");
+            if !k.sk_storage {
+                status.push(SignalStatus {
+                    signal: "socket storage",
+                    hook: Some("hash map by socket address".into()),
+                    note: Some(
+                        "tracing programs cannot use socket local storage on this kernel (5.11+): children of SO_REUSEPORT listeners get their port's owner, not their member's".into(),
+                    ),
+                });
+            }
+            if !k.sock_cookie {
+                status.push(SignalStatus {
+                    signal: "socket cookies",
+                    hook: None,
+                    note: Some(
+                        "tracing programs cannot take socket cookies on this kernel (5.12+): sockets are told apart by address and 4-tuple, as with the classic tracepoint".into(),
+                    ),
+                });
+            }
+        }
         let globals = globals::Globals::new(cfg, &k);
         let mut loader = EbpfLoader::new();
         loader.btf(k.aya_btf.as_ref());
@@ -183,4 +205,63 @@ impl Probe {
             })
             .collect()
     }
+}
+
+/// `helper_support`, remembered per kernel and build beside the BTF facts (the probe loads
+/// the object a second time: 20 ms of every start otherwise).
+fn helper_support_cached(k: &KernelFacts) -> (bool, bool) {
+    use super::btf::{CACHE_DIR, cache_key};
+    let Ok(len) = std::fs::metadata(super::config::VMLINUX_BTF).map(|m| m.len()) else {
+        return helper_support(k);
+    };
+    let key = cache_key(len);
+    let file = std::path::Path::new(CACHE_DIR).join("helpers");
+    if let Ok(t) = std::fs::read_to_string(&file)
+        && let Some((kk, v)) = t.rsplit_once('\n')
+        && kk == key
+        && let [a @ (b'0' | b'1'), c @ (b'0' | b'1')] = v.as_bytes()
+    {
+        return (*a == b'1', *c == b'1');
+    }
+    let r = helper_support(k);
+    // Best effort, as the BTF facts (which made the root-only directory).
+    if std::path::Path::new(CACHE_DIR).is_dir() {
+        let tmp = file.with_extension("tmp");
+        let v = format!("{key}\n{}{}", u8::from(r.0), u8::from(r.1));
+        if std::fs::write(&tmp, v).is_ok() {
+            let _ = std::fs::rename(&tmp, &file);
+        }
+    }
+    r
+}
+
+/// Whether this kernel lets tracing programs use socket local storage and take socket
+/// cookies: the object loaded once more with its maps at their smallest, and two programs
+/// that are never attached (a refusal is the answer; the fallbacks work on every kernel).
+fn helper_support(k: &KernelFacts) -> (bool, bool) {
+    use aya::programs::BtfTracePoint;
+    let Some(btf) = k.aya_btf.as_ref() else {
+        return (true, true);
+    };
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(btf));
+    for name in super::rings::RINGS {
+        loader.map_max_entries(name, 4096);
+    }
+    for m in ["SOCKS", "LISTENERS", "REQ_LAST"] {
+        loader.map_max_entries(m, 1);
+    }
+    let Ok(mut ebpf) = loader.load(EBPF_OBJECT) else {
+        return (true, true);
+    };
+    let mut accepted = |name: &str| -> bool {
+        let Some(p) = ebpf.program_mut(name) else {
+            return true;
+        };
+        let Ok(p): Result<&mut BtfTracePoint, _> = p.try_into() else {
+            return true;
+        };
+        p.load("inet_sock_set_state", btf).is_ok()
+    };
+    (accepted("probe_sk_storage"), accepted("probe_sock_cookie"))
 }

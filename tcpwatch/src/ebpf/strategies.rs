@@ -458,6 +458,9 @@ pub(super) fn load_iterators(
     if cfg.trace {
         let ok = match (k.aya_btf.as_ref(), &iter_ok) {
             _ if cfg.disabled.iter().any(|d| d == "listener_map") => Err(anyhow!("disabled")),
+            _ if !k.sk_storage => Err(anyhow!(
+                "no socket storage for tracing programs on this kernel (5.11+)"
+            )),
             (Some(b), Ok(())) if btf_ok => {
                 load_iter_named(ebpf, b, "dump_listeners", "bpf_sk_storage_map")
             }
