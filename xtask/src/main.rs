@@ -20,7 +20,7 @@ commands:
     run       setup, build, and start tcpwatch on this host (as root)
     test      setup, then lint and every test: unit, CLI, privileged, kernel matrix (as root)
     bench     [churn|aggregator|snapshot|tui|serve|daemon] benchmarks (all but aggregator as root)
-    vm-test   the smoke suite on Debian's 6.1 and 6.12 kernels under QEMU, and on this host (as root)
+    vm-test   the smoke suite on Debian's 5.10, 6.1 and 6.12 kernels under QEMU, and on this host (as root)
     lint      rustfmt check, clippy on the host crates and on the eBPF crate
     soak      [--minutes N] [--every SECS] [--serve] the daemon (or serve) under churn: flat RSS, no loss (as root)
     fuzz      [--secs N] [decode|replay|http] the fuzz targets under libFuzzer (cargo-fuzz, nightly)

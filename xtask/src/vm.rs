@@ -1,4 +1,5 @@
-//! `cargo xtask vm-test`: the smoke suite on other kernels. Debian's 6.1 and 6.12 kernels,
+//! `cargo xtask vm-test`: the smoke suite on other kernels. Debian's 5.10 (Debian 11, from
+//! bullseye through an apt configuration of its own), 6.1 and 6.12 kernels,
 //! QEMU and busybox come from the package manager (`apt-get download`, unpacked into a cache:
 //! installing qemu-system-x86 would remove this image's backported qemu-utils); each kernel
 //! boots under QEMU's software emulation (`/dev/kvm` here is PVM, which cannot run stock
@@ -40,6 +41,133 @@ fn resolve_kernel(meta: &str) -> anyhow::Result<String> {
         })
         .map(str::to_string)
         .with_context(|| format!("{meta} depends on no linux-image package"))
+}
+
+/// The machine's own Debian mirrors, from its apt sources (one-line and deb822 formats): the
+/// archive (a suite without a `-` suffix) and the security archive (`…-security`).
+fn machine_mirrors() -> anyhow::Result<(String, String)> {
+    let mut texts = Vec::new();
+    if let Ok(t) = std::fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(t);
+    }
+    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".list") || n.ends_with(".sources") {
+                texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    // (uri, suite) pairs from both formats.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for t in &texts {
+        for l in t.lines().map(str::trim) {
+            if let Some(rest) = l.strip_prefix("deb ") {
+                let w: Vec<&str> = rest
+                    .split_whitespace()
+                    .filter(|w| !w.starts_with('['))
+                    .collect();
+                if let [uri, suite, ..] = w[..] {
+                    pairs.push((uri.to_string(), suite.to_string()));
+                }
+            }
+        }
+        for stanza in t.split("\n\n") {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+                for u in uris.split_whitespace() {
+                    for s in suites.split_whitespace() {
+                        pairs.push((u.to_string(), s.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    let archive = pairs
+        .iter()
+        .find(|(u, s)| !s.contains('-') && u.contains("debian") && !u.contains("security"))
+        .map(|p| p.0.clone())
+        .context("no Debian archive in the machine's apt sources")?;
+    let security = pairs
+        .iter()
+        .find(|(_, s)| s.ends_with("-security"))
+        .map(|p| p.0.clone())
+        .context("no Debian security archive in the machine's apt sources")?;
+    Ok((
+        archive.trim_end_matches('/').into(),
+        security.trim_end_matches('/').into(),
+    ))
+}
+
+/// Debian 11's current 5.10 kernel (`linux-image-5.10.0-N-amd64-unsigned`), through an apt
+/// configuration of xtask's own under `cache` (never the system's): bullseye and
+/// bullseye-security on the machine's own mirrors, lists refreshed once a day.
+fn bullseye_kernel(cache: &Path, debs: &Path) -> anyhow::Result<String> {
+    let dir = cache.join("apt-bullseye");
+    for d in ["lists/partial", "cache/archives/partial", "parts"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let (archive, security) = machine_mirrors()?;
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    let list = dir.join("sources.list");
+    std::fs::write(
+        &list,
+        format!(
+            "deb [signed-by={keyring}] {archive} bullseye main\ndeb [signed-by={keyring}] {security} bullseye-security main\n"
+        ),
+    )?;
+    let opts: Vec<String> = vec![
+        "-o".into(),
+        format!("Dir::Etc::SourceList={}", list.display()),
+        "-o".into(),
+        format!("Dir::Etc::SourceParts={}", dir.join("parts").display()),
+        "-o".into(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+        "-o".into(),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+        "-o".into(),
+        "Dir::State::status=/dev/null".into(),
+    ];
+    let fresh = std::fs::read_dir(dir.join("lists")).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains("bullseye-security")
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|a| a < Duration::from_secs(86_400))
+        })
+    });
+    if !fresh {
+        status(Command::new("apt-get").args(&opts).args(["update", "-q"]))?;
+    }
+    let deps = out(Command::new("apt-cache")
+        .args(&opts)
+        .args(["depends", "linux-image-amd64"]))?;
+    let signed = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-5.10."))
+        .context("bullseye's linux-image-amd64 names no 5.10 kernel")?;
+    let pkg = format!("{signed}-unsigned");
+    if !have_deb(debs, &pkg) {
+        eprintln!("xtask: downloading {pkg} (Debian 11)");
+        status(
+            Command::new("apt-get")
+                .current_dir(debs)
+                .args(&opts)
+                .args(["download", "-q", &pkg])
+                .stdout(Stdio::null()),
+        )?;
+    }
+    Ok(pkg)
 }
 
 fn have_deb(dir: &Path, pkg: &str) -> bool {
@@ -323,7 +451,10 @@ fn host_leg(guest: &Path, tcpwatch: &Path) -> anyhow::Result<String> {
     res
 }
 
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if !args.is_empty() {
+        bail!("usage: cargo xtask vm-test");
+    }
     if !crate::is_root() {
         bail!("vm-test boots VMs and attaches eBPF programs on the host: run it as root");
     }
@@ -337,10 +468,12 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&debs)?;
 
     let t = Instant::now();
-    let kernels: Vec<String> = KERNEL_META
+    let mut kernels: Vec<String> = KERNEL_META
         .iter()
         .map(|m| resolve_kernel(m))
         .collect::<anyhow::Result<_>>()?;
+    // Debian 11's 5.10, the LTS kernel of many fleets: its own apt lists, not the system's.
+    kernels.push(bullseye_kernel(&cache, &debs)?);
     let system_qemu = which("qemu-system-x86_64");
     let qemu_pkgs: Vec<String> = if system_qemu.is_some() {
         vec![]
@@ -358,7 +491,11 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             .map(str::to_string)
             .collect()
     };
-    let mut pkgs = kernels.clone();
+    let mut pkgs: Vec<String> = kernels
+        .iter()
+        .filter(|k| !have_deb(&debs, k))
+        .cloned()
+        .collect();
     pkgs.extend(qemu_pkgs.iter().cloned());
     pkgs.push("busybox-static".into());
     download(&debs, &pkgs)?;
@@ -384,7 +521,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let mut images = Vec::new();
     let mut modules = Vec::new();
     for k in &kernels {
-        let ver = k.trim_start_matches("linux-image-");
+        // The unsigned package's kernel is named like the signed one.
+        let ver = k
+            .trim_start_matches("linux-image-")
+            .trim_end_matches("-unsigned");
         let img = kdir.join(format!("vmlinuz-{ver}"));
         if !img.exists() {
             let deb = deb_of(&debs, k)?;
@@ -420,7 +560,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         }
     );
 
-    // The two VMs run at once (one emulated CPU each, two cores here); the host leg after.
+    // The VMs run at once (one emulated CPU each, two cores here); the host leg after.
     let qr = system_qemu.is_none().then_some(qroot.clone());
     let handles: Vec<_> = images
         .into_iter()
