@@ -57,6 +57,8 @@ pub struct Model {
     close_wait_ns: u64,
     /// The last full listing and when it was read (at most a second old for `top`).
     listing: Option<(Instant, Vec<SockRec>, Vec<NsInput>)>,
+    /// Seconds run, for the work done every few.
+    seconds: u64,
     loss_seen: Loss,
 }
 
@@ -85,6 +87,7 @@ impl Model {
             max_listeners,
             close_wait_ns: close_wait_secs.saturating_mul(1_000_000_000),
             listing: None,
+            seconds: 0,
             loss_seen: loss,
         }
     }
@@ -269,6 +272,10 @@ impl Model {
     /// Loss lines to the subscribers, and views nobody asks for any more go.
     fn every_second(&mut self) {
         self.views.retain(|v| v.asked.elapsed() < VIEW_IDLE);
+        self.seconds += 1;
+        if self.seconds.is_multiple_of(10) {
+            crate::source::host::trim_heap();
+        }
         let loss = self.shared.status(|s| s.loss);
         if loss.total() > self.loss_seen.total() {
             let delta = Loss {
