@@ -223,13 +223,18 @@ pub fn default_netns() -> Option<u32> {
     Some(own)
 }
 
-/// A line saying the default scope is this process's namespace (`None` when host-wide or
+/// The namespace the command line leaves tcpwatch in by default (`None` when host-wide or
 /// named on the command line).
-pub fn scope_note(a: &FilterArgs) -> Option<String> {
+pub fn default_scope(a: &FilterArgs) -> Option<u32> {
     if a.netns.is_some() || a.all_netns {
         return None;
     }
-    default_netns().map(|n| {
+    default_netns()
+}
+
+/// A line saying the default scope is this process's namespace.
+pub fn scope_note(a: &FilterArgs) -> Option<String> {
+    default_scope(a).map(|n| {
         format!(
             "watching network namespace {n}, the one tcpwatch runs in (--all-netns for every namespace)"
         )

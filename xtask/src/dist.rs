@@ -30,7 +30,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(&out)?;
-    let bin = build_static()?;
+    // Stripped once, for both packages (the eBPF object is data inside, untouched).
+    let bin = out.join("tcpwatch");
+    copy(&build_static()?, &bin, 0o755)?;
+    status(Command::new("strip").arg("--strip-unneeded").arg(&bin))?;
     let assets = out.join("assets");
     status(
         cargo()
@@ -203,11 +206,6 @@ exit 0
 /// The files both packages hold, under `stage` (a root: usr/bin, usr/share, lib/systemd).
 fn stage_files(stage: &Path, bin: &Path, assets: &Path) -> anyhow::Result<()> {
     copy(bin, &stage.join("usr/bin/tcpwatch"), 0o755)?;
-    status(
-        Command::new("strip")
-            .arg("--strip-unneeded")
-            .arg(stage.join("usr/bin/tcpwatch")),
-    )?;
     write(
         &stage.join("lib/systemd/system/tcpwatch.service"),
         &unit()?,

@@ -83,9 +83,7 @@ fn limits(a: &CheckArgs) -> Limits {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
-    if let Some(n) = crate::settings::scope_note(&a.filters) {
-        note!("tcpwatch: {n}");
-    }
+    super::common::note_scope(&a.filters);
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }
@@ -115,64 +113,12 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
             )
         })
         .collect();
-    let mut scope = if a.any_process {
-        RunScope::any()
-    } else {
-        RunScope::for_command()
-    };
-    note!("tcpwatch: watching; running {}", a.cmd.join(" "));
-    let started_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let t_start = Instant::now();
-    let mut child = scope
-        .spawn(&a.cmd)
-        .with_context(|| format!("cannot run `{}`", a.cmd[0]))?;
-    warnings.extend(
-        scope
-            .warning
-            .iter()
-            .map(|w| format!("{w}: judging by process tree instead")),
-    );
-    let scope = std::sync::Arc::new(std::sync::Mutex::new(scope));
-    session.set_scope(Box::new(CommandScope {
-        scope: scope.clone(),
-        listeners: HashSet::new(),
-    }));
+    let mut run = Run::start(&a, &mut warnings)?;
+    session.set_scope(Box::new(run.command_scope()));
 
     let mut checker = Checker::new();
-    let grace = Duration::from_secs_f64(a.grace);
-    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
-    let mut terminated: Option<Instant> = None;
     loop {
-        if exited.is_none()
-            && let Some(st) = child.try_wait().context("waiting for the command")?
-        {
-            exited = Some((st, Instant::now()));
-        }
-        let signalled = stop.load(Ordering::SeqCst);
-        if signalled && exited.is_none() {
-            // Pass SIGTERM on (a terminal's Ctrl-C already reached the whole process group).
-            let sig = match terminated {
-                None => {
-                    terminated = Some(Instant::now());
-                    Some(libc::SIGTERM)
-                }
-                Some(t) if t.elapsed() > Duration::from_secs(10) => Some(libc::SIGKILL),
-                _ => None,
-            };
-            if let Some(sig) = sig {
-                // SAFETY: signalling our own child, which has not been reaped yet.
-                unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-                // And the rest of its tree, which the cgroup knows.
-                scope
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .signal_all(sig);
-            }
-        }
-        let done = exited.is_some_and(|(_, t)| signalled || t.elapsed() >= grace);
+        let done = run.poll(stop.load(Ordering::SeqCst))?;
         let batch = if done {
             session.finish()
         } else {
@@ -188,15 +134,11 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
     session.refresh_loss();
     warnings.extend(session.take_diagnostics());
     let now = session.now_ns();
-    let (status, _) = exited.expect("the loop ends after the command exits");
-    let (left_running, scope_text) = {
-        let s = scope.lock().unwrap_or_else(|p| p.into_inner());
-        (s.remaining(), s.describe())
-    };
+    let ended = run.end();
     let snap = session.snapshot_of_events();
     let loss = session.loss();
+    // The session's scope goes with it: the command's cgroup is removed before the report.
     drop(session);
-    drop(scope);
     report(
         &a,
         &limits,
@@ -205,16 +147,123 @@ pub fn run(a: CheckArgs) -> anyhow::Result<i32> {
             snap,
             loss,
             now,
-            status,
-            started_unix_s,
-            duration_s: t_start.elapsed().as_secs_f64(),
-            scope_text,
-            left_running,
+            ended,
             warnings,
         },
         json_out,
         junit_out,
     )
+}
+
+/// The command under observation, whichever way it is observed: started in its scope,
+/// passed SIGTERM (then SIGKILL after 10 s) when tcpwatch is asked to stop, and given
+/// `--grace` after it exits for its last packets.
+struct Run {
+    child: std::process::Child,
+    scope: std::sync::Arc<std::sync::Mutex<RunScope>>,
+    exited: Option<(std::process::ExitStatus, Instant)>,
+    terminated: Option<Instant>,
+    grace: Duration,
+    started_unix_s: f64,
+    t_start: Instant,
+}
+
+/// How the command ended, and what its scope says.
+struct Ended {
+    status: std::process::ExitStatus,
+    started_unix_s: f64,
+    duration_s: f64,
+    scope_text: String,
+    left_running: Vec<u32>,
+}
+
+impl Run {
+    /// Starts the command; the scope's warnings (no cgroup) go to `warnings`.
+    fn start(a: &CheckArgs, warnings: &mut Vec<String>) -> anyhow::Result<Run> {
+        let mut scope = if a.any_process {
+            RunScope::any()
+        } else {
+            RunScope::for_command()
+        };
+        note!("tcpwatch: watching; running {}", a.cmd.join(" "));
+        let started_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let t_start = Instant::now();
+        let child = scope
+            .spawn(&a.cmd)
+            .with_context(|| format!("cannot run `{}`", a.cmd[0]))?;
+        warnings.extend(
+            scope
+                .warning
+                .iter()
+                .map(|w| format!("{w}: judging by process tree instead")),
+        );
+        Ok(Run {
+            child,
+            scope: std::sync::Arc::new(std::sync::Mutex::new(scope)),
+            exited: None,
+            terminated: None,
+            grace: Duration::from_secs_f64(a.grace),
+            started_unix_s,
+            t_start,
+        })
+    }
+
+    /// Which sockets are the command's.
+    fn command_scope(&self) -> CommandScope {
+        CommandScope {
+            scope: self.scope.clone(),
+            listeners: HashSet::new(),
+        }
+    }
+
+    /// Reaps the command and passes a stop on; true once the run is over: the command
+    /// exited and its grace passed, or tcpwatch was stopped after it exited.
+    fn poll(&mut self, signalled: bool) -> anyhow::Result<bool> {
+        if self.exited.is_none()
+            && let Some(st) = self.child.try_wait().context("waiting for the command")?
+        {
+            self.exited = Some((st, Instant::now()));
+        }
+        if signalled && self.exited.is_none() {
+            // Pass SIGTERM on (a terminal's Ctrl-C already reached the whole process group).
+            let sig = match self.terminated {
+                None => {
+                    self.terminated = Some(Instant::now());
+                    Some(libc::SIGTERM)
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(10) => Some(libc::SIGKILL),
+                _ => None,
+            };
+            if let Some(sig) = sig {
+                // SAFETY: signalling our own child, which has not been reaped yet.
+                unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+                // And the rest of its tree, which the cgroup knows.
+                self.scope
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .signal_all(sig);
+            }
+        }
+        Ok(self
+            .exited
+            .is_some_and(|(_, t)| signalled || t.elapsed() >= self.grace))
+    }
+
+    /// After `poll` said the run is over. The scope itself goes when its last holder does.
+    fn end(self) -> Ended {
+        let (status, _) = self.exited.expect("the run ends after the command exits");
+        let s = self.scope.lock().unwrap_or_else(|p| p.into_inner());
+        Ended {
+            status,
+            started_unix_s: self.started_unix_s,
+            duration_s: self.t_start.elapsed().as_secs_f64(),
+            scope_text: s.describe(),
+            left_running: s.remaining(),
+        }
+    }
 }
 
 /// What a run observed, however it was observed.
@@ -223,11 +272,7 @@ struct Outcome {
     snap: crate::model::snapshot::Snapshot,
     loss: crate::model::Loss,
     now: u64,
-    status: std::process::ExitStatus,
-    started_unix_s: f64,
-    duration_s: f64,
-    scope_text: String,
-    left_running: Vec<u32>,
+    ended: Ended,
     warnings: Vec<String>,
 }
 
@@ -244,11 +289,14 @@ fn report(
         snap,
         loss,
         now,
-        status,
-        started_unix_s,
-        duration_s,
-        scope_text,
-        left_running,
+        ended:
+            Ended {
+                status,
+                started_unix_s,
+                duration_s,
+                scope_text,
+                left_running,
+            },
         warnings,
     } = o;
     let (observed, mut assertions) = checker.finish(limits, now);
@@ -358,32 +406,9 @@ fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow
     let (ns_start, _, loss_start) = readings(&mut c)?;
     let rx = subscription(&c.path, &filters)?;
     let mut warnings: Vec<String> = Vec::new();
-    let mut scope = if a.any_process {
-        RunScope::any()
-    } else {
-        RunScope::for_command()
-    };
-    note!("tcpwatch: watching; running {}", a.cmd.join(" "));
-    let started_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let t_start = Instant::now();
     let start_mono = crate::source::host::monotonic_ns();
-    let mut child = scope
-        .spawn(&a.cmd)
-        .with_context(|| format!("cannot run `{}`", a.cmd[0]))?;
-    warnings.extend(
-        scope
-            .warning
-            .iter()
-            .map(|w| format!("{w}: judging by process tree instead")),
-    );
-    let scope = std::sync::Arc::new(std::sync::Mutex::new(scope));
-    let mut cs = CommandScope {
-        scope: scope.clone(),
-        listeners: HashSet::new(),
-    };
+    let mut run = Run::start(a, &mut warnings)?;
+    let mut cs = run.command_scope();
     let thresholds = thresholds(a.close_wait_leak.map_or(10, |s| s.ceil() as u64));
     let mut analysis = Analysis::new(
         Context {
@@ -397,36 +422,9 @@ fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow
         Some(start_mono),
     );
     let mut checker = Checker::new();
-    let grace = Duration::from_secs_f64(a.grace);
-    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
-    let mut terminated: Option<Instant> = None;
     let mut skipped = 0u64;
     loop {
-        if exited.is_none()
-            && let Some(st) = child.try_wait().context("waiting for the command")?
-        {
-            exited = Some((st, Instant::now()));
-        }
-        let signalled = stop.load(Ordering::SeqCst);
-        if signalled && exited.is_none() {
-            let sig = match terminated {
-                None => {
-                    terminated = Some(Instant::now());
-                    Some(libc::SIGTERM)
-                }
-                Some(t) if t.elapsed() > Duration::from_secs(10) => Some(libc::SIGKILL),
-                _ => None,
-            };
-            if let Some(sig) = sig {
-                // SAFETY: signalling our own child, which has not been reaped yet.
-                unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-                scope
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .signal_all(sig);
-            }
-        }
-        let done = exited.is_some_and(|(_, t)| signalled || t.elapsed() >= grace);
+        let done = run.poll(stop.load(Ordering::SeqCst))?;
         let deadline = Instant::now() + POLL;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -460,11 +458,7 @@ fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow
         }
     }
     let now = crate::source::host::monotonic_ns();
-    let (status, _) = exited.expect("the loop ends after the command exits");
-    let (left_running, scope_text) = {
-        let s = scope.lock().unwrap_or_else(|p| p.into_inner());
-        (s.remaining(), s.describe())
-    };
+    let ended = run.end();
     let (ns_end, hooks, loss_end) = readings(&mut c)?;
     let namespaces = ns_end
         .iter()
@@ -504,7 +498,8 @@ fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow
             hooks,
         },
     );
-    drop(scope);
+    // The command's cgroup is removed before the report.
+    drop(cs);
     report(
         a,
         &limits,
@@ -513,11 +508,7 @@ fn through_daemon(a: &CheckArgs, mut c: crate::source::daemon::Client) -> anyhow
             snap,
             loss,
             now,
-            status,
-            started_unix_s,
-            duration_s: t_start.elapsed().as_secs_f64(),
-            scope_text,
-            left_running,
+            ended,
             warnings,
         },
         json_out,

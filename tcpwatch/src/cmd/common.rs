@@ -84,6 +84,22 @@ pub fn thresholds(close_wait_secs: u64) -> Thresholds {
     }
 }
 
+/// Says on stderr when the default scope is tcpwatch's own network namespace.
+pub fn note_scope(f: &FilterArgs) {
+    if let Some(n) = crate::settings::scope_note(f) {
+        note!("tcpwatch: {n}");
+    }
+}
+
+/// The error of `--since` without a daemon to read the record from.
+pub fn since_needs_daemon(src: &SourceArgs) -> anyhow::Error {
+    let (path, _) = crate::source::daemon::locate(src.daemon.as_deref());
+    anyhow::anyhow!(
+        "--since reads a daemon's record, and no daemon runs at {} (start one: tcpwatch daemon)",
+        path.display()
+    )
+}
+
 /// The daemon this command uses: `None` for `--standalone`, or when none runs where nobody
 /// named one (then the command loads its own probes, as before there were daemons).
 pub fn daemon_client(src: &SourceArgs) -> anyhow::Result<Option<crate::source::daemon::Client>> {

@@ -14,18 +14,12 @@ use crate::settings::{self, Filters};
 use crate::source::caps;
 
 pub fn run(a: SnapshotArgs) -> anyhow::Result<i32> {
-    if let Some(n) = crate::settings::scope_note(&a.filters) {
-        note!("tcpwatch: {n}");
-    }
+    super::common::note_scope(&a.filters);
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }
     if a.since.is_some() {
-        let (path, _) = crate::source::daemon::locate(a.source.daemon.as_deref());
-        anyhow::bail!(
-            "--since reads a daemon's record, and no daemon runs at {} (start one: tcpwatch daemon)",
-            path.display()
-        );
+        return Err(super::common::since_needs_daemon(&a.source));
     }
     let filters = Filters::from_args(&a.filters)?;
     let watch = a.duration > 0.0;
@@ -132,11 +126,14 @@ fn through_daemon(a: &SnapshotArgs, mut c: crate::source::daemon::Client) -> any
         },
         Duration::from_secs(600),
     )?;
-    let Body::Snapshot { snapshot, history } = body else {
+    let Body::Snapshot {
+        mut snapshot,
+        history,
+    } = body
+    else {
         anyhow::bail!("the daemon answered something else than a snapshot");
     };
     let clock = crate::source::host::wall_clock();
-    let mut snapshot = snapshot;
     snapshot.stamp_wall(&clock);
     if let (Some(h), Some(asked)) = (&history, a.since.and(from)) {
         match h.events_from_wall_ns {

@@ -435,11 +435,8 @@ fn through_daemon(a: &TopArgs, mut c: crate::source::daemon::Client) -> anyhow::
 
 /// The header's word on a default scope narrowed to tcpwatch's own namespace.
 fn scope_suffix(f: &crate::cli::FilterArgs) -> String {
-    match crate::settings::scope_note(f) {
-        Some(_) => format!(
-            ", netns {} only (--all-netns: all)",
-            crate::settings::own_netns()
-        ),
+    match crate::settings::default_scope(f) {
+        Some(n) => format!(", netns {n} only (--all-netns: all)"),
         None => String::new(),
     }
 }

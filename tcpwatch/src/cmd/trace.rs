@@ -26,18 +26,12 @@ enum Msg {
 const QUEUE_BATCHES: usize = 8;
 
 pub fn run(a: TraceArgs) -> anyhow::Result<i32> {
-    if let Some(n) = crate::settings::scope_note(&a.filters) {
-        note!("tcpwatch: {n}");
-    }
+    super::common::note_scope(&a.filters);
     if let Some(c) = daemon_client(&a.source)? {
         return through_daemon(&a, c);
     }
     if a.since.is_some() {
-        let (path, _) = crate::source::daemon::locate(a.source.daemon.as_deref());
-        anyhow::bail!(
-            "--since reads a daemon's record, and no daemon runs at {} (start one: tcpwatch daemon)",
-            path.display()
-        );
+        return Err(super::common::since_needs_daemon(&a.source));
     }
     let stop = signals::install();
     let mut session = watching(&a.filters, &a.probe, thresholds(10), false)?;

@@ -47,7 +47,7 @@ pub struct RecordSpan {
     pub bytes: u64,
     pub bound_bytes: u64,
     /// What was dropped to stay inside the bound (rows pruned), and what never reached the
-    /// disk (the recorder could not keep up, or a write failed).
+    /// disk (plain events past the recorder's rate, the recorder behind, or a write failed).
     pub pruned: Pruned,
     pub dropped: u64,
 }

@@ -148,7 +148,7 @@ pub fn render_record(
     w.head(
         "tcpwatch_record_dropped_total",
         "counter",
-        "Records that never reached the disk (the recorder could not keep up, or a write failed).",
+        "Records that never reached the disk (past the plain-event rate, the recorder behind, or a write failed).",
     );
     w.sample("tcpwatch_record_dropped_total", &[], r.dropped as f64);
     w.head(

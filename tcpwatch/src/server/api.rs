@@ -118,24 +118,10 @@ pub async fn run(
                     drop(slot);
                 });
             }
-            Err(e) if transient(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) if super::transient(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) => return Err(anyhow::anyhow!("accepting API connections: {e}")),
         }
     }
-}
-
-fn transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOBUFS
-                | libc::ENOMEM
-                | libc::ECONNABORTED
-                | libc::EINTR
-        )
-    )
 }
 
 async fn write<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8], limits: &Limits) -> bool {

@@ -85,19 +85,9 @@ pub async fn run(
     }
 }
 
+/// As for the API socket, and EPERM: a TCP connection a firewall refused while queued.
 fn transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOBUFS
-                | libc::ENOMEM
-                | libc::ECONNABORTED
-                | libc::EINTR
-                | libc::EPERM
-        )
-    )
+    super::transient(e) || e.raw_os_error() == Some(libc::EPERM)
 }
 
 /// Serves one connection, any byte stream (a TCP socket; an in-memory pipe for the fuzzer).

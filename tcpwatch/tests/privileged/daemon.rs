@@ -148,10 +148,9 @@ fn api(sock: &Path, req: &str) -> Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-/// tcpwatch as a client of the daemon at `sock`: (exit code, stdout, stderr).
-fn client(sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(TCPWATCH)
-        .args(args)
+/// Runs `cmd` (a client) against the daemon at `sock`: (exit code, stdout, stderr).
+fn outcome(cmd: &mut Command, sock: &Path) -> (i32, String, String) {
+    let o = cmd
         .env("TCPWATCH_SOCKET", sock)
         .output()
         .expect("running a client");
@@ -162,18 +161,18 @@ fn client(sock: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// tcpwatch as a client of the daemon at `sock`.
+fn client(sock: &Path, args: &[&str]) -> (i32, String, String) {
+    outcome(Command::new(TCPWATCH).args(args), sock)
+}
+
 /// A client that follows live (`trace`), interrupted after `secs`.
 fn client_for(sock: &Path, secs: u32, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new("timeout")
-        .args(["-s", "INT", &secs.to_string(), TCPWATCH])
-        .args(args)
-        .env("TCPWATCH_SOCKET", sock)
-        .output()
-        .expect("running a client");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
+    outcome(
+        Command::new("timeout")
+            .args(["-s", "INT", &secs.to_string(), TCPWATCH])
+            .args(args),
+        sock,
     )
 }
 
@@ -285,64 +284,7 @@ fn remembers() {
     drop(daemon);
 }
 
-/// A detached tmux session running one command; killed on drop.
-struct Tmux(String);
-
-impl Tmux {
-    fn start(cmd: &str) -> Tmux {
-        let name = format!("twdtop{}", std::process::id());
-        let st = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                &name,
-                "-x",
-                "120",
-                "-y",
-                "36",
-                cmd,
-            ])
-            .status()
-            .expect("running tmux");
-        assert!(st.success());
-        Tmux(name)
-    }
-
-    fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.0])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn keys(&self, k: &str) {
-        let _ = Command::new("tmux")
-            .args(["send-keys", "-t", &self.0, k])
-            .status();
-    }
-
-    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.screen();
-            if pred(&s) {
-                return s;
-            }
-            assert!(Instant::now() < end, "timed out waiting for {what}:\n{s}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .status();
-    }
-}
+const W30: Duration = Duration::from_secs(30);
 
 fn top_later() {
     let dir = Scratch::new("top");
@@ -355,16 +297,21 @@ fn top_later() {
     c.ok("connect_nb 127.0.0.1:8132 6");
     c.ok_timeout("sleep 3500");
     // Everything happened before top starts.
-    let t = Tmux::start(&format!(
-        "TCPWATCH_SOCKET={} {TCPWATCH} top --netns {}",
-        daemon.sock.display(),
-        ns.name
-    ));
+    let t = Tmux::start(
+        "twdtop",
+        120,
+        36,
+        &format!(
+            "TCPWATCH_SOCKET={} {TCPWATCH} top --netns {}",
+            daemon.sock.display(),
+            ns.name
+        ),
+    );
     // (The owner column is narrow: "PID/tw-lat".)
     let owner = format!("{}/tw-lat", server.pid);
     // The listener's row, with the overflows that happened before top started (the daemon
     // may find the young namespace a few seconds late; what it counted is not lost).
-    let s = t.wait_for("the overflowing listener and its overflows", |s| {
+    let s = t.wait_for("the overflowing listener and its overflows", W30, |s| {
         s.lines()
             .any(|l| l.contains("127.0.0.1:8132") && l.contains(&owner) && !l.contains(" 0/0/0 "))
     });
@@ -372,7 +319,7 @@ fn top_later() {
     // The events screen is filled from the record: the overflows and the refused clients'
     // SYN retransmits, which all ended before top started.
     t.keys("3");
-    t.wait_for("recorded overflow and retransmit events", |s| {
+    t.wait_for("recorded overflow and retransmit events", W30, |s| {
         s.lines()
             .any(|l| l.contains(" overflow ") && l.contains("tw-late"))
             && s.lines()

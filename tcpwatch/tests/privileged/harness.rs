@@ -594,3 +594,70 @@ pub fn retransmits<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
         .filter(|e| e["type"] == "retransmit" && e["kind"] == kind && e["segs"] != 0)
         .collect()
 }
+
+/// A detached tmux session running one command; killed on drop.
+pub struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    /// `cmd` in a `w`×`h` terminal, in a session named by `tag` and this process.
+    pub fn start(tag: &str, w: u16, h: u16, cmd: &str) -> Tmux {
+        let name = format!("{tag}{}", std::process::id());
+        let (w, h) = (w.to_string(), h.to_string());
+        let st = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &name, "-x", &w, "-y", &h, cmd])
+            .status()
+            .expect("running tmux");
+        assert!(st.success(), "tmux new-session");
+        Tmux { name }
+    }
+
+    pub fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.name])
+            .output()
+            .expect("capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn keys(&self, keys: &str) {
+        assert!(
+            Command::new("tmux")
+                .args(["send-keys", "-t", &self.name, keys])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.name])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}

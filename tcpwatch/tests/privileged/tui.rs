@@ -10,81 +10,6 @@ pub const TESTS: &[crate::Test] = &[
     ("tui_replays_a_capture_without_root", replay),
 ];
 
-/// A detached tmux session running one command; killed on drop.
-struct Tmux {
-    name: String,
-}
-
-impl Tmux {
-    fn start(cmd: &str) -> Tmux {
-        let name = format!("twtui{}", std::process::id());
-        let st = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                &name,
-                "-x",
-                "110",
-                "-y",
-                "32",
-                cmd,
-            ])
-            .status()
-            .expect("running tmux");
-        assert!(st.success(), "tmux new-session");
-        Tmux { name }
-    }
-
-    fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.name])
-            .output()
-            .expect("capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn keys(&self, keys: &str) {
-        assert!(
-            Command::new("tmux")
-                .args(["send-keys", "-t", &self.name, keys])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + timeout;
-        loop {
-            let s = self.screen();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn alive(&self) -> bool {
-        Command::new("tmux")
-            .args(["has-session", "-t", &self.name])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.name])
-            .status();
-    }
-}
-
 fn live_overflow() {
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_syn_retries", "1");
@@ -93,11 +18,16 @@ fn live_overflow() {
     server.ok("listen 127.0.0.1:8121 64");
     let status = std::env::temp_dir().join(format!("twtui-exit-{}", std::process::id()));
     let _ = std::fs::remove_file(&status);
-    let t = Tmux::start(&format!(
-        "{TCPWATCH} top --netns {}; echo $? > {}",
-        ns.name,
-        status.display()
-    ));
+    let t = Tmux::start(
+        "twtui",
+        110,
+        32,
+        &format!(
+            "{TCPWATCH} top --netns {}; echo $? > {}",
+            ns.name,
+            status.display()
+        ),
+    );
     t.wait_for("the listeners", Duration::from_secs(20), |s| {
         s.contains("listeners (2)") && s.contains("127.0.0.1:8120")
     });
@@ -182,10 +112,15 @@ fn replay() {
     let _ = Command::new("chmod")
         .args(["644", cap.to_str().unwrap()])
         .status();
-    let t = Tmux::start(&format!(
-        "setpriv --reuid=65534 --regid=65534 --clear-groups {TCPWATCH} top --replay {}",
-        cap.display()
-    ));
+    let t = Tmux::start(
+        "twtui",
+        110,
+        32,
+        &format!(
+            "setpriv --reuid=65534 --regid=65534 --clear-groups {TCPWATCH} top --replay {}",
+            cap.display()
+        ),
+    );
     let s = t.wait_for("the replayed state", Duration::from_secs(10), |s| {
         s.contains("replay") && s.contains("CLOSE_WAIT")
     });
