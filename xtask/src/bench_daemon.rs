@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::{Netns, churn, cpu_ticks, median, populate, time_once};
+use crate::benchkit::{Netns, churn, cpu_ticks, median, populate, time_once};
 
 struct Daemon {
     child: Child,

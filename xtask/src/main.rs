@@ -2,6 +2,7 @@
 //! README paragraph, so a fresh machine and CI get exactly the same toolchain.
 mod bench;
 mod bench_daemon;
+mod benchkit;
 mod dist;
 mod fuzz;
 mod setup;

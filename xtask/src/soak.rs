@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::{Netns, metric, scrape};
+use crate::benchkit::{Netns, metric, scrape};
 
 struct Opts {
     minutes: f64,
